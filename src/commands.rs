@@ -1,0 +1,450 @@
+//! Requests in, replies out: parses each frame body and dispatches it to
+//! `command_lock`, `command_unlock`, ... over the lock table. Also keeps what
+//! the table does not (peer names, counters). No IO: the server hands it
+//! bytes and `now`, and sends the [`Outgoing`] replies it returns.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+use crate::frame::TooLarge;
+use crate::keepalive::Keepalive;
+use crate::lock_table::{
+    ClientId, Departure, Effect, LockRequest, LockTable, LockView, Refusal, Unlocked,
+};
+use crate::protocol::{
+    self, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, Reply, Request, RequestId,
+    ServerName, StatsResult, StatusFilter, StatusResult, UnlockForm, UnlockResult, WaiterStatus,
+};
+use crate::rate_limit::LogLimiter;
+
+/// A reply and the connection it goes to.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The connection.
+    pub to: ClientId,
+    /// The message.
+    pub reply: Reply,
+}
+
+/// What the core needs from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Locks one connection may hold plus wait for.
+    pub max_locks_per_connection: usize,
+    /// Keepalive as applied, for `hello`.
+    pub keepalive: Keepalive,
+    /// Roughly the most bytes one `status` reply may take; longer lists are
+    /// cut and marked truncated, so a reply never trips the output limit.
+    pub status_budget_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    name: String,
+}
+
+/// The lock service without its sockets.
+#[derive(Debug)]
+pub struct Core {
+    table: LockTable<RequestId>,
+    peers: HashMap<ClientId, Peer>,
+    settings: Settings,
+    next_client: u64,
+    started: Instant,
+    rejected_connections: u64,
+    bad_messages: u64,
+    bad_message_log: LogLimiter,
+    effects: Vec<Effect<RequestId>>,
+}
+
+impl Core {
+    /// A core whose first grant carries `first_token`.
+    pub fn new(settings: Settings, first_token: u64, now: Instant) -> Core {
+        Core {
+            table: LockTable::new(first_token, settings.max_locks_per_connection),
+            peers: HashMap::new(),
+            settings,
+            next_client: 1,
+            started: now,
+            rejected_connections: 0,
+            bad_messages: 0,
+            bad_message_log: LogLimiter::new(20, Duration::from_secs(10)),
+            effects: Vec::new(),
+        }
+    }
+
+    /// Registers a new connection from `addr`.
+    pub fn connect(&mut self, addr: SocketAddr) -> ClientId {
+        let client = ClientId(self.next_client);
+        self.next_client += 1;
+        self.peers.insert(
+            client,
+            Peer {
+                addr,
+                name: String::new(),
+            },
+        );
+        client
+    }
+
+    /// Forgets a closed connection: its locks are released and its waits
+    /// dropped, and whoever is next is granted in `out`.
+    pub fn disconnect(
+        &mut self,
+        client: ClientId,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Departure {
+        self.peers.remove(&client);
+        let departure = self.table.disconnect(client, now, &mut self.effects);
+        self.send_effects(out);
+        departure
+    }
+
+    /// Handles one frame body from `from`.
+    pub fn handle(&mut self, from: ClientId, body: &[u8], now: Instant, out: &mut Vec<Outgoing>) {
+        match protocol::parse(body) {
+            Ok(Request::Lock {
+                id,
+                lock,
+                timeout,
+                mode,
+            }) => {
+                let request = LockRequest {
+                    client: from,
+                    lock: &lock,
+                    mode,
+                    timeout,
+                    tag: id,
+                };
+                self.command_lock(request, now, out);
+            }
+            Ok(Request::Unlock { form, lock }) => self.command_unlock(from, form, &lock, now, out),
+            Ok(Request::Hello { id, client }) => self.command_hello(from, id, client, out),
+            Ok(Request::Ping { id }) => self.command_ping(from, id, out),
+            Ok(Request::Status { id, filter, limit }) => {
+                self.command_status(from, id, &filter, limit, now, out)
+            }
+            Ok(Request::Stats { id }) => self.command_stats(from, id, now, out),
+            Err(bad) => {
+                self.count_bad_message(from, bad.detail(), now);
+                out.push(Outgoing {
+                    to: from,
+                    reply: bad.into_reply(),
+                });
+            }
+        }
+    }
+
+    /// Answers a length prefix over the limit. The caller closes the connection.
+    pub fn message_too_large(
+        &mut self,
+        from: ClientId,
+        error: TooLarge,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.count_bad_message(from, &error.to_string(), now);
+        out.push(Outgoing {
+            to: from,
+            reply: Reply::message_too_large(error.limit),
+        });
+    }
+
+    /// Times out the waits whose deadline has come.
+    pub fn expire(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        self.table.expire(now, &mut self.effects);
+        self.send_effects(out);
+    }
+
+    /// When [`Core::expire`] next has work.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.table.next_deadline()
+    }
+
+    /// The token the next grant will carry.
+    pub fn next_token(&self) -> u64 {
+        self.table.next_token()
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn connection_rejected(&mut self) {
+        self.rejected_connections += 1;
+    }
+
+    /// The lock table, read-only.
+    pub fn table(&self) -> &LockTable<RequestId> {
+        &self.table
+    }
+
+    /// `"conn 7 127.0.0.1:5000 (name)"`, for logs.
+    pub fn describe(&self, client: ClientId) -> String {
+        match self.peers.get(&client) {
+            Some(peer) if peer.name.is_empty() => format!("conn {client} {}", peer.addr),
+            Some(peer) => format!("conn {client} {} ({})", peer.addr, peer.name),
+            None => format!("conn {client}"),
+        }
+    }
+
+    fn command_lock(
+        &mut self,
+        request: LockRequest<'_, RequestId>,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.table.lock(request, now, &mut self.effects);
+        self.send_effects(out);
+    }
+
+    fn command_unlock(
+        &mut self,
+        from: ClientId,
+        form: UnlockForm,
+        lock: &str,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let unlocked = self.table.unlock(from, lock, now, &mut self.effects);
+        // A withdrawn wait's `cancelled` goes out before the unlock's own answer.
+        self.send_effects(out);
+        let found = unlocked != Unlocked::NotFound;
+        let reply = match form {
+            UnlockForm::V1 { lock_name } => Reply::Unlock {
+                result: if found {
+                    UnlockResult::Ok
+                } else {
+                    UnlockResult::NotFound
+                },
+                lock_name: Some(lock_name),
+            },
+            UnlockForm::Rpc { id } => Reply::Rpc {
+                id,
+                result: if found {
+                    Outcome::Ok
+                } else {
+                    Outcome::NotFound
+                },
+            },
+        };
+        out.push(Outgoing { to: from, reply });
+    }
+
+    fn command_hello(
+        &mut self,
+        from: ClientId,
+        id: RequestId,
+        client: String,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.name = client;
+        }
+        let keepalive = self.settings.keepalive;
+        let result = HelloResult {
+            server: ServerName {
+                name: "pklock",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            protocol: protocol::PROTOCOL_VERSION,
+            conn: from.0,
+            keepalive: KeepaliveInfo {
+                idle_ms: millis(keepalive.idle),
+                interval_ms: millis(keepalive.interval),
+                probes: keepalive.probes,
+                user_timeout_ms: keepalive.user_timeout.map_or(0, millis),
+            },
+            release_after_ms: millis(keepalive.release_after()),
+            earliest_release_ms: millis(keepalive.earliest_release()),
+        };
+        self.reply(from, id, Outcome::Hello(Box::new(result)), out);
+    }
+
+    fn command_ping(&mut self, from: ClientId, id: RequestId, out: &mut Vec<Outgoing>) {
+        self.reply(from, id, Outcome::Ok, out);
+    }
+
+    fn command_status(
+        &mut self,
+        from: ClientId,
+        id: RequestId,
+        filter: &StatusFilter,
+        limit: usize,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let views: Box<dyn Iterator<Item = LockView<'_, RequestId>>> = match filter {
+            StatusFilter::All => Box::new(self.table.iter_from("")),
+            StatusFilter::Exact(name) => Box::new(self.table.get(name).into_iter()),
+            StatusFilter::Prefix(prefix) => Box::new(
+                self.table
+                    .iter_from(prefix)
+                    .take_while(move |view| view.name().starts_with(prefix.as_str())),
+            ),
+        };
+        let mut locks = Vec::new();
+        let mut bytes = 0;
+        let mut truncated = false;
+        for view in views {
+            if locks.len() == limit {
+                truncated = true;
+                break;
+            }
+            let entry = self.lock_status(&view, now);
+            let size = estimated_size(&entry);
+            if !locks.is_empty() && bytes + size > self.settings.status_budget_bytes {
+                truncated = true;
+                break;
+            }
+            bytes += size;
+            locks.push(entry);
+        }
+        let result = StatusResult { locks, truncated };
+        self.reply(from, id, Outcome::Status(Box::new(result)), out);
+    }
+
+    fn command_stats(
+        &mut self,
+        from: ClientId,
+        id: RequestId,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let totals = self.table.totals();
+        let result = StatsResult {
+            uptime_ms: millis(now.saturating_duration_since(self.started)),
+            connections: self.peers.len(),
+            locks: self.table.lock_count(),
+            locks_held: totals.held,
+            waiters: totals.waiting,
+            grants: totals.grants,
+            timeouts: totals.timeouts,
+            released_by_disconnect: totals.released_by_disconnect,
+            rejected_connections: self.rejected_connections,
+            bad_messages: self.bad_messages,
+        };
+        self.reply(from, id, Outcome::Stats(Box::new(result)), out);
+    }
+
+    fn lock_status(&self, view: &LockView<'_, RequestId>, now: Instant) -> LockStatus {
+        let holders = view
+            .holders()
+            .iter()
+            .map(|h| {
+                let (client, peer) = self.peer_labels(h.client);
+                HolderStatus {
+                    conn: h.client.0,
+                    client,
+                    peer,
+                    mode: h.mode.as_str(),
+                    token: h.token,
+                    held_ms: millis(now.saturating_duration_since(h.since)),
+                }
+            })
+            .collect();
+        let waiters = view
+            .waiters()
+            .map(|w| {
+                let (client, peer) = self.peer_labels(w.client);
+                WaiterStatus {
+                    conn: w.client.0,
+                    client,
+                    peer,
+                    mode: w.mode.as_str(),
+                    waiting_ms: millis(now.saturating_duration_since(w.since)),
+                }
+            })
+            .collect();
+        LockStatus {
+            lock_name: view.name().to_string(),
+            holders,
+            waiters,
+        }
+    }
+
+    fn peer_labels(&self, client: ClientId) -> (String, String) {
+        self.peers
+            .get(&client)
+            .map(|p| (p.name.clone(), p.addr.to_string()))
+            .unwrap_or_default()
+    }
+
+    fn reply(&self, to: ClientId, id: RequestId, result: Outcome, out: &mut Vec<Outgoing>) {
+        out.push(Outgoing {
+            to,
+            reply: Reply::Rpc { id, result },
+        });
+    }
+
+    /// Turns the table's effects into replies, in order.
+    fn send_effects(&mut self, out: &mut Vec<Outgoing>) {
+        for effect in self.effects.drain(..) {
+            let (to, id, result) = match effect {
+                Effect::Granted {
+                    client,
+                    tag,
+                    lock,
+                    token,
+                } => {
+                    debug!("granted {lock:?} to conn {client}, token {token}");
+                    (client, tag, Outcome::Granted { token })
+                }
+                Effect::TimedOut { client, tag } => (client, tag, Outcome::Timeout),
+                Effect::Cancelled { client, tag } => (client, tag, Outcome::Cancelled),
+                Effect::Refused {
+                    client,
+                    tag,
+                    reason,
+                } => (client, tag, refusal_outcome(reason)),
+            };
+            out.push(Outgoing {
+                to,
+                reply: Reply::Rpc { id, result },
+            });
+        }
+    }
+
+    fn count_bad_message(&mut self, from: ClientId, detail: &str, now: Instant) {
+        self.bad_messages += 1;
+        if let Some(suppressed) = self.bad_message_log.admit(now) {
+            if suppressed > 0 {
+                warn!("{suppressed} more bad messages were not logged");
+            }
+            warn!("bad message from {}: {detail}", self.describe(from));
+        }
+    }
+}
+
+fn refusal_outcome(reason: Refusal) -> Outcome {
+    match reason {
+        Refusal::AlreadyWaiting => {
+            Outcome::Invalid("this connection already waits for this lock".to_string())
+        }
+        Refusal::HeldInOtherMode(mode) => Outcome::Invalid(format!(
+            "this connection already holds this lock in {} mode; unlock it first",
+            mode.as_str()
+        )),
+        Refusal::TooMany { limit } => Outcome::TooMany(format!(
+            "this connection holds or waits for {limit} locks, the most allowed (max_locks_per_connection)"
+        )),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A generous guess at the JSON size of one status entry.
+fn estimated_size(entry: &LockStatus) -> usize {
+    let people = entry
+        .holders
+        .iter()
+        .map(|h| h.client.len() + h.peer.len())
+        .chain(entry.waiters.iter().map(|w| w.client.len() + w.peer.len()))
+        .map(|names| 2 * names + 120)
+        .sum::<usize>();
+    2 * entry.lock_name.len() + 60 + people
+}

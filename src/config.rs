@@ -1,0 +1,355 @@
+//! Server configuration: the TOML file's keys, their defaults and their checks.
+//! A bad file is refused with the offending key and line named. No sockets here.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserialize, Deserializer};
+
+use crate::allow_list::AllowList;
+
+/// The default port, as the original pkLockServer.
+pub const DEFAULT_PORT: u16 = 20934;
+
+/// Everything the server can be told. Every field has a default, so an empty
+/// file (or none) gives a working loopback-only server.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Addresses to listen on, IPv4 and IPv6.
+    #[serde(deserialize_with = "non_empty_addresses")]
+    pub listen: Vec<SocketAddr>,
+    /// Peers that may connect; others are closed at accept.
+    pub allowed: AllowList,
+    /// Open connections at most; the next one is refused at once.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_connections: usize,
+    /// The largest frame body a peer may send.
+    #[serde(deserialize_with = "message_limit")]
+    pub max_message_bytes: usize,
+    /// Unsent replies a connection may have queued before it is closed.
+    #[serde(deserialize_with = "output_limit")]
+    pub max_output_bytes: usize,
+    /// Locks one connection may hold plus wait for.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_locks_per_connection: usize,
+    /// Where the fencing-token ceiling is kept; none keeps tokens clock-based only.
+    pub state_file: Option<PathBuf>,
+    /// Dead-peer detection.
+    pub keepalive: KeepaliveConfig,
+}
+
+/// TCP keepalive and TCP_USER_TIMEOUT, as asked for (see
+/// [`crate::keepalive`] for what the kernel really applies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeepaliveConfig {
+    /// Silence before the first probe.
+    #[serde(deserialize_with = "positive_ms")]
+    pub idle_ms: u64,
+    /// Time between probes.
+    #[serde(deserialize_with = "positive_ms")]
+    pub interval_ms: u64,
+    /// Unanswered probes before the connection is dropped.
+    #[serde(deserialize_with = "probe_count")]
+    pub probes: u32,
+    /// TCP_USER_TIMEOUT; 0 leaves the kernel's default.
+    #[serde(deserialize_with = "user_timeout")]
+    pub user_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))],
+            allowed: AllowList::parse(&["127.0.0.1", "::1"])
+                .unwrap_or_else(|e| unreachable!("built-in allow list: {e}")),
+            max_connections: 10_000,
+            max_message_bytes: 65_536,
+            max_output_bytes: 1_048_576,
+            max_locks_per_connection: 10_000,
+            state_file: None,
+            keepalive: KeepaliveConfig::default(),
+        }
+    }
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        KeepaliveConfig {
+            idle_ms: 5_000,
+            interval_ms: 1_000,
+            probes: 5,
+            user_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug)]
+pub struct ConfigError {
+    path: PathBuf,
+    line: Option<usize>,
+    key: Option<String>,
+    message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config {}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, " line {line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ", key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            key: None,
+            message: format!("cannot read it: {e}"),
+        })?;
+        Config::parse(&text).map_err(|mut e| {
+            e.path = path.to_path_buf();
+            e
+        })
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let fail = |line, key, message| ConfigError {
+            path: PathBuf::from("<text>"),
+            line,
+            key,
+            message,
+        };
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| fail(line_of(text, &e), None, e.message().to_string()))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let key = (key != "." && !key.is_empty()).then_some(key);
+            let inner = e.into_inner();
+            fail(line_of(text, &inner), key, inner.message().to_string())
+        })
+    }
+}
+
+fn line_of(text: &str, error: &toml::de::Error) -> Option<usize> {
+    let start = error.span()?.start;
+    let before = text.get(..start)?;
+    Some(before.bytes().filter(|&b| b == b'\n').count() + 1)
+}
+
+fn non_empty_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let entries = Vec::<String>::deserialize(d)?;
+    if entries.is_empty() {
+        return Err(de::Error::custom("at least one address is needed"));
+    }
+    entries
+        .iter()
+        .map(|entry| {
+            entry.parse().map_err(|_| {
+                de::Error::custom(format!(
+                    "`{entry}` is not an IP address and port such as 127.0.0.1:20934 or [::1]:20934"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn in_range<'de, D: Deserializer<'de>, N>(d: D, min: N, max: N, what: &str) -> Result<N, D::Error>
+where
+    N: Deserialize<'de> + PartialOrd + fmt::Display + Copy,
+{
+    let value = N::deserialize(d)?;
+    if value < min || value > max {
+        return Err(de::Error::custom(format!(
+            "{value} is out of range: {what} must be from {min} to {max}"
+        )));
+    }
+    Ok(value)
+}
+
+fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 1, usize::MAX, "a count")
+}
+
+fn message_limit<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    // Room for a lock request with a 1024-byte name; at most what 4 bytes can say.
+    in_range(d, 2048, u32::MAX as usize, "a message size")
+}
+
+fn output_limit<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 4096, usize::MAX, "an output size")
+}
+
+fn positive_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    // Linux takes whole seconds up to 32767 for keepalive times.
+    in_range(d, 1, 32_767_000, "a keepalive time in ms")
+}
+
+fn probe_count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 1, 127, "a probe count")
+}
+
+fn user_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, 0, i32::MAX as u64, "a user timeout in ms")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        let c = Config::default();
+        assert_eq!(c.listen, vec!["127.0.0.1:20934".parse().unwrap()]);
+        assert!(c.allowed.permits("::1".parse().unwrap()));
+        assert!(!c.allowed.permits("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = Config::parse(
+            r#"
+            listen = ["0.0.0.0:1", "[::]:2"]
+            allowed = ["10.0.0.0/8"]
+            max_connections = 3
+            max_message_bytes = 4096
+            max_output_bytes = 8192
+            max_locks_per_connection = 6
+            state_file = "/tmp/tokens"
+            [keepalive]
+            idle_ms = 7
+            interval_ms = 8
+            probes = 9
+            user_timeout_ms = 0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert!(c.allowed.permits("10.9.9.9".parse().unwrap()));
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_message_bytes,
+                c.max_output_bytes,
+                c.max_locks_per_connection
+            ),
+            (3, 4096, 8192, 6)
+        );
+        assert_eq!(c.state_file, Some(PathBuf::from("/tmp/tokens")));
+        assert_eq!(
+            c.keepalive,
+            KeepaliveConfig {
+                idle_ms: 7,
+                interval_ms: 8,
+                probes: 9,
+                user_timeout_ms: 0
+            }
+        );
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = error_of("listen = [\"127.0.0.1:1\"]\nmax_conections = 5\n");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_section_is_named() {
+        let e = error_of("[keepalive]\nidle_ms = 5\nidel = 3\n");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("idel"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = error_of("\n\nmax_connections = \"many\"\n");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("key `max_connections`"), "{e}");
+        let e = error_of("[keepalive]\nprobes = 1.5\n");
+        assert!(
+            e.contains("line 2") && e.contains("keepalive.probes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_named() {
+        let e = error_of("listen = [\"127.0.0.1\"]\n");
+        assert!(
+            e.contains("line 1") && e.contains("key `listen`") && e.contains("`127.0.0.1`"),
+            "{e}"
+        );
+        let e = error_of("\nallowed = [\"127.0.0.1\", \"10.0.0/8\"]\n");
+        assert!(
+            e.contains("line 2") && e.contains("key `allowed`") && e.contains("10.0.0/8"),
+            "{e}"
+        );
+        let e = error_of("listen = []\n");
+        assert!(e.contains("at least one"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for text in [
+            "max_connections = 0",
+            "max_message_bytes = 10",
+            "max_message_bytes = 5000000000",
+            "max_output_bytes = 100",
+            "max_locks_per_connection = 0",
+            "[keepalive]\nidle_ms = 0",
+            "[keepalive]\nprobes = 128",
+            "[keepalive]\nuser_timeout_ms = -1",
+        ] {
+            assert!(Config::parse(text).is_err(), "{text} was accepted");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_a_line() {
+        let e = error_of("listen = [\n");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/pklock.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/pklock.toml") && e.contains("cannot read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shipped_example_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/settings.example.toml");
+        let example = Config::load(&path).unwrap();
+        assert_eq!(
+            example,
+            Config {
+                state_file: example.state_file.clone(),
+                ..Config::default()
+            }
+        );
+    }
+}

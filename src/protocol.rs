@@ -1,0 +1,1100 @@
+//! The wire messages of docs/PROTOCOL.md: a frame body parsed into a
+//! [`Request`] (or a [`BadRequest`] saying what answer it gets), and the
+//! [`Reply`] values with their exact JSON. The one place serde_json is used.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
+
+use crate::frame;
+use crate::lock_table::Mode;
+
+/// The longest lock name, in bytes of UTF-8.
+pub const MAX_LOCK_NAME_BYTES: usize = 1024;
+/// The longest client name given in `hello`, in bytes of UTF-8.
+pub const MAX_CLIENT_NAME_BYTES: usize = 256;
+/// Locks listed by `status` when no `limit` is given.
+pub const DEFAULT_STATUS_LIMIT: usize = 1000;
+/// The largest `limit` `status` takes.
+pub const MAX_STATUS_LIMIT: usize = 100_000;
+/// The protocol version this server speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Longest piece of peer input quoted back in an error.
+const QUOTE_BYTES: usize = 128;
+
+/// An RPC id: any JSON scalar, kept as the exact text the peer sent so that
+/// it is echoed verbatim.
+pub type RequestId = Box<RawValue>;
+
+/// A well-formed request.
+#[derive(Debug)]
+pub enum Request {
+    /// Ask for a lock.
+    Lock {
+        /// The RPC id.
+        id: RequestId,
+        /// The lock's name.
+        lock: String,
+        /// `None` waits for ever; zero tries once.
+        timeout: Option<Duration>,
+        /// Exclusive or shared.
+        mode: Mode,
+    },
+    /// Give up a lock, or a wait for one.
+    Unlock {
+        /// Which form of reply the peer expects.
+        form: UnlockForm,
+        /// The lock's name.
+        lock: String,
+    },
+    /// Name the client and learn the server's settings.
+    Hello {
+        /// The RPC id.
+        id: RequestId,
+        /// The name `status` shows for this connection.
+        client: String,
+    },
+    /// Check that the server answers.
+    Ping {
+        /// The RPC id.
+        id: RequestId,
+    },
+    /// List locks with their holders and waiters.
+    Status {
+        /// The RPC id.
+        id: RequestId,
+        /// Which locks.
+        filter: StatusFilter,
+        /// At most this many locks.
+        limit: usize,
+    },
+    /// Server counters.
+    Stats {
+        /// The RPC id.
+        id: RequestId,
+    },
+}
+
+/// The two forms of unlock.
+#[derive(Debug)]
+pub enum UnlockForm {
+    /// The original client's plain message, answered with `attempted`/`result`
+    /// and the name echoed exactly as sent.
+    V1 {
+        /// `lockName` as the peer spelled it.
+        lock_name: Box<RawValue>,
+    },
+    /// An RPC, answered by id.
+    Rpc {
+        /// The RPC id.
+        id: RequestId,
+    },
+}
+
+/// Which locks `status` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Every lock.
+    All,
+    /// The one lock of this name.
+    Exact(String),
+    /// Locks whose names start with this.
+    Prefix(String),
+}
+
+/// A message that cannot be carried out, and the answer it gets.
+#[derive(Debug)]
+pub enum BadRequest {
+    /// Not UTF-8 JSON, or not an object.
+    InvalidJson(String),
+    /// Not a request: no command, a command that is not a string, no id
+    /// where one is needed.
+    InvalidRequest {
+        /// The id, echoed when the message had a usable one.
+        id: Option<RequestId>,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A request whose parameters are wrong, or an unknown command: answered
+    /// by id with status `invalid`.
+    Invalid {
+        /// The RPC id.
+        id: RequestId,
+        /// What is wrong.
+        error: String,
+    },
+    /// A v1 unlock without a usable `lockName`.
+    InvalidV1Unlock(String),
+}
+
+impl BadRequest {
+    /// What went wrong, for the log.
+    pub fn detail(&self) -> &str {
+        match self {
+            BadRequest::InvalidJson(detail)
+            | BadRequest::InvalidRequest { detail, .. }
+            | BadRequest::Invalid { error: detail, .. }
+            | BadRequest::InvalidV1Unlock(detail) => detail,
+        }
+    }
+
+    /// The answer the peer gets.
+    pub fn into_reply(self) -> Reply {
+        match self {
+            BadRequest::InvalidJson(detail) => Reply::error(ErrorCode::InvalidJson, detail),
+            BadRequest::InvalidRequest { id, detail } => Reply::Error {
+                error: ErrorCode::InvalidRequest,
+                detail: Some(detail),
+                limit: None,
+                id,
+            },
+            BadRequest::Invalid { id, error } => Reply::Rpc {
+                id,
+                result: Outcome::Invalid(error),
+            },
+            BadRequest::InvalidV1Unlock(_) => Reply::Unlock {
+                result: UnlockResult::Invalid,
+                lock_name: None,
+            },
+        }
+    }
+}
+
+/// The top-level keys of any message. Values stay raw until the command is
+/// known, so each can be checked with a precise answer.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    command: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    parameters: Option<&'a RawValue>,
+    #[serde(borrow, rename = "lockName")]
+    lock_name: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct Parameters<'a> {
+    #[serde(borrow, rename = "lockName")]
+    lock_name: Option<&'a RawValue>,
+    #[serde(borrow, rename = "timeoutMs")]
+    timeout_ms: Option<&'a RawValue>,
+    #[serde(borrow)]
+    mode: Option<&'a RawValue>,
+    #[serde(borrow)]
+    client: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prefix: Option<&'a RawValue>,
+    #[serde(borrow)]
+    limit: Option<&'a RawValue>,
+}
+
+/// Parses one frame body.
+pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        BadRequest::InvalidJson(format!(
+            "not UTF-8: invalid byte at offset {}",
+            e.valid_up_to()
+        ))
+    })?;
+    if !text.trim_start().starts_with('{') {
+        return Err(BadRequest::InvalidJson(format!(
+            "expected a JSON object, got {}",
+            quote(text.trim())
+        )));
+    }
+    let envelope: Envelope<'_> =
+        serde_json::from_str(text).map_err(|e| BadRequest::InvalidJson(e.to_string()))?;
+
+    let id = match envelope.id.filter(|raw| !is_null(raw)) {
+        None => None,
+        Some(raw) if is_scalar(raw) => Some(raw.to_owned()),
+        Some(raw) => {
+            return Err(BadRequest::InvalidRequest {
+                id: None,
+                detail: format!(
+                    "id must be a string, number or boolean, got {}",
+                    quote(raw.get())
+                ),
+            });
+        }
+    };
+    let invalid_request =
+        |id: Option<RequestId>, detail: String| BadRequest::InvalidRequest { id, detail };
+    let Some(command_raw) = envelope.command else {
+        return Err(invalid_request(id, "missing `command`".to_string()));
+    };
+    let Some(command) = as_string(command_raw) else {
+        return Err(invalid_request(
+            id,
+            format!(
+                "`command` must be a string, got {}",
+                quote(command_raw.get())
+            ),
+        ));
+    };
+
+    if command == "unlock" && id.is_none() {
+        return parse_v1_unlock(envelope.lock_name);
+    }
+    let Some(id) = id else {
+        let detail = match command.as_str() {
+            "lock" | "hello" | "ping" | "status" | "stats" => {
+                format!("`{command}` is an RPC and needs an `id`")
+            }
+            _ => format!("unknown command {}", quote(&command)),
+        };
+        return Err(invalid_request(None, detail));
+    };
+    if command == "lock" && envelope.parameters.is_none() {
+        return Err(invalid_request(
+            Some(id),
+            "`lock` needs `parameters`".to_string(),
+        ));
+    }
+    let params = match parse_parameters(envelope.parameters) {
+        Ok(params) => params,
+        Err(error) => return Err(BadRequest::Invalid { id, error }),
+    };
+    let checked = match command.as_str() {
+        "lock" => parse_lock(&params),
+        "unlock" => {
+            // An RPC unlock names its lock in `parameters`; the top-level key
+            // of the v1 form is taken too.
+            lock_name(params.lock_name.or(envelope.lock_name))
+                .map(|lock| (lock, None, Mode::Exclusive))
+        }
+        "hello" | "ping" | "status" | "stats" => Ok((String::new(), None, Mode::Exclusive)),
+        _ => Err(format!("unknown command {}", quote(&command))),
+    };
+    let (lock, timeout, mode) = match checked {
+        Ok(parts) => parts,
+        Err(error) => return Err(BadRequest::Invalid { id, error }),
+    };
+    let request = match command.as_str() {
+        "lock" => Request::Lock {
+            id,
+            lock,
+            timeout,
+            mode,
+        },
+        "unlock" => Request::Unlock {
+            form: UnlockForm::Rpc { id },
+            lock,
+        },
+        "hello" => match client_name(params.client) {
+            Ok(client) => Request::Hello { id, client },
+            Err(error) => return Err(BadRequest::Invalid { id, error }),
+        },
+        "ping" => Request::Ping { id },
+        "stats" => Request::Stats { id },
+        _ => match status_params(&params) {
+            Ok((filter, limit)) => Request::Status { id, filter, limit },
+            Err(error) => return Err(BadRequest::Invalid { id, error }),
+        },
+    };
+    Ok(request)
+}
+
+fn parse_v1_unlock(lock_name_raw: Option<&RawValue>) -> Result<Request, BadRequest> {
+    match (lock_name(lock_name_raw), lock_name_raw) {
+        (Ok(lock), Some(raw)) => Ok(Request::Unlock {
+            form: UnlockForm::V1 {
+                lock_name: raw.to_owned(),
+            },
+            lock,
+        }),
+        (Err(detail), _) => Err(BadRequest::InvalidV1Unlock(detail)),
+        (Ok(_), None) => Err(BadRequest::InvalidV1Unlock(
+            "missing `lockName`".to_string(),
+        )),
+    }
+}
+
+fn parse_parameters(raw: Option<&RawValue>) -> Result<Parameters<'_>, String> {
+    let empty = Parameters {
+        lock_name: None,
+        timeout_ms: None,
+        mode: None,
+        client: None,
+        prefix: None,
+        limit: None,
+    };
+    match raw {
+        None => Ok(empty),
+        Some(raw) if is_null(raw) => Ok(empty),
+        Some(raw) if raw.get().starts_with('{') => {
+            serde_json::from_str(raw.get()).map_err(|e| format!("bad `parameters`: {e}"))
+        }
+        Some(raw) => Err(format!(
+            "`parameters` must be an object, got {}",
+            quote(raw.get())
+        )),
+    }
+}
+
+type LockParts = (String, Option<Duration>, Mode);
+
+fn parse_lock(params: &Parameters<'_>) -> Result<LockParts, String> {
+    let lock = lock_name(params.lock_name)?;
+    let timeout = match params.timeout_ms.filter(|raw| !is_null(raw)) {
+        None => None,
+        Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
+            Ok(ms) => Some(Duration::from_millis(ms)),
+            Err(_) => {
+                return Err(format!(
+                    "`timeoutMs` must be an integer >= 0 or null, got {}",
+                    quote(raw.get())
+                ));
+            }
+        },
+    };
+    let mode = match params.mode.filter(|raw| !is_null(raw)) {
+        None => Mode::Exclusive,
+        Some(raw) => match as_string(raw).as_deref() {
+            Some("exclusive") => Mode::Exclusive,
+            Some("shared") => Mode::Shared,
+            _ => {
+                return Err(format!(
+                    "`mode` must be \"exclusive\" or \"shared\", got {}",
+                    quote(raw.get())
+                ));
+            }
+        },
+    };
+    Ok((lock, timeout, mode))
+}
+
+/// A lock name: a string of 1 to 1024 bytes, or an integer spelled in decimal
+/// (the original server treated `5` and `"5"` as one lock).
+fn lock_name(raw: Option<&RawValue>) -> Result<String, String> {
+    let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
+        return Err("missing `lockName`".to_string());
+    };
+    let name = if let Some(name) = as_string(raw) {
+        name
+    } else if let Ok(n) = serde_json::from_str::<i64>(raw.get()) {
+        n.to_string()
+    } else if let Ok(n) = serde_json::from_str::<u64>(raw.get()) {
+        n.to_string()
+    } else {
+        return Err(format!(
+            "`lockName` must be a string (or an integer), got {}",
+            quote(raw.get())
+        ));
+    };
+    if name.is_empty() {
+        return Err("`lockName` is empty".to_string());
+    }
+    if name.len() > MAX_LOCK_NAME_BYTES {
+        return Err(format!(
+            "`lockName` is {} bytes, the limit is {MAX_LOCK_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    Ok(name)
+}
+
+fn client_name(raw: Option<&RawValue>) -> Result<String, String> {
+    let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
+        return Ok(String::new());
+    };
+    let Some(name) = as_string(raw) else {
+        return Err(format!(
+            "`client` must be a string, got {}",
+            quote(raw.get())
+        ));
+    };
+    if name.len() > MAX_CLIENT_NAME_BYTES {
+        return Err(format!(
+            "`client` is {} bytes, the limit is {MAX_CLIENT_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    Ok(name)
+}
+
+fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize), String> {
+    let exact = params.lock_name.filter(|raw| !is_null(raw));
+    let prefix = params.prefix.filter(|raw| !is_null(raw));
+    let filter = match (exact, prefix) {
+        (Some(_), Some(_)) => return Err("give `lockName` or `prefix`, not both".to_string()),
+        (Some(_), None) => StatusFilter::Exact(lock_name(exact)?),
+        (None, Some(raw)) => match as_string(raw) {
+            Some(prefix) if prefix.len() <= MAX_LOCK_NAME_BYTES => StatusFilter::Prefix(prefix),
+            _ => {
+                return Err(format!(
+                    "`prefix` must be a string of at most {MAX_LOCK_NAME_BYTES} bytes, got {}",
+                    quote(raw.get())
+                ));
+            }
+        },
+        (None, None) => StatusFilter::All,
+    };
+    let limit = match params.limit.filter(|raw| !is_null(raw)) {
+        None => DEFAULT_STATUS_LIMIT,
+        Some(raw) => match serde_json::from_str::<usize>(raw.get()) {
+            Ok(n) if (1..=MAX_STATUS_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "`limit` must be an integer from 1 to {MAX_STATUS_LIMIT}, got {}",
+                    quote(raw.get())
+                ));
+            }
+        },
+    };
+    Ok((filter, limit))
+}
+
+fn as_string(raw: &RawValue) -> Option<String> {
+    if raw.get().starts_with('"') {
+        serde_json::from_str(raw.get()).ok()
+    } else {
+        None
+    }
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+fn is_scalar(raw: &RawValue) -> bool {
+    !matches!(raw.get().as_bytes().first(), Some(b'[' | b'{'))
+}
+
+/// Peer input quoted for an error message, cut at a character boundary.
+fn quote(text: &str) -> String {
+    let mut end = text.len().min(QUOTE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut quoted = String::with_capacity(end + 8);
+    quoted.push('`');
+    quoted.push_str(&text[..end]);
+    if end < text.len() {
+        let _ = write!(quoted, "...");
+    }
+    quoted.push('`');
+    quoted
+}
+
+/// Every message the server sends.
+#[derive(Debug)]
+pub enum Reply {
+    /// `{"id":ID,"result":{...}}`
+    Rpc {
+        /// The request's id, verbatim.
+        id: RequestId,
+        /// The result object.
+        result: Outcome,
+    },
+    /// `{"attempted":"unlock","result":R,"lockName":NAME}`, the v1 unlock answer.
+    Unlock {
+        /// The result word.
+        result: UnlockResult,
+        /// The name as the peer spelled it (absent when it was unusable).
+        lock_name: Option<Box<RawValue>>,
+    },
+    /// `{"error":E,"detail":...}` for messages that are not requests.
+    Error {
+        /// The error word.
+        error: ErrorCode,
+        /// What is wrong.
+        detail: Option<String>,
+        /// The limit that was passed, where one was.
+        limit: Option<usize>,
+        /// The id, when the message had a usable one.
+        id: Option<RequestId>,
+    },
+}
+
+impl Reply {
+    /// An error with a detail and nothing else.
+    pub fn error(error: ErrorCode, detail: String) -> Reply {
+        Reply::Error {
+            error,
+            detail: Some(detail),
+            limit: None,
+            id: None,
+        }
+    }
+
+    /// The answer to a length prefix over the limit.
+    pub fn message_too_large(limit: usize) -> Reply {
+        Reply::Error {
+            error: ErrorCode::MessageTooLarge,
+            detail: None,
+            limit: Some(limit),
+            id: None,
+        }
+    }
+
+    /// Appends this reply, framed, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        if frame::encode_with(out, |buf| serde_json::to_writer(buf, self)).is_err() {
+            // Only a reply over 4 GiB could fail; say so rather than send nothing.
+            let fallback = Reply::error(ErrorCode::Internal, "reply too large to send".to_string());
+            let _ = frame::encode_with(out, |buf| serde_json::to_writer(buf, &fallback));
+        }
+    }
+}
+
+/// The `error` words of [`Reply::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The body is not UTF-8 JSON, or not an object.
+    InvalidJson,
+    /// The message is not a request.
+    InvalidRequest,
+    /// The length prefix is over the limit; the connection is closed.
+    MessageTooLarge,
+    /// The server is at `max_connections`; the connection is closed.
+    TooManyConnections,
+    /// The server could not encode a reply.
+    Internal,
+}
+
+impl ErrorCode {
+    fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalidJson",
+            ErrorCode::InvalidRequest => "invalidRequest",
+            ErrorCode::MessageTooLarge => "messageTooLarge",
+            ErrorCode::TooManyConnections => "tooManyConnections",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// The `result` words of the v1 unlock answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnlockResult {
+    /// Released or withdrawn.
+    Ok,
+    /// Neither held nor waited for.
+    NotFound,
+    /// `lockName` missing or unusable.
+    Invalid,
+}
+
+/// The `result` object of an RPC reply.
+#[derive(Debug)]
+pub enum Outcome {
+    /// `ok` with the grant's fencing token.
+    Granted {
+        /// The fencing token.
+        token: u64,
+    },
+    /// `ok` with nothing more.
+    Ok,
+    /// The wait ran out.
+    Timeout,
+    /// The wait was withdrawn by unlock.
+    Cancelled,
+    /// Nothing to unlock.
+    NotFound,
+    /// Bad parameters.
+    Invalid(String),
+    /// A configured limit was hit.
+    TooMany(String),
+    /// The `hello` answer.
+    Hello(Box<HelloResult>),
+    /// The `status` answer.
+    Status(Box<StatusResult>),
+    /// The `stats` answer.
+    Stats(Box<StatsResult>),
+}
+
+/// What `hello` tells a client.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HelloResult {
+    /// The server's name and version.
+    pub server: ServerName,
+    /// The protocol version.
+    pub protocol: u32,
+    /// This connection's id, as `status` shows it.
+    pub conn: u64,
+    /// Keepalive as the kernel applies it.
+    pub keepalive: KeepaliveInfo,
+    /// The longest the server keeps a silent, vanished peer's locks (with
+    /// nothing in flight to it).
+    pub release_after_ms: u64,
+    /// The soonest it may release them, counted from the last exchange.
+    pub earliest_release_ms: u64,
+}
+
+/// Name and version.
+#[derive(Debug, serde::Serialize)]
+pub struct ServerName {
+    /// Always `pklock`.
+    pub name: &'static str,
+    /// The crate version.
+    pub version: &'static str,
+}
+
+/// Keepalive settings in effect.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeepaliveInfo {
+    /// Silence before the first probe.
+    pub idle_ms: u64,
+    /// Time between probes.
+    pub interval_ms: u64,
+    /// Probes before giving up.
+    pub probes: u32,
+    /// TCP_USER_TIMEOUT, 0 when not set.
+    pub user_timeout_ms: u64,
+}
+
+/// What `status` lists.
+#[derive(Debug, serde::Serialize)]
+pub struct StatusResult {
+    /// Locks in name order.
+    pub locks: Vec<LockStatus>,
+    /// Whether the list was cut short.
+    pub truncated: bool,
+}
+
+/// One lock in `status`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LockStatus {
+    /// The lock's name.
+    pub lock_name: String,
+    /// Who holds it.
+    pub holders: Vec<HolderStatus>,
+    /// Who waits for it, head first.
+    pub waiters: Vec<WaiterStatus>,
+}
+
+/// A holder in `status`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HolderStatus {
+    /// The connection's id.
+    pub conn: u64,
+    /// The name it gave in `hello`.
+    pub client: String,
+    /// Its address.
+    pub peer: String,
+    /// `exclusive` or `shared`.
+    pub mode: &'static str,
+    /// The grant's fencing token.
+    pub token: u64,
+    /// How long it has held the lock.
+    pub held_ms: u64,
+}
+
+/// A waiter in `status`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaiterStatus {
+    /// The connection's id.
+    pub conn: u64,
+    /// The name it gave in `hello`.
+    pub client: String,
+    /// Its address.
+    pub peer: String,
+    /// `exclusive` or `shared`.
+    pub mode: &'static str,
+    /// How long it has waited.
+    pub waiting_ms: u64,
+}
+
+/// What `stats` counts.
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsResult {
+    /// Time since start.
+    pub uptime_ms: u64,
+    /// Open connections.
+    pub connections: usize,
+    /// Lock names with a holder or a waiter.
+    pub locks: usize,
+    /// Grants in force (a shared lock held by three counts three).
+    pub locks_held: usize,
+    /// Queued requests.
+    pub waiters: usize,
+    /// Grants since start.
+    pub grants: u64,
+    /// Requests that ran out of time since start.
+    pub timeouts: u64,
+    /// Locks released because their holder's connection closed.
+    pub released_by_disconnect: u64,
+    /// Connections refused at accept (not allowed, or over the limit).
+    pub rejected_connections: u64,
+    /// Messages answered with an error.
+    pub bad_messages: u64,
+}
+
+impl Serialize for Reply {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Reply::Rpc { id, result } => {
+                let mut map = s.serialize_map(Some(2))?;
+                map.serialize_entry("id", id)?;
+                map.serialize_entry("result", result)?;
+                map.end()
+            }
+            Reply::Unlock { result, lock_name } => {
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("attempted", "unlock")?;
+                let word = match result {
+                    UnlockResult::Ok => "ok",
+                    UnlockResult::NotFound => "notFound",
+                    UnlockResult::Invalid => "invalid",
+                };
+                map.serialize_entry("result", word)?;
+                if let Some(name) = lock_name {
+                    map.serialize_entry("lockName", name)?;
+                }
+                map.end()
+            }
+            Reply::Error {
+                error,
+                detail,
+                limit,
+                id,
+            } => {
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("error", error.as_str())?;
+                if let Some(detail) = detail {
+                    map.serialize_entry("detail", detail)?;
+                }
+                if let Some(limit) = limit {
+                    map.serialize_entry("limit", limit)?;
+                }
+                if let Some(id) = id {
+                    map.serialize_entry("id", id)?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+impl Serialize for Outcome {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let simple = |status, token, error| Simple {
+            status,
+            token,
+            error,
+        };
+        match self {
+            Outcome::Granted { token } => simple("ok", Some(*token), None).serialize(s),
+            Outcome::Ok => simple("ok", None, None).serialize(s),
+            Outcome::Timeout => simple("timeout", None, None).serialize(s),
+            Outcome::Cancelled => simple("cancelled", None, None).serialize(s),
+            Outcome::NotFound => simple("notFound", None, None).serialize(s),
+            Outcome::Invalid(error) => simple("invalid", None, Some(error)).serialize(s),
+            Outcome::TooMany(error) => simple("tooMany", None, Some(error)).serialize(s),
+            Outcome::Hello(result) => with_status(s, result.as_ref()),
+            Outcome::Status(result) => with_status(s, result.as_ref()),
+            Outcome::Stats(result) => with_status(s, result.as_ref()),
+        }
+    }
+}
+
+/// A result that is a status word, perhaps with a token or an error.
+#[derive(serde::Serialize)]
+struct Simple<'a> {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// Serializes `{"status":"ok", ...fields of result}`.
+fn with_status<S: Serializer, T: Serialize>(s: S, result: &T) -> Result<S::Ok, S::Error> {
+    #[derive(serde::Serialize)]
+    struct WithStatus<'a, T> {
+        status: &'static str,
+        #[serde(flatten)]
+        result: &'a T,
+    }
+    WithStatus {
+        status: "ok",
+        result,
+    }
+    .serialize(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_of(reply: &Reply) -> String {
+        let mut out = Vec::new();
+        reply.encode(&mut out);
+        let frame = frame::decode(&out, usize::MAX).unwrap().unwrap();
+        assert_eq!(frame.consumed, out.len());
+        String::from_utf8(frame.body.to_vec()).unwrap()
+    }
+
+    fn id(text: &str) -> RequestId {
+        RawValue::from_string(text.to_string()).unwrap()
+    }
+
+    fn reply_to(body: &str) -> String {
+        match parse(body.as_bytes()) {
+            Ok(request) => panic!("{body} parsed as {request:?}"),
+            Err(bad) => json_of(&bad.into_reply()),
+        }
+    }
+
+    #[test]
+    fn v1_lock_parses_with_its_integer_id() {
+        let request =
+            parse(br#"{"command":"lock","parameters":{"lockName":"test"},"id":0}"#).unwrap();
+        match request {
+            Request::Lock {
+                id,
+                lock,
+                timeout,
+                mode,
+            } => {
+                assert_eq!(
+                    (id.get(), lock.as_str(), timeout, mode),
+                    ("0", "test", None, Mode::Exclusive)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn v1_replies_are_byte_compatible() {
+        let granted = Reply::Rpc {
+            id: id("0"),
+            result: Outcome::Granted { token: 17 },
+        };
+        assert_eq!(
+            json_of(&granted),
+            r#"{"id":0,"result":{"status":"ok","token":17}}"#
+        );
+        let unlocked = Reply::Unlock {
+            result: UnlockResult::Ok,
+            lock_name: Some(id(r#""test""#)),
+        };
+        assert_eq!(
+            json_of(&unlocked),
+            r#"{"attempted":"unlock","result":"ok","lockName":"test"}"#
+        );
+        let invalid = Reply::Unlock {
+            result: UnlockResult::Invalid,
+            lock_name: None,
+        };
+        assert_eq!(
+            json_of(&invalid),
+            r#"{"attempted":"unlock","result":"invalid"}"#
+        );
+    }
+
+    #[test]
+    fn v1_unlock_echoes_the_name_as_sent() {
+        match parse(br#"{"command":"unlock","lockName":5}"#).unwrap() {
+            Request::Unlock {
+                form: UnlockForm::V1 { lock_name },
+                lock,
+            } => assert_eq!((lock_name.get(), lock.as_str()), ("5", "5")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            reply_to(r#"{"command":"unlock"}"#),
+            r#"{"attempted":"unlock","result":"invalid"}"#
+        );
+        assert_eq!(
+            reply_to(r#"{"command":"unlock","lockName":["a"]}"#),
+            r#"{"attempted":"unlock","result":"invalid"}"#
+        );
+    }
+
+    #[test]
+    fn ids_are_echoed_verbatim() {
+        for text in [r#""abc""#, "1.50", "-7", "true", "12345678901234567890123"] {
+            let body = format!(r#"{{"command":"ping","id":{text}}}"#);
+            match parse(body.as_bytes()).unwrap() {
+                Request::Ping { id } => assert_eq!(id.get(), text),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            reply_to(r#"{"command":"ping","id":[1]}"#),
+            r#"{"error":"invalidRequest","detail":"id must be a string, number or boolean, got `[1]`"}"#
+        );
+    }
+
+    #[test]
+    fn not_json_and_not_objects_are_invalid_json() {
+        for body in [
+            "",
+            "nope",
+            "[1,2]",
+            "\"str\"",
+            "42",
+            "{\"command\":",
+            "{} x",
+        ] {
+            assert!(
+                reply_to(body).starts_with(r#"{"error":"invalidJson","detail":"#),
+                "{body}"
+            );
+        }
+        let bad_utf8 = parse(b"{\"command\":\"lock\xff\"}").unwrap_err();
+        assert!(matches!(bad_utf8, BadRequest::InvalidJson(ref d) if d.contains("UTF-8")));
+    }
+
+    #[test]
+    fn command_missing_or_not_a_string_is_an_invalid_request() {
+        assert_eq!(
+            reply_to(r#"{"id":3}"#),
+            r#"{"error":"invalidRequest","detail":"missing `command`","id":3}"#
+        );
+        for command in ["[\"lock\"]", "{\"a\":1}", "7", "null"] {
+            let body = format!(r#"{{"command":{command},"id":1}}"#);
+            let reply = reply_to(&body);
+            assert!(reply.starts_with(r#"{"error":"invalidRequest""#), "{reply}");
+        }
+    }
+
+    #[test]
+    fn rpcs_without_an_id_are_invalid_requests() {
+        let reply = reply_to(r#"{"command":"lock","parameters":{"lockName":"x"}}"#);
+        assert_eq!(
+            reply,
+            r#"{"error":"invalidRequest","detail":"`lock` is an RPC and needs an `id`"}"#
+        );
+        let reply = reply_to(r#"{"command":"lock","id":1}"#);
+        assert_eq!(
+            reply,
+            r#"{"error":"invalidRequest","detail":"`lock` needs `parameters`","id":1}"#
+        );
+    }
+
+    #[test]
+    fn unknown_command_with_an_id_is_invalid_by_id() {
+        assert_eq!(
+            reply_to(r#"{"command":"frobnicate","id":"q"}"#),
+            r#"{"id":"q","result":{"status":"invalid","error":"unknown command `frobnicate`"}}"#
+        );
+    }
+
+    #[test]
+    fn lock_names_are_checked() {
+        let lock = |name: &str| {
+            format!(r#"{{"command":"lock","id":1,"parameters":{{"lockName":{name}}}}}"#)
+        };
+        let long = "x".repeat(1025);
+        for name in ["\"\"", "[1]", "{}", "1.5", "true", &format!("\"{long}\"")] {
+            let reply = reply_to(&lock(name));
+            assert!(
+                reply.starts_with(r#"{"id":1,"result":{"status":"invalid","error":"#),
+                "{reply}"
+            );
+        }
+        let max = format!("\"{}\"", "y".repeat(1024));
+        assert!(parse(lock(&max).as_bytes()).is_ok());
+        match parse(lock("-12").as_bytes()).unwrap() {
+            Request::Lock { lock, .. } => assert_eq!(lock, "-12"),
+            other => panic!("{other:?}"),
+        }
+        match parse(lock(r#""caf\u00e9""#).as_bytes()).unwrap() {
+            Request::Lock { lock, .. } => assert_eq!(lock, "café"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lock_parameters_are_checked() {
+        let lock = |extra: &str| {
+            format!(r#"{{"command":"lock","id":1,"parameters":{{"lockName":"a",{extra}}}}}"#)
+        };
+        for extra in [
+            r#""timeoutMs":-1"#,
+            r#""timeoutMs":1.5"#,
+            r#""timeoutMs":"5""#,
+            r#""mode":"read""#,
+            r#""mode":1"#,
+        ] {
+            let reply = reply_to(&lock(extra));
+            assert!(reply.contains(r#""status":"invalid""#), "{extra}: {reply}");
+        }
+        match parse(lock(r#""timeoutMs":0,"mode":"shared""#).as_bytes()).unwrap() {
+            Request::Lock { timeout, mode, .. } => {
+                assert_eq!((timeout, mode), (Some(Duration::ZERO), Mode::Shared))
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(lock(r#""timeoutMs":null"#).as_bytes()).unwrap() {
+            Request::Lock { timeout, .. } => assert_eq!(timeout, None),
+            other => panic!("{other:?}"),
+        }
+        let reply = reply_to(r#"{"command":"lock","id":1,"parameters":"a"}"#);
+        assert!(reply.contains("`parameters` must be an object"), "{reply}");
+    }
+
+    #[test]
+    fn status_parameters_are_checked() {
+        let status =
+            |params: &str| format!(r#"{{"command":"status","id":1,"parameters":{params}}}"#);
+        match parse(status(r#"{"prefix":"job/","limit":5}"#).as_bytes()).unwrap() {
+            Request::Status { filter, limit, .. } => {
+                assert_eq!((filter, limit), (StatusFilter::Prefix("job/".into()), 5))
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"limit":0}"#,
+            r#"{"limit":100001}"#,
+            r#"{"prefix":1}"#,
+            r#"{"prefix":"a","lockName":"b"}"#,
+        ] {
+            assert!(
+                reply_to(&status(bad)).contains(r#""status":"invalid""#),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn hello_client_name_is_limited() {
+        let hello = |client: &str| {
+            format!(r#"{{"command":"hello","id":1,"parameters":{{"client":{client}}}}}"#)
+        };
+        assert!(parse(hello(&format!("\"{}\"", "c".repeat(256))).as_bytes()).is_ok());
+        assert!(reply_to(&hello(&format!("\"{}\"", "c".repeat(257)))).contains("limit is 256"));
+        assert!(reply_to(&hello("[]")).contains("`client` must be a string"));
+    }
+
+    #[test]
+    fn errors_quote_at_most_128_bytes_of_input() {
+        let body = format!(r#"{{"command":"{}","id":1}}"#, "é".repeat(200));
+        let reply = reply_to(&body);
+        assert!(reply.len() < 250 && reply.contains("..."), "{reply}");
+    }
+
+    #[test]
+    fn error_replies_have_their_documented_shape() {
+        assert_eq!(
+            json_of(&Reply::message_too_large(65536)),
+            r#"{"error":"messageTooLarge","limit":65536}"#
+        );
+        let status = Reply::Rpc {
+            id: id("1"),
+            result: Outcome::Status(Box::new(StatusResult {
+                locks: vec![],
+                truncated: false,
+            })),
+        };
+        assert_eq!(
+            json_of(&status),
+            r#"{"id":1,"result":{"status":"ok","locks":[],"truncated":false}}"#
+        );
+    }
+}

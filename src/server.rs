@@ -1,0 +1,843 @@
+//! The event loop: one thread, one `mio::Poll` owning the listeners, every
+//! connection and the core. Accepts, reads, cuts frames, hands them to the
+//! core, writes the replies it returns, and reaps closed connections once per
+//! turn. No lock rules and no JSON here.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use mio::net::{TcpListener, TcpStream, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use socket2::{Domain, SockRef, Socket, Type};
+
+use crate::commands::{Core, Outgoing, Settings};
+use crate::config::Config;
+use crate::connection::{Connection, State};
+use crate::frame;
+use crate::keepalive::Keepalive;
+use crate::lock_table::ClientId;
+use crate::protocol::{ErrorCode, Reply};
+use crate::rate_limit::LogLimiter;
+use crate::tokens::{TokenStore, TokenStoreError};
+
+const WAKER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+/// Listener `i` has token `FIRST_LISTENER - i`; connections use small slab keys.
+const FIRST_LISTENER: usize = usize::MAX - 2;
+
+/// Bytes read from one connection per loop turn before others get a go.
+const READ_BUDGET: usize = 256 * 1024;
+/// Size of one read.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long a closing connection gets to take its last replies.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Listen backlog.
+const BACKLOG: i32 = 1024;
+
+/// Why the server could not start or had to stop.
+#[derive(Debug)]
+pub enum ServerError {
+    /// A listen address could not be bound.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The token state file could not be used.
+    Tokens(TokenStoreError),
+    /// The event loop failed.
+    Io {
+        /// What was being done.
+        doing: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Bind { addr, source } if source.kind() == io::ErrorKind::AddrInUse => {
+                write!(
+                    f,
+                    "cannot listen on {addr}: the address is already in use (is another server running on that port?)"
+                )
+            }
+            ServerError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            ServerError::Tokens(e) => e.fmt(f),
+            ServerError::Io { doing, source } => write!(f, "{doing}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+fn io_error(doing: &'static str) -> impl FnOnce(io::Error) -> ServerError {
+    move |source| ServerError::Io { doing, source }
+}
+
+/// Stops a running server from another thread: it stops accepting, closes
+/// every connection and saves the token state.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to stop; returns at once.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            error!("cannot wake the server to stop it: {e}");
+        }
+    }
+}
+
+/// Why a connection is being closed, for the log.
+enum CloseReason {
+    PeerClosed,
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+    MessageTooLarge,
+    NotReading(usize),
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("peer closed"),
+            CloseReason::ReadFailed(e) => write!(f, "read failed: {e}"),
+            CloseReason::WriteFailed(e) => write!(f, "write failed: {e}"),
+            CloseReason::MessageTooLarge => f.write_str("message over max_message_bytes"),
+            CloseReason::NotReading(unsent) => {
+                write!(
+                    f,
+                    "not reading: {unsent} reply bytes unsent, over max_output_bytes"
+                )
+            }
+        }
+    }
+}
+
+/// The lock server.
+pub struct Server {
+    poll: Poll,
+    listeners: Vec<(TcpListener, SocketAddr)>,
+    conns: Slab<Connection>,
+    keys: HashMap<ClientId, usize>,
+    core: Core,
+    config: Config,
+    keepalive: Keepalive,
+    tokens: TokenStore,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    signals: Option<UnixStream>,
+    /// Kept open so that, out of descriptors, one can be freed to accept
+    /// and close a pending connection instead of spinning on it.
+    spare_fd: Option<File>,
+    outgoing: Vec<Outgoing>,
+    to_flush: Vec<usize>,
+    to_reap: Vec<usize>,
+    closing: Vec<usize>,
+    backlog: Vec<usize>,
+    scratch: Vec<u8>,
+    reject_log: LogLimiter,
+}
+
+impl Server {
+    /// Binds every listen address and opens the token state; nothing is
+    /// accepted until [`Server::run`].
+    pub fn bind(config: Config) -> Result<Server, ServerError> {
+        let keepalive = Keepalive::effective(&config.keepalive);
+        let (tokens, first_token) =
+            TokenStore::open(config.state_file.as_deref()).map_err(ServerError::Tokens)?;
+        raise_fd_limit(config.max_connections);
+
+        let poll = Poll::new().map_err(io_error("cannot create the event loop"))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER).map_err(io_error("cannot create the waker"))?,
+        );
+        let mut listeners = Vec::new();
+        for (i, &addr) in config.listen.iter().enumerate() {
+            let mut listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            poll.registry()
+                .register(&mut listener, Token(FIRST_LISTENER - i), Interest::READABLE)
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            listeners.push((listener, bound));
+        }
+
+        let now = Instant::now();
+        let settings = Settings {
+            max_locks_per_connection: config.max_locks_per_connection,
+            keepalive,
+            status_budget_bytes: config.max_output_bytes / 2,
+        };
+        let server = Server {
+            poll,
+            listeners,
+            conns: Slab::new(),
+            keys: HashMap::new(),
+            core: Core::new(settings, first_token, now),
+            keepalive,
+            tokens,
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+            signals: None,
+            spare_fd: File::open("/dev/null").ok(),
+            outgoing: Vec::new(),
+            to_flush: Vec::new(),
+            to_reap: Vec::new(),
+            closing: Vec::new(),
+            backlog: Vec::new(),
+            scratch: vec![0; READ_CHUNK],
+            reject_log: LogLimiter::new(20, Duration::from_secs(10)),
+            config,
+        };
+        server.log_start(first_token);
+        Ok(server)
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(_, addr)| *addr).collect()
+    }
+
+    /// A handle that stops the server from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop: Arc::clone(&self.stop),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    /// Makes SIGTERM and SIGINT stop the server gracefully. Process-wide:
+    /// for the server binary, not for servers embedded in tests.
+    pub fn handle_signals(&mut self) -> Result<(), ServerError> {
+        let fail = io_error("cannot install the signal handlers");
+        let (read_end, write_end) =
+            std::os::unix::net::UnixStream::pair().map_err(io_error("cannot create a pipe"))?;
+        read_end
+            .set_nonblocking(true)
+            .map_err(io_error("cannot set up the signal pipe"))?;
+        let second = write_end
+            .try_clone()
+            .map_err(io_error("cannot set up the signal pipe"))?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGTERM, write_end)
+            .map_err(fail)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGINT, second)
+            .map_err(io_error("cannot install the signal handlers"))?;
+        let mut read_end = UnixStream::from_std(read_end);
+        self.poll
+            .registry()
+            .register(&mut read_end, SIGNALS, Interest::READABLE)
+            .map_err(io_error("cannot watch the signal pipe"))?;
+        self.signals = Some(read_end);
+        Ok(())
+    }
+
+    /// Serves until shut down (by handle or signal), then closes every
+    /// connection and saves the token state.
+    pub fn run(mut self) -> Result<(), ServerError> {
+        let mut events = Events::with_capacity(1024);
+        let outcome = loop {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break Err(ServerError::Io {
+                    doing: "waiting for events failed",
+                    source: e,
+                });
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    SIGNALS => self.drain_signals(),
+                    Token(t)
+                        if t <= FIRST_LISTENER && FIRST_LISTENER - t < self.listeners.len() =>
+                    {
+                        self.accept(FIRST_LISTENER - t, now);
+                    }
+                    Token(key) => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(key, now);
+                        }
+                        if event.is_writable() {
+                            self.list_for_flush(key);
+                        }
+                    }
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break Ok(());
+            }
+            self.resume_backlog(now);
+            self.core.expire(now, &mut self.outgoing);
+            self.deliver();
+            // No reply carrying a token leaves before the token is on disk.
+            if let Err(e) = self.tokens.cover(self.core.next_token()) {
+                break Err(ServerError::Tokens(e));
+            }
+            self.flush_listed(now);
+            self.reap(now);
+        };
+        // Replies queued this turn may carry tokens not yet on disk.
+        let outcome = outcome.and_then(|()| {
+            self.tokens
+                .cover(self.core.next_token())
+                .map_err(ServerError::Tokens)
+        });
+        match outcome {
+            Ok(()) => {
+                self.shut_down(true);
+                self.tokens
+                    .save_final(self.core.next_token())
+                    .map_err(ServerError::Tokens)?;
+                info!("stopped");
+                Ok(())
+            }
+            Err(e) => {
+                error!("{e}; stopping so that no fencing token can repeat");
+                // Drop replies unsent: they may carry tokens not on disk.
+                self.shut_down(false);
+                Err(e)
+            }
+        }
+    }
+
+    fn log_start(&self, first_token: u64) {
+        let config = &self.config;
+        let k = &self.keepalive;
+        for (_, addr) in &self.listeners {
+            info!("listening on {addr}");
+        }
+        info!("allowed peers: {}", config.allowed);
+        info!(
+            "limits: max_connections {}, max_message_bytes {}, max_output_bytes {}, max_locks_per_connection {}",
+            config.max_connections,
+            config.max_message_bytes,
+            config.max_output_bytes,
+            config.max_locks_per_connection
+        );
+        let asked = &config.keepalive;
+        if asked.idle_ms % 1000 != 0 || asked.interval_ms % 1000 != 0 {
+            info!(
+                "keepalive idle {} ms and interval {} ms rounded up to whole seconds, as Linux applies them",
+                asked.idle_ms, asked.interval_ms
+            );
+        }
+        info!(
+            "keepalive in effect: idle {} s, interval {} s, probes {}, user timeout {}; \
+             a vanished peer's locks are released after at most {} ms",
+            k.idle.as_secs(),
+            k.interval.as_secs(),
+            k.probes,
+            k.user_timeout
+                .map_or("off".to_string(), |t| format!("{} ms", t.as_millis())),
+            k.release_after().as_millis()
+        );
+        match self.tokens.path() {
+            Some(path) => info!(
+                "fencing tokens start at {first_token}, ceiling kept in {}",
+                path.display()
+            ),
+            None => info!(
+                "fencing tokens start at {first_token} (clock-based; set state_file to survive clock steps)"
+            ),
+        }
+    }
+
+    fn poll_timeout(&mut self, now: Instant) -> Option<Duration> {
+        if !self.backlog.is_empty() || !self.to_reap.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let closing = self
+            .closing
+            .iter()
+            .filter_map(|&key| match self.conns.get(key)?.state {
+                State::Closing { deadline, .. } => Some(deadline),
+                State::Open => None,
+            });
+        let earliest = closing.chain(self.core.next_deadline()).min()?;
+        Some(earliest.saturating_duration_since(now))
+    }
+
+    fn drain_signals(&mut self) {
+        let Some(signals) = &mut self.signals else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        loop {
+            match signals.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {
+                    info!("signal received, shutting down");
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn accept(&mut self, index: usize, now: Instant) {
+        loop {
+            let Some((listener, _)) = self.listeners.get(index) else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) if e.raw_os_error().is_some_and(is_fd_exhaustion) => {
+                    if !self.shed_one_pending(index, now) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    error!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Out of descriptors: frees the spare one to accept and close the
+    /// connection at the head of the backlog, so the listener does not stay
+    /// ready for ever. Returns whether the listener should be tried again.
+    fn shed_one_pending(&mut self, index: usize, now: Instant) -> bool {
+        if self.spare_fd.take().is_none() {
+            warn!("out of file descriptors and no spare one; new connections wait");
+            return false;
+        }
+        if let Some((listener, _)) = self.listeners.get(index) {
+            if let Ok((stream, peer)) = listener.accept() {
+                drop(stream);
+                self.core.connection_rejected();
+                self.log_rejection(now, format_args!("refused {peer}: out of file descriptors"));
+            }
+        }
+        self.spare_fd = File::open("/dev/null").ok();
+        self.spare_fd.is_some()
+    }
+
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if !self.config.allowed.permits(peer.ip()) {
+            self.core.connection_rejected();
+            self.log_rejection(now, format_args!("refused {peer}: not in `allowed`"));
+            return;
+        }
+        let max = self.config.max_connections;
+        if self.conns.len() >= max {
+            self.core.connection_rejected();
+            self.log_rejection(
+                now,
+                format_args!("refused {peer}: max_connections ({max}) reached"),
+            );
+            let reply = Reply::Error {
+                error: ErrorCode::TooManyConnections,
+                detail: None,
+                limit: Some(max),
+                id: None,
+            };
+            let mut bytes = Vec::new();
+            reply.encode(&mut bytes);
+            // Best effort: a fresh socket has room for these few bytes.
+            let _ = (&stream).write(&bytes);
+            return;
+        }
+        let setup = stream
+            .set_nodelay(true)
+            .and_then(|()| self.keepalive.apply(SockRef::from(&stream)));
+        if let Err(e) = setup {
+            warn!("dropped {peer}: cannot set socket options: {e}");
+            return;
+        }
+        let client = self.core.connect(peer);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        match Connection::register(stream, client, peer, self.poll.registry(), Token(key)) {
+            Ok(conn) => {
+                entry.insert(conn);
+                self.keys.insert(client, key);
+                info!("{} connected", self.core.describe(client));
+            }
+            Err(e) => {
+                warn!("dropped {peer}: cannot register it: {e}");
+                self.core.disconnect(client, now, &mut self.outgoing);
+            }
+        }
+    }
+
+    fn log_rejection(&mut self, now: Instant, message: fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.reject_log.admit(now) {
+            if suppressed > 0 {
+                warn!("{suppressed} more refused connections were not logged");
+            }
+            warn!("{message}");
+        }
+    }
+
+    /// Reads what the peer sent, handling each whole frame as it comes.
+    fn on_readable(&mut self, key: usize, now: Instant) {
+        let mut budget = READ_BUDGET;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        loop {
+            let max_output = self.config.max_output_bytes;
+            let Some(conn) = self.conns.get_mut(key) else {
+                break;
+            };
+            if let State::Closing { .. } = conn.state {
+                self.discard_input(key, &mut scratch);
+                break;
+            }
+            if budget == 0 || conn.unsent() > max_output {
+                // Come back next turn; the flush decides whether it is still reading.
+                conn.unread = true;
+                self.backlog.push(key);
+                break;
+            }
+            match conn.read(&mut scratch) {
+                Ok(0) => {
+                    self.begin_close(key, CloseReason::PeerClosed, now);
+                    break;
+                }
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    conn.input.extend_from_slice(&scratch[..n]);
+                    self.handle_input(key, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.unread = false;
+                    break;
+                }
+                Err(e) => {
+                    self.begin_close(key, CloseReason::ReadFailed(e), now);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// A closing connection's input is read and dropped; its close ends it.
+    fn discard_input(&mut self, key: usize, scratch: &mut [u8]) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        loop {
+            match conn.read(scratch) {
+                Ok(0) => {
+                    if conn.unsent() == 0 {
+                        self.to_reap.push(key);
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.to_reap.push(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Cuts whole frames out of the connection's input and hands each to the
+    /// core, stopping while its unsent replies are over the limit.
+    fn handle_input(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let input = std::mem::take(&mut conn.input);
+        let client = conn.client;
+        let mut offset = 0;
+        let mut paused = false;
+        while let Some(conn) = self.conns.get(key) {
+            if conn.state != State::Open {
+                break;
+            }
+            if conn.unsent() > self.config.max_output_bytes {
+                paused = true;
+                break;
+            }
+            match frame::decode(&input[offset..], self.config.max_message_bytes) {
+                Ok(Some(frame)) => {
+                    self.core
+                        .handle(client, frame.body, now, &mut self.outgoing);
+                    offset += frame.consumed;
+                    self.deliver();
+                }
+                Ok(None) => break,
+                Err(too_large) => {
+                    self.core
+                        .message_too_large(client, too_large, now, &mut self.outgoing);
+                    self.deliver();
+                    self.begin_close(key, CloseReason::MessageTooLarge, now);
+                    break;
+                }
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(key) {
+            if conn.state == State::Open {
+                conn.input = input;
+                conn.consume_input(offset);
+                if paused {
+                    self.backlog.push(key);
+                }
+            }
+        }
+    }
+
+    /// Picks up connections that stopped early last turn: frames left in
+    /// their input, or bytes left in their socket.
+    fn resume_backlog(&mut self, now: Instant) {
+        let mut backlog = std::mem::take(&mut self.backlog);
+        backlog.sort_unstable();
+        backlog.dedup();
+        for key in backlog.drain(..) {
+            let Some(conn) = self.conns.get(key) else {
+                continue;
+            };
+            let unread = conn.unread;
+            self.handle_input(key, now);
+            if unread {
+                self.on_readable(key, now);
+            }
+        }
+        if self.backlog.is_empty() {
+            self.backlog = backlog;
+        }
+    }
+
+    /// Appends the core's replies to their connections' output.
+    fn deliver(&mut self) {
+        for Outgoing { to, reply } in self.outgoing.drain(..) {
+            let Some(&key) = self.keys.get(&to) else {
+                continue;
+            };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            reply.encode(conn.output());
+            if !conn.flush_listed {
+                conn.flush_listed = true;
+                self.to_flush.push(key);
+            }
+        }
+    }
+
+    fn list_for_flush(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.flush_listed {
+                conn.flush_listed = true;
+                self.to_flush.push(key);
+            }
+        }
+    }
+
+    /// Releases the connection's locks now and queues it for closing; it
+    /// keeps its socket only to deliver its last replies.
+    fn begin_close(&mut self, key: usize, reason: CloseReason, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.state != State::Open {
+            return;
+        }
+        let client = conn.client;
+        let peer_closed = matches!(reason, CloseReason::PeerClosed);
+        let flush_first = peer_closed || matches!(reason, CloseReason::MessageTooLarge);
+        conn.state = State::Closing {
+            deadline: now + CLOSE_GRACE,
+            write_shut: false,
+            peer_closed,
+        };
+        conn.input = Vec::new();
+        let label = self.core.describe(client);
+        let departure = self.core.disconnect(client, now, &mut self.outgoing);
+        self.keys.remove(&client);
+        self.deliver();
+        if departure.released.is_empty() && departure.withdrawn == 0 {
+            info!("{label} closed: {reason}");
+        } else {
+            let shown: Vec<&str> = departure
+                .released
+                .iter()
+                .take(5)
+                .map(|name| &**name)
+                .collect();
+            let more = departure.released.len().saturating_sub(shown.len());
+            info!(
+                "{label} closed: {reason}; released {} lock(s) {shown:?}{}, dropped {} wait(s)",
+                departure.released.len(),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                },
+                departure.withdrawn
+            );
+        }
+        if flush_first {
+            self.closing.push(key);
+            self.list_for_flush(key);
+        } else {
+            self.to_reap.push(key);
+        }
+    }
+
+    /// Writes every connection that has new output or became writable.
+    fn flush_listed(&mut self, now: Instant) {
+        let mut listed = std::mem::take(&mut self.to_flush);
+        for &key in &listed {
+            let max_output = self.config.max_output_bytes;
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.flush_listed = false;
+            if let Err(e) = conn.flush() {
+                match conn.state {
+                    State::Open => self.begin_close(key, CloseReason::WriteFailed(e), now),
+                    State::Closing { .. } => self.to_reap.push(key),
+                }
+                continue;
+            }
+            let unsent = conn.unsent();
+            match conn.state {
+                State::Open if unsent > max_output => {
+                    warn!(
+                        "{} is not reading its replies",
+                        self.core.describe(conn.client)
+                    );
+                    self.begin_close(key, CloseReason::NotReading(unsent), now);
+                    continue;
+                }
+                State::Closing {
+                    peer_closed: true, ..
+                } if unsent == 0 => {
+                    self.to_reap.push(key);
+                    continue;
+                }
+                State::Closing {
+                    deadline,
+                    write_shut: false,
+                    peer_closed,
+                } if unsent == 0 => {
+                    // The peer reads to the end, then sees EOF; its close ends the grace.
+                    conn.shut_write();
+                    conn.state = State::Closing {
+                        deadline,
+                        write_shut: true,
+                        peer_closed,
+                    };
+                }
+                _ => {}
+            }
+            if let Err(e) = conn.update_interest(self.poll.registry(), Token(key)) {
+                warn!("cannot update interest for {}: {e}", conn.peer);
+                self.begin_close(key, CloseReason::WriteFailed(e), now);
+            }
+        }
+        listed.clear();
+        if self.to_flush.is_empty() {
+            self.to_flush = listed;
+        }
+    }
+
+    /// Drops connections that are done: flagged this turn, or closing past
+    /// their grace period.
+    fn reap(&mut self, now: Instant) {
+        let conns = &self.conns;
+        let to_reap = &mut self.to_reap;
+        self.closing
+            .retain(|&key| match conns.get(key).map(|c| c.state) {
+                Some(State::Closing { deadline, .. }) if deadline <= now => {
+                    to_reap.push(key);
+                    false
+                }
+                Some(State::Closing { .. }) => true,
+                _ => false,
+            });
+        for key in std::mem::take(&mut self.to_reap) {
+            // Every path here went through begin_close, which released the locks.
+            if let Some(mut conn) = self.conns.try_remove(key) {
+                let _ = self.poll.registry().deregister(&mut conn.stream);
+            }
+        }
+    }
+
+    /// Stops accepting and closes every connection, with a last try at
+    /// writing their replies when `flush` is set. The lock table goes with
+    /// the process, so nothing is granted on the way out.
+    fn shut_down(&mut self, flush: bool) {
+        for (mut listener, _) in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let open = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open)
+            .count();
+        let held = self.core.table().totals().held;
+        info!("shutting down: closing {open} connection(s), {held} lock(s) held");
+        for (_, conn) in self.conns.iter_mut() {
+            if flush {
+                let _ = conn.flush();
+            }
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.conns.clear();
+        self.keys.clear();
+    }
+}
+
+fn is_fd_exhaustion(errno: i32) -> bool {
+    // EMFILE (24) and ENFILE (23) on Linux.
+    errno == 24 || errno == 23
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        // So that 0.0.0.0 and [::] on one port can both be listed.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+/// Raises the soft open-file limit as far as the hard limit allows, and
+/// warns when `max_connections` still cannot be reached.
+fn raise_fd_limit(max_connections: usize) {
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(64);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => warn!(
+            "the open-file limit is {limit}, too low for max_connections {max_connections}; \
+             raise it (ulimit -n, or LimitNOFILE= in the systemd unit)"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
