@@ -19,7 +19,10 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A server running in a thread of the test process.
 pub struct TestServer {
+    /// The first listen address.
     pub addr: SocketAddr,
+    /// Every listen address, in configuration order.
+    pub addrs: Vec<SocketAddr>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -42,11 +45,12 @@ impl TestServer {
 
     pub fn from_config(config: Config) -> TestServer {
         let server = Server::bind(config).expect("server binds");
-        let addr = server.local_addrs()[0];
+        let addrs = server.local_addrs();
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());
         TestServer {
-            addr,
+            addr: addrs[0],
+            addrs,
             handle,
             thread: Some(thread),
         }
@@ -105,6 +109,12 @@ impl Peer {
     pub fn recv_body(&mut self) -> Vec<u8> {
         frame::read_blocking(&mut self.stream, 64 << 20)
             .unwrap_or_else(|e| panic!("expected a message, got {e}"))
+    }
+
+    /// The next message, or `None` if the connection ended first.
+    pub fn try_recv(&mut self) -> Option<Value> {
+        let body = frame::read_blocking(&mut self.stream, 64 << 20).ok()?;
+        serde_json::from_slice(&body).ok()
     }
 
     /// The next message.

@@ -1,0 +1,206 @@
+//! Start, stop and restart: graceful shutdown, signals, fencing tokens
+//! across restarts, and clear errors for a port in use or a bad state file.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{Peer, ServerProcess, TestServer, temp_dir};
+use pklock::{Config, Server};
+use serde_json::json;
+
+fn config_with_state(state: &Path) -> Config {
+    Config {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        state_file: Some(state.to_path_buf()),
+        ..Config::default()
+    }
+}
+
+fn stored_ceiling(state: &Path) -> u64 {
+    std::fs::read_to_string(state)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn shutdown_closes_every_connection_and_saves_the_token_state() {
+    let dir = temp_dir("shutdown");
+    let state = dir.join("tokens");
+    let server = TestServer::from_config(config_with_state(&state));
+    let mut holder = server.peer();
+    let token = holder.take("x", 1);
+    let mut waiter = server.peer();
+    waiter.ask("x", 2);
+    server.stop().expect("clean stop");
+    assert!(holder.expect_closed().is_empty());
+    assert!(waiter.expect_closed().is_empty());
+    assert_eq!(
+        stored_ceiling(&state),
+        token + 1,
+        "the ceiling is the next token"
+    );
+}
+
+#[test]
+fn tokens_after_a_restart_are_above_every_token_before() {
+    let dir = temp_dir("restart");
+    let state = dir.join("tokens");
+    let server = TestServer::from_config(config_with_state(&state));
+    let mut peer = server.peer();
+    let before: Vec<u64> = (0..5).map(|i| peer.take(&format!("r{i}"), i)).collect();
+    server.stop().unwrap();
+    let server = TestServer::from_config(config_with_state(&state));
+    let after = server.peer().take("r0", 1);
+    assert!(
+        before.iter().all(|&t| after > t),
+        "{after} after {before:?}"
+    );
+}
+
+#[test]
+fn a_ceiling_ahead_of_the_clock_keeps_tokens_increasing() {
+    // What a restart sees after the wall clock stepped back: the stored
+    // ceiling is far above the clock, and tokens must continue above it.
+    let dir = temp_dir("clock-step");
+    let state = dir.join("tokens");
+    let ahead = 9_000_000_000_000_000u64;
+    std::fs::write(&state, format!("{ahead}\n")).unwrap();
+    let server = TestServer::from_config(config_with_state(&state));
+    let token = server.peer().take("c", 1);
+    assert!(
+        token >= ahead,
+        "token {token} below the stored ceiling {ahead}"
+    );
+    assert!(
+        stored_ceiling(&state) > token,
+        "reserved on disk before it was sent"
+    );
+}
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_with_its_name() {
+    let dir = temp_dir("corrupt");
+    let state = dir.join("tokens");
+    std::fs::write(&state, "garbage").unwrap();
+    let error = Server::bind(config_with_state(&state))
+        .err()
+        .expect("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains(&state.display().to_string()) && message.contains("garbage"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = Config {
+        listen: vec![taken.local_addr().unwrap()],
+        ..Config::default()
+    };
+    let message = Server::bind(config).err().expect("refused").to_string();
+    assert!(message.contains("already in use"), "{message}");
+    assert!(
+        message.contains(&taken.local_addr().unwrap().to_string()),
+        "{message}"
+    );
+}
+
+fn binary_config(dir: &Path) -> String {
+    format!(
+        "listen = [\"127.0.0.1:0\"]\nstate_file = \"{}\"\n",
+        dir.join("tokens").display()
+    )
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_binary_cleanly() {
+    for signal in ["TERM", "INT"] {
+        let dir = temp_dir(&format!("signal-{signal}"));
+        let mut server = ServerProcess::start(&dir, &binary_config(&dir));
+        let mut holder = Peer::connect(server.addr);
+        let token = holder.take("s", 1);
+        server.signal(signal);
+        assert!(holder.expect_closed().is_empty());
+        assert_eq!(server.wait_exit(), Some(0), "SIG{signal}");
+        assert_eq!(stored_ceiling(&dir.join("tokens")), token + 1);
+    }
+}
+
+#[test]
+fn a_killed_server_restarts_above_every_earlier_token() {
+    let dir = temp_dir("sigkill");
+    let mut server = ServerProcess::start(&dir, &binary_config(&dir));
+    let mut holder = Peer::connect(server.addr);
+    let before = holder.take("k", 1);
+    server.signal("KILL");
+    server.wait_exit();
+    // The client learns at once that its connection, and so its lock, is gone.
+    assert!(holder.expect_closed().is_empty());
+    let server = ServerProcess::start(&dir, &binary_config(&dir));
+    let after = Peer::connect(server.addr).take("k", 1);
+    assert!(after > before, "{after} after {before}");
+}
+
+#[test]
+fn the_binary_refuses_a_bad_config_naming_key_and_line() {
+    let dir = temp_dir("bad-config");
+    let path = dir.join("settings.toml");
+    std::fs::write(&path, "listen = [\"127.0.0.1:0\"]\nmax_conections = 10\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("max_conections"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_binary_reports_a_port_in_use() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = temp_dir("port-in-use");
+    let path = dir.join("settings.toml");
+    std::fs::write(
+        &path,
+        format!("listen = [\"{}\"]\n", taken.local_addr().unwrap()),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already in use"), "{stderr}");
+}
+
+#[test]
+fn server_keeps_serving_after_many_clients_come_and_go() {
+    let server = TestServer::start();
+    for i in 0..200 {
+        let mut peer = server.peer();
+        peer.take("churn", i);
+    }
+    common::eventually("every lock released", || {
+        common::stats(server.addr)["locks"] == 0
+    });
+    assert_eq!(common::stats(server.addr)["grants"], 200);
+    assert_eq!(
+        Peer::connect(server.addr).rpc("ping", json!(0), json!({})),
+        json!({"status": "ok"})
+    );
+}
