@@ -47,11 +47,10 @@ impl Keepalive {
         match self.user_timeout {
             None => self.idle + self.interval * self.probes,
             Some(user_timeout) => {
-                let mut at = self.idle + self.interval;
-                while at < user_timeout {
-                    at += self.interval;
-                }
-                at
+                let first_check = self.idle + self.interval;
+                let short = user_timeout.saturating_sub(first_check);
+                let extra_checks = short.as_nanos().div_ceil(self.interval.as_nanos().max(1));
+                first_check + self.interval * u32::try_from(extra_checks).unwrap_or(u32::MAX)
             }
         }
     }

@@ -305,3 +305,20 @@ fn empty_queues_are_freed() {
     let status = peer.rpc("status", json!(1), json!({}));
     assert_eq!(status["locks"], json!([]));
 }
+
+#[test]
+fn half_closed_peer_gets_its_replies_then_loses_its_locks() {
+    let server = TestServer::start();
+    let mut waiter = server.peer();
+    let mut leaving = server.peer();
+    leaving.take("half", 1);
+    waiter.ask("half", 2);
+    eventually("queued", || stats(server.addr)["waiters"] == 1);
+    leaving.send(json!({"command": "ping", "id": "last"}));
+    leaving.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(
+        leaving.expect_closed(),
+        vec![json!({"id": "last", "result": {"status": "ok"}})]
+    );
+    assert_eq!(waiter.recv()["result"]["status"], "ok");
+}
