@@ -420,21 +420,28 @@ impl Server {
 
     /// Out of descriptors: frees the spare one to accept and close the
     /// connection at the head of the backlog, so the listener does not stay
-    /// ready for ever. Returns whether the listener should be tried again.
+    /// ready for ever. Returns whether one was shed (and so whether to try
+    /// again: the kernel says EMFILE even when nothing is pending).
     fn shed_one_pending(&mut self, index: usize, now: Instant) -> bool {
         if self.spare_fd.take().is_none() {
             warn!("out of file descriptors and no spare one; new connections wait");
             return false;
         }
-        if let Some((listener, _)) = self.listeners.get(index) {
-            if let Ok((stream, peer)) = listener.accept() {
+        let shed = match self
+            .listeners
+            .get(index)
+            .map(|(listener, _)| listener.accept())
+        {
+            Some(Ok((stream, peer))) => {
                 drop(stream);
                 self.core.connection_rejected();
                 self.log_rejection(now, format_args!("refused {peer}: out of file descriptors"));
+                true
             }
-        }
+            _ => false,
+        };
         self.spare_fd = File::open("/dev/null").ok();
-        self.spare_fd.is_some()
+        shed && self.spare_fd.is_some()
     }
 
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {

@@ -36,10 +36,10 @@ fn connection_over_the_limit_is_refused_at_once_and_the_others_keep_working() {
     drop(peers.pop());
     eventually("slot freed", || {
         let mut again = server.peer();
-        again.send(json!({"command": "ping", "id": 1}));
-        again
-            .try_recv()
-            .is_some_and(|reply| reply["result"]["status"] == "ok")
+        again.try_send(json!({"command": "ping", "id": 1}))
+            && again
+                .try_recv()
+                .is_some_and(|reply| reply["result"]["status"] == "ok")
     });
 }
 
@@ -82,4 +82,69 @@ fn cidr_ranges_admit_their_members() {
         c.allowed = pklock::allow_list::AllowList::parse(&["10.0.0.0/8", "::1"]).unwrap();
     });
     assert!(server.peer().expect_closed().is_empty());
+}
+
+#[test]
+fn more_than_a_thousand_connections_are_all_served() {
+    // The original stopped answering past 1,016 connections (select() and 1024
+    // descriptors). Each connection here holds its own lock.
+    let server = TestServer::start();
+    let mut peers: Vec<Peer> = Vec::new();
+    for i in 0..1100u64 {
+        let mut peer = server.peer();
+        peer.ask(&format!("many/{i}"), i);
+        peers.push(peer);
+    }
+    for (i, peer) in peers.iter_mut().enumerate() {
+        let reply = peer.recv();
+        assert_eq!(reply["id"], i, "{reply}");
+        assert_eq!(reply["result"]["status"], "ok");
+    }
+    let s = stats(server.addr);
+    assert_eq!(s["locksHeld"], 1100);
+    assert_eq!(s["connections"], 1101);
+}
+
+/// CPU time (user + system, in clock ticks) the process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_descriptors_the_server_sheds_new_connections_without_spinning() {
+    let dir = common::temp_dir("emfile");
+    let mut server =
+        common::ServerProcess::start_with_fd_limit(&dir, "listen = [\"127.0.0.1:0\"]\n", Some(40));
+    let mut holder = Peer::connect(server.addr);
+    holder.take("kept", 1);
+    // Far more connections than descriptors.
+    let flood: Vec<std::net::TcpStream> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(server.addr).ok())
+        .collect();
+    server.wait_for_log("out of file descriptors");
+    let before = cpu_ticks(server.child.id());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let spent = cpu_ticks(server.child.id()) - before;
+    // A server spinning on a ready listener would use the whole second (100 ticks).
+    assert!(
+        spent < 50,
+        "the server used {spent} ticks of CPU in 1 s while idle"
+    );
+    assert_eq!(
+        holder.rpc("ping", json!(1), json!({})),
+        json!({"status": "ok"})
+    );
+    // Once descriptors free up, new connections are served again.
+    drop(flood);
+    eventually("a new connection served", || {
+        let mut late = Peer::connect(server.addr);
+        late.try_send(json!({"command": "ping", "id": 2}))
+            && late
+                .try_recv()
+                .is_some_and(|reply| reply["result"]["status"] == "ok")
+    });
 }

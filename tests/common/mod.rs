@@ -95,6 +95,11 @@ impl Peer {
         self.send_body(message.to_string().as_bytes());
     }
 
+    /// Sends one framed JSON message; `false` if the connection is gone.
+    pub fn try_send(&mut self, message: Value) -> bool {
+        frame::write_blocking(&mut self.stream, message.to_string().as_bytes()).is_ok()
+    }
+
     /// Sends one frame with exactly these body bytes.
     pub fn send_body(&mut self, body: &[u8]) {
         frame::write_blocking(&mut self.stream, body).expect("send");
@@ -224,9 +229,30 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `server --config <config_text>` and waits until it listens.
     pub fn start(dir: &Path, config_text: &str) -> ServerProcess {
+        ServerProcess::start_with_fd_limit(dir, config_text, None)
+    }
+
+    /// Like [`ServerProcess::start`], under a hard open-file limit the
+    /// server cannot raise.
+    pub fn start_with_fd_limit(
+        dir: &Path,
+        config_text: &str,
+        fd_limit: Option<u32>,
+    ) -> ServerProcess {
         let config = dir.join("settings.toml");
         std::fs::write(&config, config_text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_server"))
+        let server = env!("CARGO_BIN_EXE_server");
+        let mut command = match fd_limit {
+            None => Command::new(server),
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(server);
+                sh
+            }
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
