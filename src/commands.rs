@@ -246,8 +246,8 @@ impl Core {
         let keepalive = self.settings.keepalive;
         let result = HelloResult {
             server: ServerName {
-                name: "pklock",
-                version: env!("CARGO_PKG_VERSION"),
+                name: "pklock".to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
             },
             protocol: protocol::PROTOCOL_VERSION,
             conn: from.0,
@@ -339,7 +339,7 @@ impl Core {
                     conn: h.client.0,
                     client,
                     peer,
-                    mode: h.mode.as_str(),
+                    mode: h.mode,
                     token: h.token,
                     held_ms: millis(now.saturating_duration_since(h.since)),
                 }
@@ -353,7 +353,7 @@ impl Core {
                     conn: w.client.0,
                     client,
                     peer,
-                    mode: w.mode.as_str(),
+                    mode: w.mode,
                     waiting_ms: millis(now.saturating_duration_since(w.since)),
                 }
             })

@@ -22,7 +22,8 @@ impl fmt::Display for ClientId {
 }
 
 /// How a lock is held.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The only holder.
     Exclusive,

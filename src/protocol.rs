@@ -177,7 +177,7 @@ struct Envelope<'a> {
     lock_name: Option<&'a RawValue>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct Parameters<'a> {
     #[serde(borrow, rename = "lockName")]
     lock_name: Option<&'a RawValue>,
@@ -316,17 +316,9 @@ fn parse_v1_unlock(lock_name_raw: Option<&RawValue>) -> Result<Request, BadReque
 }
 
 fn parse_parameters(raw: Option<&RawValue>) -> Result<Parameters<'_>, String> {
-    let empty = Parameters {
-        lock_name: None,
-        timeout_ms: None,
-        mode: None,
-        client: None,
-        prefix: None,
-        limit: None,
-    };
     match raw {
-        None => Ok(empty),
-        Some(raw) if is_null(raw) => Ok(empty),
+        None => Ok(Parameters::default()),
+        Some(raw) if is_null(raw) => Ok(Parameters::default()),
         Some(raw) if raw.get().starts_with('{') => {
             serde_json::from_str(raw.get()).map_err(|e| format!("bad `parameters`: {e}"))
         }
@@ -610,7 +602,7 @@ pub enum Outcome {
 }
 
 /// What `hello` tells a client.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HelloResult {
     /// The server's name and version.
@@ -629,16 +621,16 @@ pub struct HelloResult {
 }
 
 /// Name and version.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ServerName {
     /// Always `pklock`.
-    pub name: &'static str,
+    pub name: String,
     /// The crate version.
-    pub version: &'static str,
+    pub version: String,
 }
 
 /// Keepalive settings in effect.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KeepaliveInfo {
     /// Silence before the first probe.
@@ -652,7 +644,7 @@ pub struct KeepaliveInfo {
 }
 
 /// What `status` lists.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StatusResult {
     /// Locks in name order.
     pub locks: Vec<LockStatus>,
@@ -661,7 +653,7 @@ pub struct StatusResult {
 }
 
 /// One lock in `status`.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LockStatus {
     /// The lock's name.
@@ -673,7 +665,7 @@ pub struct LockStatus {
 }
 
 /// A holder in `status`.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HolderStatus {
     /// The connection's id.
@@ -683,7 +675,7 @@ pub struct HolderStatus {
     /// Its address.
     pub peer: String,
     /// `exclusive` or `shared`.
-    pub mode: &'static str,
+    pub mode: Mode,
     /// The grant's fencing token.
     pub token: u64,
     /// How long it has held the lock.
@@ -691,7 +683,7 @@ pub struct HolderStatus {
 }
 
 /// A waiter in `status`.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WaiterStatus {
     /// The connection's id.
@@ -701,13 +693,13 @@ pub struct WaiterStatus {
     /// Its address.
     pub peer: String,
     /// `exclusive` or `shared`.
-    pub mode: &'static str,
+    pub mode: Mode,
     /// How long it has waited.
     pub waiting_ms: u64,
 }
 
 /// What `stats` counts.
-#[derive(Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatsResult {
     /// Time since start.
