@@ -4,13 +4,12 @@
 
 use std::error::Error;
 use std::io::Write;
-use std::net::TcpStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use pklock::{duration, frame};
-use serde_json::{Value, json};
+use pklock::client::{self, Client, ClientOptions, LockOptions};
+use pklock::duration;
 
 /// Takes a lock, holds it, gives it up: run several at once to watch the
 /// lock pass from one to the next in order.
@@ -48,53 +47,27 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
-    let mut stream = TcpStream::connect((args.host.as_str(), args.port)).map_err(|e| {
-        format!(
-            "cannot connect to {}:{}: {e} (is the server running? `cargo run --bin server`)",
-            args.host, args.port
-        )
-    })?;
-    stream.set_nodelay(true)?;
-    let client = format!("test_client pid {}", std::process::id());
-    call(
-        &mut stream,
-        json!({"command": "hello", "id": 0, "parameters": {"client": client}}),
-    )?;
-
-    let wait_ms = u64::try_from(args.wait.as_millis()).unwrap_or(u64::MAX);
-    let lock = json!({"command": "lock", "id": 1, "parameters": {"lockName": args.lock, "timeoutMs": wait_ms}});
-    let result = call(&mut stream, lock)?;
-    match result["status"].as_str() {
-        Some("ok") => println!("Got lock"),
-        Some("timeout") => {
+    let server = match args.host.contains(':') {
+        true => format!("[{}]:{}", args.host, args.port),
+        false => format!("{}:{}", args.host, args.port),
+    };
+    let options = ClientOptions::named(format!("test_client pid {}", std::process::id()));
+    let client = Client::connect(&server, &options)
+        .map_err(|e| format!("{e} (is the server running? `cargo run --bin server`)"))?;
+    let guard = match client.lock(&args.lock, &LockOptions::exclusive().wait(args.wait)) {
+        Ok(guard) => guard,
+        Err(client::Error::NotGranted) => {
             println!("Did not get lock");
             return Ok(());
         }
-        _ => return Err(format!("unexpected answer to lock: {result}").into()),
-    }
+        Err(e) => return Err(e.into()),
+    };
+    println!("Got lock");
     std::io::stdout().flush()?;
-
     std::thread::sleep(args.hold);
     println!("Offering to unlock");
     std::io::stdout().flush()?;
-    call(
-        &mut stream,
-        json!({"command": "unlock", "id": 2, "parameters": {"lockName": args.lock}}),
-    )?;
+    guard.unlock()?;
     std::thread::sleep(args.linger);
     Ok(())
-}
-
-/// Sends one RPC and returns the `result` of the reply with its id.
-fn call(stream: &mut TcpStream, request: Value) -> Result<Value, Box<dyn Error>> {
-    let body = serde_json::to_vec(&request)?;
-    frame::write_blocking(stream, &body)?;
-    loop {
-        let body = frame::read_blocking(stream, 1 << 20)
-            .map_err(|e| format!("lost the connection to the server: {e}"))?;
-        let mut reply: Value = serde_json::from_slice(&body)?;
-        if reply.get("id") == request.get("id") {
-            return Ok(reply["result"].take());
-        }
-    }
 }
