@@ -50,11 +50,15 @@ pub struct ClientOptions {
     /// Give up connecting after this long.
     pub connect_timeout: Duration,
     /// Declare the locks lost after this long without an answer from the
-    /// server. Default: half the server's `earliestReleaseMs`; refused above
-    /// [`MAX_LEASE_SHARE`] of it.
+    /// server. Default: half the server's `earliestReleaseMs`; refused when
+    /// it plus `stop_time` is above [`MAX_LEASE_SHARE`] of it.
     pub lease: Option<Duration>,
     /// Ping this often. Default: a fifth of the lease.
     pub heartbeat: Option<Duration>,
+    /// How long the caller may take, once a loss is declared, to stop the
+    /// work the lock protects; the lease is shortened by it so that the work
+    /// stops before the server may release the lock.
+    pub stop_time: Duration,
 }
 
 impl ClientOptions {
@@ -74,6 +78,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             lease: None,
             heartbeat: None,
+            stop_time: Duration::ZERO,
         }
     }
 }
@@ -160,7 +165,8 @@ impl fmt::Display for Error {
             Error::Refused { status, error } => write!(f, "refused ({status}): {error}"),
             Error::UnsafeLease { lease, limit } => write!(
                 f,
-                "a lease of {} ms is not safely below the server's release time; at most {} ms",
+                "a lease of {} ms (plus the time to stop) is not safely below the server's \
+                 release time; the lease may be at most {} ms",
                 lease.as_millis(),
                 limit.as_millis()
             ),
@@ -217,10 +223,12 @@ impl Client {
         let hello: HelloResult = result_of(reply)?;
 
         let earliest = Duration::from_millis(hello.earliest_release_ms);
-        let limit = earliest.mul_f64(MAX_LEASE_SHARE);
+        let limit = earliest
+            .mul_f64(MAX_LEASE_SHARE)
+            .saturating_sub(options.stop_time);
         let lease = options
             .lease
-            .unwrap_or(earliest.mul_f64(DEFAULT_LEASE_SHARE));
+            .unwrap_or(earliest.mul_f64(DEFAULT_LEASE_SHARE).min(limit));
         if lease > limit || lease.is_zero() {
             return Err(Error::UnsafeLease { lease, limit });
         }

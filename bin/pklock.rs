@@ -1,0 +1,162 @@
+//! `pklock`: the lock server from the shell. Argument parsing and wiring only;
+//! the subcommands live in pklock::cli.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pklock::cli::{self, Acquire, Failure, exit};
+use pklock::duration;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success (run: the command's own exit code is passed on)
+  1    the lock was not granted in time (change with --conflict-exit-code)
+  64   bad arguments
+  69   the server cannot be reached, or refused the request
+  70   the server answered something unexpected
+  75   the lock was lost while held: server gone, connection broken or lease
+       expired (change with --lost-exit-code); run stops the command first
+  126  the command could not be run; 127 the command was not found
+  128+N  the command was killed by signal N";
+
+/// Take named locks on a pklock server from scripts and cron jobs.
+#[derive(Parser)]
+#[command(name = "pklock", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// Server address (HOST:PORT).
+    #[arg(long, global = true, env = "PKLOCK_SERVER", default_value = cli::DEFAULT_SERVER)]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command while holding a lock; stop it if the lock is lost.
+    #[command(after_help = EXIT_CODES)]
+    Run {
+        #[command(flatten)]
+        lock: LockArgs,
+        /// Between SIGTERM and SIGKILL when the lock is lost.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration::parse)]
+        kill_grace: Duration,
+        /// The command and its arguments (after --).
+        #[arg(required = true, last = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Take a lock, print its fencing token, and hold it until stdin closes
+    /// or INT, TERM or HUP arrives.
+    #[command(after_help = EXIT_CODES)]
+    Lock {
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// List locks with their holders and waiters.
+    Status {
+        /// Only locks whose names start with this.
+        prefix: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the server's counters.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when the server answers (for health checks).
+    Ping,
+}
+
+#[derive(Args)]
+struct LockArgs {
+    /// The lock's name.
+    name: String,
+    /// Wait at most this long for the lock (30s, 500ms, 2m); default: for ever.
+    #[arg(short, long, value_name = "DURATION", value_parser = duration::parse, conflicts_with = "no_wait")]
+    wait: Option<Duration>,
+    /// Fail at once if the lock is held elsewhere.
+    #[arg(short, long)]
+    no_wait: bool,
+    /// Take a shared lock instead of an exclusive one.
+    #[arg(short, long)]
+    shared: bool,
+    /// Exit code when the lock is not granted.
+    #[arg(short = 'E', long, value_name = "N", default_value_t = exit::CONFLICT)]
+    conflict_exit_code: u8,
+    /// Exit code when the lock is lost while held.
+    #[arg(long, value_name = "N", default_value_t = exit::LOST)]
+    lost_exit_code: u8,
+}
+
+impl LockArgs {
+    fn acquire(self, server: String) -> Acquire {
+        Acquire {
+            server,
+            name: self.name,
+            wait: if self.no_wait {
+                Some(Duration::ZERO)
+            } else {
+                self.wait
+            },
+            shared: self.shared,
+            conflict_code: self.conflict_exit_code,
+            lost_code: self.lost_exit_code,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("pklock: {failure}");
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, Failure> {
+    let server = cli.server;
+    let printed = |text: String| {
+        let mut stdout = std::io::stdout();
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map(|()| 0)
+            .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot write to stdout: {e}")))
+    };
+    match cli.command {
+        Command::Run {
+            lock,
+            kill_grace,
+            command,
+        } => cli::run::run(&cli::run::RunOptions {
+            acquire: lock.acquire(server),
+            kill_grace,
+            command,
+        }),
+        Command::Lock { lock } => cli::hold::hold(&lock.acquire(server)),
+        Command::Status { prefix, json } => {
+            printed(cli::report::status(&server, prefix.as_deref(), json)?)
+        }
+        Command::Stats { json } => printed(cli::report::stats(&server, json)?),
+        Command::Ping => printed(cli::report::ping(&server)?),
+    }
+}

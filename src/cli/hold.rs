@@ -1,0 +1,74 @@
+//! `pklock lock`: takes a lock, prints its fencing token on stdout, and holds
+//! it until stdin closes or INT, TERM or HUP arrives; for interactive use and
+//! for shells that hold a lock across several commands with a coprocess.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use super::{Acquire, Failure, exit};
+use crate::client::LossReason;
+
+enum Event {
+    StdinClosed,
+    Signal,
+    Lost(LossReason),
+}
+
+/// Holds the lock; returns the exit code for pklock.
+pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
+    let client = super::connect(
+        &acquire.server,
+        &format!("pklock lock {}", acquire.name),
+        Default::default(),
+    )?;
+    let guard = super::take(&client, acquire)?;
+
+    let (tx, events) = mpsc::channel();
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot handle signals: {e}")))?;
+    let signal_tx = tx.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = signal_tx.send(Event::Signal);
+        }
+    });
+    let stdin_tx = tx.clone();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 4096];
+        let mut stdin = io::stdin().lock();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = stdin_tx.send(Event::StdinClosed);
+    });
+    client.on_lost(move |reason| {
+        let _ = tx.send(Event::Lost(reason.clone()));
+    });
+
+    let mut stdout = io::stdout();
+    // Scripts read this line to know the lock is held.
+    let announced = writeln!(stdout, "{}", guard.token()).and_then(|()| stdout.flush());
+    if announced.is_err() {
+        return Err(Failure::new(
+            exit::SOFTWARE,
+            "cannot write the token to stdout",
+        ));
+    }
+    match events.recv() {
+        Ok(Event::StdinClosed | Event::Signal) => {
+            guard.unlock().map_err(|e| {
+                Failure::new(acquire.lost_code, format!("lock {:?}: {e}", acquire.name))
+            })?;
+            Ok(0)
+        }
+        Ok(Event::Lost(reason)) => Err(Failure::new(
+            acquire.lost_code,
+            format!("lost the lock {:?}: {reason}", acquire.name),
+        )),
+        Err(_) => Err(Failure::new(
+            exit::SOFTWARE,
+            "lost track of stdin and signals",
+        )),
+    }
+}

@@ -1,0 +1,413 @@
+//! The `pklock` command with a real server and real processes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
+use serde_json::Value;
+
+fn pklock(server: &impl ToString) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pklock"));
+    command.env("PKLOCK_SERVER", server.to_string());
+    command
+}
+
+fn run_output(server: &TestServer, args: &[&str]) -> Output {
+    pklock(&server.addr)
+        .args(args)
+        .output()
+        .expect("run pklock")
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn wait_for_file(path: &Path) -> String {
+    eventually(&format!("{}", path.display()), || path.exists());
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn run_passes_the_exit_code_on() {
+    let server = TestServer::start();
+    for code in [0, 3, 42] {
+        let output = run_output(
+            &server,
+            &["run", "job", "--", "sh", "-c", &format!("exit {code}")],
+        );
+        assert_eq!(output.status.code(), Some(code), "{}", stderr_of(&output));
+    }
+    let output = run_output(&server, &["run", "job", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(
+        output.status.code(),
+        Some(128 + 15),
+        "killed by SIGTERM is 143, as in a shell"
+    );
+    assert_eq!(stats(server.addr)["locks"], 0, "released after each run");
+}
+
+#[test]
+fn run_gives_the_command_its_token_and_name_and_tokens_increase() {
+    let server = TestServer::start();
+    let mut last = 0u64;
+    for _ in 0..3 {
+        let output = run_output(
+            &server,
+            &[
+                "run",
+                "tok",
+                "--",
+                "sh",
+                "-c",
+                "echo $PKLOCK_NAME $PKLOCK_TOKEN",
+            ],
+        );
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let (name, token) = stdout.trim().split_once(' ').expect("name and token");
+        assert_eq!(name, "tok");
+        let token: u64 = token.parse().expect("PKLOCK_TOKEN is a number");
+        assert!(token > last, "{token} after {last}");
+        last = token;
+    }
+}
+
+#[test]
+fn run_with_no_wait_exits_with_the_conflict_code_while_another_holds() {
+    let server = TestServer::start();
+    let mut holder = server.peer();
+    holder.take("busy", 1);
+    let output = run_output(&server, &["run", "busy", "--no-wait", "--", "true"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr_of(&output).contains("held elsewhere"),
+        "{}",
+        stderr_of(&output)
+    );
+    let output = run_output(&server, &["run", "busy", "-n", "-E", "9", "--", "true"]);
+    assert_eq!(output.status.code(), Some(9));
+    let output = run_output(&server, &["run", "busy", "--wait", "200ms", "--", "true"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr_of(&output).contains("not granted within 200ms"));
+}
+
+#[test]
+fn two_runs_hand_the_lock_over_in_order() {
+    let server = TestServer::start();
+    let dir = temp_dir("cli-fifo");
+    let log = dir.join("log");
+    let script = |n: u32| {
+        format!(
+            "echo {n} start >> {0}; sleep 0.5; echo {n} end >> {0}",
+            log.display()
+        )
+    };
+    let mut first = pklock(&server.addr)
+        .args(["run", "fifo", "--", "sh", "-c", &script(1)])
+        .spawn()
+        .unwrap();
+    eventually("first holds", || stats(server.addr)["locksHeld"] == 1);
+    let mut second = pklock(&server.addr)
+        .args(["run", "fifo", "--", "sh", "-c", &script(2)])
+        .spawn()
+        .unwrap();
+    eventually("second waits", || stats(server.addr)["waiters"] == 1);
+    assert!(first.wait().unwrap().success());
+    assert!(second.wait().unwrap().success());
+    let lines = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(lines, "1 start\n1 end\n2 start\n2 end\n");
+}
+
+#[test]
+fn status_shows_holder_and_waiter() {
+    let server = TestServer::start();
+    let mut holder = pklock(&server.addr)
+        .args(["run", "nightly", "--", "sleep", "5"])
+        .spawn()
+        .unwrap();
+    eventually("held", || stats(server.addr)["locksHeld"] == 1);
+    let mut waiter = pklock(&server.addr)
+        .args(["run", "nightly", "--", "true"])
+        .spawn()
+        .unwrap();
+    eventually("waiting", || stats(server.addr)["waiters"] == 1);
+
+    let output = run_output(&server, &["status"]);
+    assert!(output.status.success());
+    let table = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].starts_with("LOCK") && lines[0].contains("CLIENT"),
+        "{table}"
+    );
+    assert!(
+        lines[1].contains("nightly")
+            && lines[1].contains("held")
+            && lines[1].contains("pklock run nightly"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains("waiting") && lines[2].contains("pklock run nightly"),
+        "{table}"
+    );
+
+    let output = run_output(&server, &["status", "--json"]);
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["locks"][0]["holders"].as_array().unwrap().len(), 1);
+    assert_eq!(json["locks"][0]["waiters"].as_array().unwrap().len(), 1);
+    let output = run_output(&server, &["status", "other/"]);
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap(),
+        "no locks held or waited for\n"
+    );
+
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        waiter.wait().unwrap().success(),
+        "the waiter ran once the holder died"
+    );
+}
+
+#[test]
+fn signals_to_pklock_reach_the_command() {
+    let server = TestServer::start();
+    let dir = temp_dir("cli-signal");
+    let marker = dir.join("got-term");
+    let script = format!(
+        "trap 'echo TERM > {}; exit 7' TERM; while true; do sleep 0.05; done",
+        marker.display()
+    );
+    let mut run = pklock(&server.addr)
+        .args(["run", "sig", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    eventually("held", || stats(server.addr)["locksHeld"] == 1);
+    std::thread::sleep(Duration::from_millis(100));
+    Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_with_deadline(&mut run, PATIENCE).expect("pklock exits");
+    assert_eq!(status.code(), Some(7), "the command's own exit code");
+    assert_eq!(wait_for_file(&marker), "TERM\n");
+    assert_eq!(stats(server.addr)["locks"], 0);
+}
+
+fn short_keepalive_config() -> &'static str {
+    // earliestReleaseMs 2000: leases of about a second.
+    "listen = [\"127.0.0.1:0\"]\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n"
+}
+
+#[test]
+fn server_killed_under_run_stops_the_command_with_the_lost_code() {
+    let dir = temp_dir("cli-server-killed");
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let marker = dir.join("got-term");
+    let script = format!(
+        "trap 'echo TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
+        marker.display()
+    );
+    let mut run = pklock(&server.addr)
+        .args([
+            "run",
+            "k",
+            "--kill-grace",
+            "200ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("held", || {
+        Peer::connect(server.addr).rpc("stats", "s".into(), Value::Null)["locksHeld"] == 1
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let killed_at = Instant::now();
+    server.signal("KILL");
+    let status = wait_with_deadline(&mut run, PATIENCE).expect("pklock exits");
+    let took = killed_at.elapsed();
+    assert_eq!(status.code(), Some(75));
+    assert_eq!(wait_for_file(&marker), "TERM\n");
+    // The closed connection is noticed at once, well within the 1 s lease.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("lost the lock \"k\""), "{stderr}");
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
+    let dir = temp_dir("cli-kill-grace");
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let pid_file = dir.join("pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > {}; while true; do sleep 0.05; done",
+        pid_file.display()
+    );
+    let mut run = pklock(&server.addr)
+        .args([
+            "run",
+            "stubborn",
+            "--kill-grace",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = wait_for_file(&pid_file).trim().to_string();
+    server.signal("KILL");
+    let status = wait_with_deadline(&mut run, PATIENCE).expect("pklock exits");
+    assert_eq!(status.code(), Some(75));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the command is still running"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
+}
+
+#[test]
+fn a_silent_server_expires_the_lease_and_stops_the_command_before_release() {
+    let dir = temp_dir("cli-sigstop");
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let marker = dir.join("got-term");
+    let script = format!(
+        "trap 'echo TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
+        marker.display()
+    );
+    let mut run = pklock(&server.addr)
+        .args([
+            "run",
+            "p",
+            "--kill-grace",
+            "200ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .unwrap();
+    eventually("held", || {
+        Peer::connect(server.addr).rpc("stats", "s".into(), Value::Null)["locksHeld"] == 1
+    });
+    server.signal("STOP");
+    let stopped_at = Instant::now();
+    let status = wait_with_deadline(&mut run, PATIENCE);
+    let took = stopped_at.elapsed();
+    server.signal("CONT");
+    assert_eq!(status.and_then(|s| s.code()), Some(75));
+    assert_eq!(wait_for_file(&marker), "TERM\n");
+    // The server cannot release a silent peer before 2 s (earliestReleaseMs).
+    assert!(
+        took < Duration::from_secs(2),
+        "the command outlived the lock: {took:?}"
+    );
+}
+
+#[test]
+fn lock_holds_until_stdin_closes() {
+    let server = TestServer::start();
+    let mut hold = pklock(&server.addr)
+        .args(["lock", "shell"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(hold.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let token: u64 = line.trim().parse().expect("the token on stdout");
+    let status = server
+        .peer()
+        .rpc("status", 1.into(), serde_json::json!({"lockName": "shell"}));
+    assert_eq!(status["locks"][0]["holders"][0]["token"], token);
+    let output = run_output(&server, &["run", "shell", "--no-wait", "--", "true"]);
+    assert_eq!(output.status.code(), Some(1));
+    hold.stdin.take().unwrap().write_all(b"ignored\n").unwrap();
+    let status = wait_with_deadline(&mut hold, PATIENCE).expect("exits once stdin closes");
+    assert!(status.success());
+    assert!(
+        run_output(&server, &["run", "shell", "--no-wait", "--", "true"])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn ping_and_stats_report_and_fail_cleanly() {
+    let server = TestServer::start();
+    let output = run_output(&server, &["ping"]);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pklock"));
+    let output = run_output(&server, &["stats", "--json"]);
+    let stats: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(stats["uptimeMs"].is_u64());
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let output = pklock(&free_port).arg("ping").output().unwrap();
+    assert_eq!(output.status.code(), Some(69));
+    assert!(
+        stderr_of(&output).contains("cannot connect"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_lists_exit_codes() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .args(["run", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let output = Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.contains("--no-wait") && help.contains("75") && help.contains("--kill-grace"),
+        "{help}"
+    );
+    // A grace period the server's release time cannot cover is refused.
+    let server = TestServer::start();
+    let output = run_output(&server, &["run", "x", "--kill-grace", "9s", "--", "true"]);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr_of(&output).contains("lease"),
+        "{}",
+        stderr_of(&output)
+    );
+}
