@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use log::info;
+use log::{info, warn};
 use pklock::{Config, Server};
 
 /// The pklock lock server: a lock is held exactly as long as its client's
@@ -15,8 +15,11 @@ use pklock::{Config, Server};
 struct Args {
     /// TOML configuration (every key: config/settings.example.toml). Without
     /// it the built-in defaults serve 127.0.0.1:20934 to loopback peers.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "check_config")]
     config: Option<PathBuf>,
+    /// Check a configuration file, print what it sets, and exit (0 when valid).
+    #[arg(long, value_name = "PATH")]
+    check_config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -31,8 +34,18 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    if let Some(path) = &args.check_config {
+        let config = Config::load(path)?;
+        println!("{}: valid", path.display());
+        println!("{config:#?}");
+        return Ok(());
+    }
     let config = match &args.config {
-        Some(path) => Config::load(path)?,
+        Some(path) => {
+            let config = Config::load(path)?;
+            info!("configuration read from {}", path.display());
+            config
+        }
         None => {
             info!("no --config given: using the built-in defaults");
             Config::default()
@@ -40,6 +53,10 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     };
     let mut server = Server::bind(config)?;
     server.handle_signals()?;
+    // Under systemd (Type=notify): the listeners are bound, clients can connect.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        warn!("cannot tell the service manager we are ready: {e}");
+    }
     server.run()?;
     Ok(())
 }

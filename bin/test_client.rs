@@ -53,7 +53,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     };
     let options = ClientOptions::named(format!("test_client pid {}", std::process::id()));
     let client = Client::connect(&server, &options)
-        .map_err(|e| format!("{e} (is the server running? `cargo run --bin server`)"))?;
+        .map_err(|e| format!("{e} (is the server running? `cargo run --release --bin server`)"))?;
     let guard = match client.lock(&args.lock, &LockOptions::exclusive().wait(args.wait)) {
         Ok(guard) => guard,
         Err(client::Error::NotGranted) => {
@@ -64,7 +64,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     };
     println!("Got lock");
     std::io::stdout().flush()?;
-    std::thread::sleep(args.hold);
+    if let Some(reason) = guard.wait_lost(Some(args.hold)) {
+        return Err(format!("lost the lock: {reason}").into());
+    }
     println!("Offering to unlock");
     std::io::stdout().flush()?;
     guard.unlock()?;

@@ -204,3 +204,50 @@ fn server_keeps_serving_after_many_clients_come_and_go() {
         json!({"status": "ok"})
     );
 }
+
+#[test]
+fn the_binary_tells_systemd_it_is_ready_once_listening() {
+    let dir = temp_dir("notify");
+    let socket_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(common::PATIENCE)).unwrap();
+    let server = ServerProcess::start_with(
+        &dir,
+        "listen = [\"127.0.0.1:0\"]\n",
+        None,
+        &[("NOTIFY_SOCKET", &socket_path)],
+    );
+    let mut message = [0u8; 256];
+    let n = notify.recv(&mut message).expect("a notification");
+    assert_eq!(&message[..n], b"READY=1\n");
+    // Ready means connections are served.
+    assert_eq!(
+        Peer::connect(server.addr).rpc("ping", json!(1), json!({})),
+        json!({"status": "ok"})
+    );
+}
+
+#[test]
+fn check_config_validates_and_exits() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/settings.example.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_server"))
+        .args(["--check-config", example])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("valid"));
+    let dir = temp_dir("check-config");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[keepalive]\nprobes = 0\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_server"))
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("keepalive.probes"),
+        "{stderr}"
+    );
+}

@@ -118,7 +118,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn out_of_descriptors_the_server_sheds_new_connections_without_spinning() {
     let dir = common::temp_dir("emfile");
     let mut server =
-        common::ServerProcess::start_with_fd_limit(&dir, "listen = [\"127.0.0.1:0\"]\n", Some(40));
+        common::ServerProcess::start_with(&dir, "listen = [\"127.0.0.1:0\"]\n", Some(40), &[]);
     let mut holder = Peer::connect(server.addr);
     holder.take("kept", 1);
     // Far more connections than descriptors.

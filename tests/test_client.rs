@@ -121,7 +121,33 @@ fn test_client_without_a_server_fails_with_a_hint() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("cannot connect") && stderr.contains("cargo run --bin server"),
+        stderr.contains("cannot connect") && stderr.contains("cargo run --release --bin server"),
         "{stderr}"
     );
+}
+
+#[test]
+fn test_client_says_so_when_the_server_goes_away_while_it_holds() {
+    let server = TestServer::start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .args([
+            "--port",
+            &server.addr.port().to_string(),
+            "--host",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "Got lock\n");
+    server.stop().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lost the lock"), "{stderr}");
 }

@@ -229,15 +229,16 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `server --config <config_text>` and waits until it listens.
     pub fn start(dir: &Path, config_text: &str) -> ServerProcess {
-        ServerProcess::start_with_fd_limit(dir, config_text, None)
+        ServerProcess::start_with(dir, config_text, None, &[])
     }
 
     /// Like [`ServerProcess::start`], under a hard open-file limit the
-    /// server cannot raise.
-    pub fn start_with_fd_limit(
+    /// server cannot raise (if given) and with extra environment variables.
+    pub fn start_with(
         dir: &Path,
         config_text: &str,
         fd_limit: Option<u32>,
+        env: &[(&str, &Path)],
     ) -> ServerProcess {
         let config = dir.join("settings.toml");
         std::fs::write(&config, config_text).unwrap();
@@ -252,6 +253,7 @@ impl ServerProcess {
                 sh
             }
         };
+        command.envs(env.iter().map(|(k, v)| (*k, *v)));
         let mut child = command
             .arg("--config")
             .arg(&config)
