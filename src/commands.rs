@@ -171,6 +171,11 @@ impl Core {
         self.table.next_token()
     }
 
+    /// Grants nothing before `until` (see [`LockTable::hold_grants_until`]).
+    pub fn hold_grants_until(&mut self, until: Instant) {
+        self.table.hold_grants_until(until);
+    }
+
     /// Counts a connection refused at accept.
     pub fn connection_rejected(&mut self) {
         self.rejected_connections += 1;

@@ -36,6 +36,11 @@ pub struct Config {
     pub max_locks_per_connection: usize,
     /// Where the fencing-token ceiling is kept; none keeps tokens clock-based only.
     pub state_file: Option<PathBuf>,
+    /// After a start, grant nothing for this long, so that clients of a
+    /// previous run that could not see it stop have given up their locks.
+    /// Default: the earliest release time of `[keepalive]`.
+    #[serde(default, deserialize_with = "grace_ms")]
+    pub restart_grace_ms: Option<u64>,
     /// Dead-peer detection.
     pub keepalive: KeepaliveConfig,
 }
@@ -70,6 +75,7 @@ impl Default for Config {
             max_output_bytes: 1_048_576,
             max_locks_per_connection: 10_000,
             state_file: None,
+            restart_grace_ms: None,
             keepalive: KeepaliveConfig::default(),
         }
     }
@@ -193,6 +199,10 @@ fn output_limit<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 4096, usize::MAX, "an output size")
 }
 
+fn grace_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    in_range(d, 0, 3_600_000, "a restart grace in ms").map(Some)
+}
+
 fn positive_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     // Linux takes whole seconds up to 32767 for keepalive times.
     in_range(d, 1, 32_767_000, "a keepalive time in ms")
@@ -230,6 +240,7 @@ mod tests {
             max_output_bytes = 8192
             max_locks_per_connection = 6
             state_file = "/tmp/tokens"
+            restart_grace_ms = 0
             [keepalive]
             idle_ms = 7
             interval_ms = 8
@@ -250,6 +261,7 @@ mod tests {
             (3, 4096, 8192, 6)
         );
         assert_eq!(c.state_file, Some(PathBuf::from("/tmp/tokens")));
+        assert_eq!(c.restart_grace_ms, Some(0));
         assert_eq!(
             c.keepalive,
             KeepaliveConfig {
@@ -318,6 +330,7 @@ mod tests {
             "[keepalive]\nidle_ms = 0",
             "[keepalive]\nprobes = 128",
             "[keepalive]\nuser_timeout_ms = -1",
+            "restart_grace_ms = 3600001",
         ] {
             assert!(Config::parse(text).is_err(), "{text} was accepted");
         }

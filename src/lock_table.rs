@@ -204,6 +204,8 @@ pub struct Totals {
 #[derive(Debug)]
 struct Books {
     next_token: u64,
+    /// No grant before this instant (after a restart); `None` once passed.
+    grants_from: Option<Instant>,
     /// Wait id -> lock name, for queued requests with a deadline.
     timed_waits: HashMap<u64, Arc<str>>,
     /// Deadlines, possibly stale (an entry whose wait id is no longer in
@@ -229,6 +231,9 @@ impl Books {
         now: Instant,
         out: &mut Vec<Effect<T>>,
     ) {
+        if self.grants_from.is_some_and(|from| now < from) {
+            return;
+        }
         while queue.waiters.front().is_some_and(|w| queue.admits(w.mode)) {
             let Some(waiter) = queue.waiters.pop_front() else {
                 break;
@@ -276,6 +281,7 @@ impl<T> LockTable<T> {
             by_client: HashMap::new(),
             books: Books {
                 next_token: first_token,
+                grants_from: None,
                 timed_waits: HashMap::new(),
                 deadlines: BinaryHeap::new(),
                 totals: Totals::default(),
@@ -367,11 +373,13 @@ impl<T> LockTable<T> {
             return;
         }
         if try_once {
-            // Last in line, so leaving cannot unblock anyone behind it.
+            // Last in line, so leaving cannot unblock anyone behind it; the
+            // queue may be empty now if grants are held back.
             if let Some(waiter) = queue.waiters.pop_back() {
                 self.books.totals.waiting -= 1;
                 self.books.totals.timeouts += 1;
                 self.forget(client, &name);
+                self.drop_if_empty(&name);
                 out.push(Effect::TimedOut {
                     client,
                     tag: waiter.tag,
@@ -504,18 +512,42 @@ impl<T> LockTable<T> {
             self.drop_if_empty(&name);
             self.forget(waiter.client, &name);
         }
+        if self.books.grants_from.is_some_and(|from| from <= now) {
+            self.books.grants_from = None;
+            for (name, queue) in self.queues.iter_mut() {
+                self.books.promote(queue, name, now, out);
+            }
+        }
         self.compact_deadlines();
     }
 
     /// The earliest wait deadline, if any wait has one.
     pub fn next_deadline(&mut self) -> Option<Instant> {
+        let mut wait_deadline = None;
         while let Some(&Reverse((at, wait_id))) = self.books.deadlines.peek() {
             if self.books.timed_waits.contains_key(&wait_id) {
-                return Some(at);
+                wait_deadline = Some(at);
+                break;
             }
             self.books.deadlines.pop();
         }
-        None
+        wait_deadline
+            .into_iter()
+            .chain(self.books.grants_from)
+            .min()
+    }
+
+    /// Grants nothing before `until`: requests queue (and time out) as
+    /// usual, and the queues are served in name order when it comes, through
+    /// [`LockTable::expire`]. After a restart this gives clients of the
+    /// previous instance time to notice that their locks are gone.
+    pub fn hold_grants_until(&mut self, until: Instant) {
+        self.books.grants_from = Some(until);
+    }
+
+    /// Whether grants are being held back at `now`.
+    pub fn holding_grants(&self, now: Instant) -> bool {
+        self.books.grants_from.is_some_and(|from| now < from)
     }
 
     /// The token the next grant will carry.
@@ -567,7 +599,11 @@ impl<T> LockTable<T> {
                     "{name:?}: an exclusive holder beside another holder"
                 ));
             }
-            if let Some(head) = queue.waiters.front() {
+            if let Some(head) = queue
+                .waiters
+                .front()
+                .filter(|_| self.books.grants_from.is_none())
+            {
                 if queue.admits(head.mode) {
                     return Err(format!("{name:?}: head waiter could be granted but waits"));
                 }
@@ -1005,6 +1041,33 @@ mod tests {
         }
         f.advance(1);
         assert!(f.table.books.deadlines.len() <= 64);
+    }
+
+    #[test]
+    fn held_back_grants_queue_time_out_and_are_served_in_order_when_the_hold_ends() {
+        let mut f = Fixture::new();
+        let until = f.now + Duration::from_millis(100);
+        f.table.hold_grants_until(until);
+        assert_eq!(f.table.next_deadline(), Some(until));
+        assert!(f.lock(A, "x", Mode::Exclusive, None, 1).is_empty());
+        assert!(f.lock(B, "x", Mode::Exclusive, None, 2).is_empty());
+        assert!(f.lock(C, "w", Mode::Shared, None, 3).is_empty());
+        assert!(f.lock(D, "w", Mode::Shared, Some(50), 4).is_empty());
+        assert_eq!(
+            f.lock(D, "y", Mode::Exclusive, Some(0), 5),
+            vec![Effect::TimedOut { client: D, tag: 5 }],
+            "nothing can be had at once while grants are held"
+        );
+        assert_eq!(f.advance(50), vec![Effect::TimedOut { client: D, tag: 4 }]);
+        assert!(f.table.holding_grants(f.now));
+        assert_eq!(
+            f.advance(50),
+            vec![granted(C, 3, "w", 100), granted(A, 1, "x", 101)]
+        );
+        assert!(!f.table.holding_grants(f.now));
+        assert_eq!(f.table.next_deadline(), None);
+        let (_, effects) = f.unlock(A, "x");
+        assert_eq!(effects, vec![granted(B, 2, "x", 102)]);
     }
 
     #[test]

@@ -180,12 +180,15 @@ impl Server {
         }
 
         let now = Instant::now();
+        let grace = config
+            .restart_grace_ms
+            .map_or(keepalive.earliest_release(), Duration::from_millis);
         let settings = Settings {
             max_locks_per_connection: config.max_locks_per_connection,
             keepalive,
             status_budget_bytes: config.max_output_bytes / 2,
         };
-        let server = Server {
+        let mut server = Server {
             poll,
             listeners,
             conns: Slab::new(),
@@ -207,6 +210,16 @@ impl Server {
             config,
         };
         server.log_start(first_token);
+        if server.tokens.previous_run_held_nothing() {
+            info!("the previous run stopped holding no lock: granting at once");
+        } else if !grace.is_zero() {
+            info!(
+                "no lock is granted for the first {} ms, so that clients of an earlier run \
+                 that could not see it stop have given up their locks (restart_grace_ms)",
+                grace.as_millis()
+            );
+            server.core.hold_grants_until(now + grace);
+        }
         Ok(server)
     }
 
@@ -305,8 +318,9 @@ impl Server {
         match outcome {
             Ok(()) => {
                 self.shut_down(true);
+                let held_nothing = self.core.table().totals().held == 0;
                 self.tokens
-                    .save_final(self.core.next_token())
+                    .save_final(self.core.next_token(), held_nothing)
                     .map_err(ServerError::Tokens)?;
                 info!("stopped");
                 Ok(())

@@ -17,12 +17,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Tokens reserved per write of the state file.
 pub const RESERVATION: u64 = 1_000_000;
 
+/// Second line of the state file after a clean stop with no lock held.
+const HELD_NOTHING: &str = "stopped-holding-nothing";
+
 /// The token counter's persisted ceiling.
 #[derive(Debug)]
 pub struct TokenStore {
     path: Option<PathBuf>,
     /// No token at or above this has been reserved on disk.
     ceiling: u64,
+    previous_held_nothing: bool,
 }
 
 /// A state file that could not be read or written.
@@ -51,14 +55,16 @@ impl TokenStore {
             let store = TokenStore {
                 path: None,
                 ceiling: u64::MAX,
+                previous_held_nothing: false,
             };
             return Ok((store, clock));
         };
-        let stored = read_ceiling(path)?;
-        let first = stored.unwrap_or(0).max(clock);
+        let stored = read_state(path)?;
+        let first = stored.map_or(0, |s| s.ceiling).max(clock);
         let mut store = TokenStore {
             path: Some(path.to_path_buf()),
             ceiling: first,
+            previous_held_nothing: stored.is_some_and(|s| s.held_nothing),
         };
         store.reserve_from(first)?;
         Ok((store, first))
@@ -67,6 +73,12 @@ impl TokenStore {
     /// The state file, if there is one.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// Whether the state file says the previous run stopped cleanly with no
+    /// lock held (so no client of it can still believe it holds one).
+    pub fn previous_run_held_nothing(&self) -> bool {
+        self.previous_held_nothing
     }
 
     /// Makes sure every token below `next_token` is covered by the ceiling on
@@ -79,10 +91,15 @@ impl TokenStore {
     }
 
     /// Records `next_token` as the ceiling, so the next start begins right
-    /// there instead of a reservation further on. For a clean shutdown.
-    pub fn save_final(&mut self, next_token: u64) -> Result<(), TokenStoreError> {
+    /// there instead of a reservation further on, and whether any lock was
+    /// held at the end. For a clean shutdown.
+    pub fn save_final(
+        &mut self,
+        next_token: u64,
+        held_nothing: bool,
+    ) -> Result<(), TokenStoreError> {
         if let Some(path) = &self.path {
-            write_ceiling(path, next_token)?;
+            write_state(path, next_token, held_nothing)?;
             self.ceiling = next_token;
         }
         Ok(())
@@ -91,7 +108,7 @@ impl TokenStore {
     fn reserve_from(&mut self, next_token: u64) -> Result<(), TokenStoreError> {
         let ceiling = next_token.saturating_add(RESERVATION);
         if let Some(path) = &self.path {
-            write_ceiling(path, ceiling)?;
+            write_state(path, ceiling, false)?;
         }
         self.ceiling = ceiling;
         Ok(())
@@ -104,7 +121,14 @@ fn clock_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-fn read_ceiling(path: &Path) -> Result<Option<u64>, TokenStoreError> {
+/// What the state file says.
+#[derive(Clone, Copy)]
+struct Stored {
+    ceiling: u64,
+    held_nothing: bool,
+}
+
+fn read_state(path: &Path) -> Result<Option<Stored>, TokenStoreError> {
     let fail = |message: String| TokenStoreError {
         path: path.to_path_buf(),
         message,
@@ -114,19 +138,24 @@ fn read_ceiling(path: &Path) -> Result<Option<u64>, TokenStoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(fail(format!("cannot read it: {e}"))),
     };
-    let trimmed = text.trim();
-    trimmed.parse::<u64>().map(Some).map_err(|_| {
-        let shown: String = trimmed.chars().take(64).collect();
+    let mut lines = text.lines().map(str::trim);
+    let first = lines.next().unwrap_or("");
+    let ceiling = first.parse::<u64>().map_err(|_| {
+        let shown: String = first.chars().take(64).collect();
         fail(format!(
-            "expected one decimal number (the token ceiling), found {shown:?}; \
+            "expected a decimal number (the token ceiling) on the first line, found {shown:?}; \
              refusing to start rather than risk repeating a token"
         ))
-    })
+    })?;
+    Ok(Some(Stored {
+        ceiling,
+        held_nothing: lines.next() == Some(HELD_NOTHING),
+    }))
 }
 
 /// Replaces the file atomically and durably: write a temporary file, fsync
 /// it, rename it over the old one, fsync the directory.
-fn write_ceiling(path: &Path, ceiling: u64) -> Result<(), TokenStoreError> {
+fn write_state(path: &Path, ceiling: u64, held_nothing: bool) -> Result<(), TokenStoreError> {
     let fail = |what: &str, e: io::Error| TokenStoreError {
         path: path.to_path_buf(),
         message: format!("cannot {what}: {e}"),
@@ -135,7 +164,11 @@ fn write_ceiling(path: &Path, ceiling: u64) -> Result<(), TokenStoreError> {
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
     let mut file = File::create(&tmp).map_err(|e| fail("create the temporary file", e))?;
-    file.write_all(format!("{ceiling}\n").as_bytes())
+    let text = match held_nothing {
+        true => format!("{ceiling}\n{HELD_NOTHING}\n"),
+        false => format!("{ceiling}\n"),
+    };
+    file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("write the temporary file", e))?;
     fs::rename(&tmp, path).map_err(|e| fail("rename the temporary file into place", e))?;
@@ -204,9 +237,26 @@ mod tests {
         let far = clock_micros() + 10_000_000_000;
         fs::write(&path, format!("{far}")).unwrap();
         let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
-        store.save_final(first + 42).unwrap();
-        let (_, again) = TokenStore::open(Some(&path)).unwrap();
-        assert_eq!(again, first + 42);
+        store.save_final(first + 42, false).unwrap();
+        let (again, next) = TokenStore::open(Some(&path)).unwrap();
+        assert_eq!(next, first + 42);
+        assert!(!again.previous_run_held_nothing());
+    }
+
+    #[test]
+    fn a_clean_stop_holding_nothing_is_remembered_once() {
+        let path = temp_path("held-nothing");
+        let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
+        assert!(
+            !store.previous_run_held_nothing(),
+            "a first start knows nothing"
+        );
+        store.save_final(first + 1, true).unwrap();
+        let (store, _) = TokenStore::open(Some(&path)).unwrap();
+        assert!(store.previous_run_held_nothing());
+        // Opening rewrote the file: a crash now must not look clean.
+        let (store, _) = TokenStore::open(Some(&path)).unwrap();
+        assert!(!store.previous_run_held_nothing());
     }
 
     #[test]

@@ -214,7 +214,7 @@ fn signals_to_pklock_reach_the_command() {
 
 fn short_keepalive_config() -> &'static str {
     // earliestReleaseMs 2000: leases of about a second.
-    "listen = [\"127.0.0.1:0\"]\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n"
+    "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n"
 }
 
 #[test]

@@ -220,7 +220,7 @@ fn silence_from_the_server_expires_the_lease() {
 #[test]
 fn a_stopped_server_is_detected_by_the_lease_before_it_could_release() {
     let dir = temp_dir("sigstop");
-    let config = "listen = [\"127.0.0.1:0\"]\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
+    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
     let server = ServerProcess::start(&dir, config);
     let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     assert_eq!(client.hello().earliest_release_ms, 2000);

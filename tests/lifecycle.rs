@@ -6,6 +6,7 @@ mod common;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{Peer, ServerProcess, TestServer, temp_dir};
 use pklock::{Config, Server};
@@ -15,16 +16,14 @@ fn config_with_state(state: &Path) -> Config {
     Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         state_file: Some(state.to_path_buf()),
+        restart_grace_ms: Some(0),
         ..Config::default()
     }
 }
 
 fn stored_ceiling(state: &Path) -> u64 {
-    std::fs::read_to_string(state)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let text = std::fs::read_to_string(state).unwrap();
+    text.lines().next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -44,6 +43,8 @@ fn shutdown_closes_every_connection_and_saves_the_token_state() {
         token + 1,
         "the ceiling is the next token"
     );
+    let lines = std::fs::read_to_string(&state).unwrap().lines().count();
+    assert_eq!(lines, 1, "a lock was held at the stop");
 }
 
 #[test]
@@ -114,7 +115,7 @@ fn a_port_in_use_is_a_clear_error() {
 
 fn binary_config(dir: &Path) -> String {
     format!(
-        "listen = [\"127.0.0.1:0\"]\nstate_file = \"{}\"\n",
+        "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\nstate_file = \"{}\"\n",
         dir.join("tokens").display()
     )
 }
@@ -250,4 +251,69 @@ fn check_config_validates_and_exits() {
         stderr.contains("line 2") && stderr.contains("keepalive.probes"),
         "{stderr}"
     );
+}
+
+fn with_grace(config: Config, grace_ms: u64) -> Config {
+    Config {
+        restart_grace_ms: Some(grace_ms),
+        ..config
+    }
+}
+
+#[test]
+fn a_clean_stop_holding_nothing_lets_the_next_start_grant_at_once() {
+    let dir = temp_dir("grace-clean");
+    let state = dir.join("tokens");
+    let server = TestServer::from_config(config_with_state(&state));
+    let mut peer = server.peer();
+    peer.take("a", 1);
+    peer.unlock("a");
+    server.stop().unwrap();
+    // A long grace would apply, but nobody can still believe they hold a lock.
+    let server = TestServer::from_config(with_grace(config_with_state(&state), 60_000));
+    let result = server
+        .peer()
+        .rpc("lock", json!(1), json!({"lockName": "a", "timeoutMs": 0}));
+    assert_eq!(result["status"], "ok");
+}
+
+#[test]
+fn a_restart_after_a_stop_with_locks_held_grants_nothing_during_the_grace() {
+    let dir = temp_dir("grace-held");
+    let state = dir.join("tokens");
+    let server = TestServer::from_config(config_with_state(&state));
+    let mut holder = server.peer();
+    holder.take("a", 1);
+    server.stop().unwrap();
+    drop(holder);
+    let server = TestServer::from_config(with_grace(config_with_state(&state), 700));
+    let mut peer = server.peer();
+    let result = peer.rpc("lock", json!(1), json!({"lockName": "a", "timeoutMs": 0}));
+    assert_eq!(result["status"], "timeout", "granted during the grace");
+    peer.ask("a", 2);
+    peer.expect_nothing(Duration::from_millis(300));
+    let reply = peer.recv();
+    assert_eq!(
+        (reply["id"].as_u64(), reply["result"]["status"].as_str()),
+        (Some(2), Some("ok"))
+    );
+}
+
+#[test]
+fn a_killed_server_restarts_with_the_grace_of_its_release_time() {
+    let dir = temp_dir("grace-crash");
+    let mut server = ServerProcess::start(&dir, &binary_config(&dir));
+    Peer::connect(server.addr).take("a", 1);
+    server.signal("KILL");
+    server.wait_exit();
+    // Without restart_grace_ms the grace is the earliest release time (10 s by default).
+    let config = format!(
+        "listen = [\"127.0.0.1:0\"]\nstate_file = \"{}\"\n",
+        dir.join("tokens").display()
+    );
+    let mut server = ServerProcess::start(&dir, &config);
+    server.wait_for_log("no lock is granted for the first 10000 ms");
+    let result =
+        Peer::connect(server.addr).rpc("lock", json!(1), json!({"lockName": "a", "timeoutMs": 0}));
+    assert_eq!(result["status"], "timeout");
 }

@@ -117,8 +117,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn out_of_descriptors_the_server_sheds_new_connections_without_spinning() {
     let dir = common::temp_dir("emfile");
-    let mut server =
-        common::ServerProcess::start_with(&dir, "listen = [\"127.0.0.1:0\"]\n", Some(40), &[]);
+    let mut server = common::ServerProcess::start_with(
+        &dir,
+        "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n",
+        Some(40),
+        &[],
+    );
     let mut holder = Peer::connect(server.addr);
     holder.take("kept", 1);
     // Far more connections than descriptors.

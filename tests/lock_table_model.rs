@@ -62,6 +62,8 @@ struct Request {
 #[derive(Default)]
 struct Model {
     queues: BTreeMap<String, Vec<Request>>,
+    /// No grant before this (the hold after a restart).
+    grants_from: Option<Instant>,
     next_token: u64,
     next_seq: u64,
 }
@@ -72,11 +74,15 @@ impl Model {
     }
 
     /// Grants every request whose place in the list now entitles it to hold.
-    fn grant(&mut self, name: &str, out: &mut Vec<Effect<u32>>) {
+    fn grant(&mut self, name: &str, now: Instant, out: &mut Vec<Effect<u32>>) {
+        let holding = self.grants_from.is_some_and(|from| now < from);
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };
         for i in 0..queue.len() {
+            if holding {
+                break;
+            }
             let entitled =
                 (0..i).all(|j| queue[j].token.is_some() && Self::compatible(&queue[j], &queue[i]));
             if entitled && queue[i].token.is_none() {
@@ -160,18 +166,26 @@ impl Model {
                 deadline,
                 token: None,
             });
-        self.grant(name, &mut out);
+        self.grant(name, now, &mut out);
         if timeout == Some(0) {
             let queue = self.queues.get_mut(name).unwrap();
             if let Some(pos) = queue.iter().position(|r| r.seq == seq && r.token.is_none()) {
                 queue.remove(pos);
                 out.push(Effect::TimedOut { client, tag });
             }
+            if queue.is_empty() {
+                self.queues.remove(name);
+            }
         }
         out
     }
 
-    fn unlock(&mut self, client: ClientId, name: &str) -> (Unlocked, Vec<Effect<u32>>) {
+    fn unlock(
+        &mut self,
+        client: ClientId,
+        name: &str,
+        now: Instant,
+    ) -> (Unlocked, Vec<Effect<u32>>) {
         let mut out = Vec::new();
         let Some(queue) = self.queues.get_mut(name) else {
             return (Unlocked::NotFound, out);
@@ -189,11 +203,11 @@ impl Model {
             });
             Unlocked::Withdrawn
         };
-        self.grant(name, &mut out);
+        self.grant(name, now, &mut out);
         (result, out)
     }
 
-    fn disconnect(&mut self, client: ClientId) -> Vec<Effect<u32>> {
+    fn disconnect(&mut self, client: ClientId, now: Instant) -> Vec<Effect<u32>> {
         let mut out = Vec::new();
         let names: BTreeSet<String> = self.queues.keys().cloned().collect();
         for name in names {
@@ -201,7 +215,7 @@ impl Model {
             let before = queue.len();
             queue.retain(|r| r.client != client);
             if queue.len() != before {
-                self.grant(&name, &mut out);
+                self.grant(&name, now, &mut out);
             }
         }
         out
@@ -217,7 +231,7 @@ impl Model {
                 .filter(|(_, r)| r.token.is_none() && r.deadline.is_some_and(|d| d <= now))
                 .min_by_key(|(_, r)| (r.deadline, r.seq))
                 .map(|(name, r)| (name.clone(), r.seq));
-            let Some((name, seq)) = due else { return out };
+            let Some((name, seq)) = due else { break };
             let queue = self.queues.get_mut(&name).unwrap();
             let pos = queue.iter().position(|r| r.seq == seq).unwrap();
             let request = queue.remove(pos);
@@ -225,12 +239,20 @@ impl Model {
                 client: request.client,
                 tag: request.tag,
             });
-            self.grant(&name, &mut out);
+            self.grant(&name, now, &mut out);
         }
+        if self.grants_from.is_some_and(|from| from <= now) {
+            self.grants_from = None;
+            let names: Vec<String> = self.queues.keys().cloned().collect();
+            for name in names {
+                self.grant(&name, now, &mut out);
+            }
+        }
+        out
     }
 }
 
-fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+fn run(hold_ms: Option<u64>, ops: &[Op]) -> Result<(), TestCaseError> {
     let start = Instant::now();
     let mut now = start;
     let mut table: LockTable<u32> = LockTable::new(FIRST_TOKEN, LIMIT);
@@ -238,6 +260,11 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         next_token: FIRST_TOKEN,
         ..Model::default()
     };
+    if let Some(ms) = hold_ms {
+        let until = start + Duration::from_millis(ms);
+        table.hold_grants_until(until);
+        model.grants_from = Some(until);
+    }
     let mut out = Vec::new();
     let mut pending: HashMap<u32, ClientId> = HashMap::new();
     let mut issued: HashMap<u64, ClientId> = HashMap::new();
@@ -271,14 +298,14 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Unlock { client, name } => {
                 let got = table.unlock(ClientId(client), NAMES[name], now, &mut out);
-                let (want, effects) = model.unlock(ClientId(client), NAMES[name]);
+                let (want, effects) = model.unlock(ClientId(client), NAMES[name], now);
                 prop_assert_eq!(got, want, "unlock result at step {}", step);
                 effects
             }
             Op::Disconnect { client } => {
                 table.disconnect(ClientId(client), now, &mut out);
                 pending.retain(|_, c| *c != ClientId(client));
-                model.disconnect(ClientId(client))
+                model.disconnect(ClientId(client), now)
             }
             Op::Advance { ms } => {
                 now += Duration::from_millis(ms);
@@ -339,8 +366,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn lock_table_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        run(&ops)?;
+    fn lock_table_matches_the_model(
+        hold_ms in prop_oneof![3 => Just(None), 1 => (0..60u64).prop_map(Some)],
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        run(hold_ms, &ops)?;
     }
 }
 
@@ -382,5 +412,6 @@ fn model_agrees_on_a_hand_written_mix() {
             timeout: Some(0),
         },
     ];
-    run(&ops).unwrap();
+    run(None, &ops).unwrap();
+    run(Some(15), &ops).unwrap();
 }

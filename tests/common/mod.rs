@@ -37,6 +37,8 @@ impl TestServer {
     pub fn with(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
+            // Tests start servers fresh; the restart grace has its own tests.
+            restart_grace_ms: Some(0),
             ..Config::default()
         };
         tweak(&mut config);
