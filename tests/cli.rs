@@ -411,3 +411,32 @@ fn usage_errors_exit_64_and_help_lists_exit_codes() {
         stderr_of(&output)
     );
 }
+
+#[test]
+fn a_killed_pklock_leaves_the_lock_with_its_command_until_it_ends() {
+    let server = TestServer::start();
+    let dir = temp_dir("cli-pklock-killed");
+    let done = dir.join("done");
+    let script = format!("sleep 1; echo done > {}", done.display());
+    let mut run = pklock(&server.addr)
+        .args(["run", "job", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    eventually("held", || stats(server.addr)["locksHeld"] == 1);
+    // SIGKILL to pklock alone: its command goes on, and keeps the lock.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let mut other = server.peer();
+    let result = other.rpc(
+        "lock",
+        serde_json::json!(1),
+        serde_json::json!({"lockName": "job", "timeoutMs": 0}),
+    );
+    assert_eq!(
+        result["status"], "timeout",
+        "the lock went while its command ran"
+    );
+    other.ask("job", 2);
+    assert_eq!(other.recv()["result"]["status"], "ok");
+    assert!(done.exists(), "granted before the command was done");
+}

@@ -64,22 +64,29 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
         }
     });
 
-    let mut child = Command::new(program)
+    // The command inherits the connection: if pklock itself is killed, the
+    // lock stays held until the command is done, as with flock(1).
+    client
+        .set_inheritable(true)
+        .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot share the connection: {e}")))?;
+    let spawned = Command::new(program)
         .args(args)
         .env("PKLOCK_TOKEN", guard.token().to_string())
         .env("PKLOCK_NAME", &acquire.name)
         .process_group(0)
-        .spawn()
-        .map_err(|e| {
-            let code = match e.kind() {
-                io::ErrorKind::NotFound => exit::NOT_FOUND,
-                _ => exit::CANNOT_RUN,
-            };
-            Failure::new(
-                code,
-                format!("cannot run {}: {e}", program.to_string_lossy()),
-            )
-        })?;
+        .spawn();
+    // Later children (none today) must not keep the lock alive.
+    let _ = client.set_inheritable(false);
+    let mut child = spawned.map_err(|e| {
+        let code = match e.kind() {
+            io::ErrorKind::NotFound => exit::NOT_FOUND,
+            _ => exit::CANNOT_RUN,
+        };
+        Failure::new(
+            code,
+            format!("cannot run {}: {e}", program.to_string_lossy()),
+        )
+    })?;
     let group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let exit_tx = tx.clone();
     std::thread::spawn(move || {

@@ -360,6 +360,14 @@ impl Client {
         }
     }
 
+    /// Lets child processes started from now on inherit the connection, so
+    /// that the locks stay held while they run even if this process dies
+    /// (as flock(1) does with its file). Turn it off again once the children
+    /// that should have it are started.
+    pub fn set_inheritable(&self, inheritable: bool) -> io::Result<()> {
+        self.session.set_inheritable(inheritable)
+    }
+
     /// Why the connection is gone, if it is.
     pub fn loss(&self) -> Option<LossReason> {
         self.session.loss()

@@ -119,6 +119,16 @@ impl Session {
         })
     }
 
+    /// Lets processes started from now on inherit the connection (or not):
+    /// while any of them keeps it open, the server keeps this client's locks.
+    pub(crate) fn set_inheritable(&self, inheritable: bool) -> io::Result<()> {
+        let flags = match inheritable {
+            true => rustix::io::FdFlags::empty(),
+            false => rustix::io::FdFlags::CLOEXEC,
+        };
+        rustix::io::fcntl_setfd(&self.control, flags).map_err(io::Error::from)
+    }
+
     pub(crate) fn lease(&self) -> Duration {
         self.lease
     }
