@@ -290,22 +290,31 @@ impl Core {
                     .take_while(move |view| view.name().starts_with(prefix.as_str())),
             ),
         };
+        // `{"id":ID,"result":{"status":"ok","locks":[],"truncated":false}}`
+        let envelope = 64 + id.get().len();
+        let mut budget = Budget {
+            left: self.settings.status_budget_bytes.saturating_sub(envelope),
+        };
         let mut locks = Vec::new();
-        let mut bytes = 0;
         let mut truncated = false;
         for view in views {
             if locks.len() == limit {
                 truncated = true;
                 break;
             }
-            let entry = self.lock_status(&view, now);
-            let size = estimated_size(&entry);
-            if !locks.is_empty() && bytes + size > self.settings.status_budget_bytes {
-                truncated = true;
-                break;
+            match self.lock_status(&view, now, &mut budget) {
+                Some((entry, complete)) => {
+                    locks.push(entry);
+                    if !complete {
+                        truncated = true;
+                        break;
+                    }
+                }
+                None => {
+                    truncated = true;
+                    break;
+                }
             }
-            bytes += size;
-            locks.push(entry);
         }
         let result = StatusResult { locks, truncated };
         self.reply(from, id, Outcome::Status(Box::new(result)), out);
@@ -334,40 +343,52 @@ impl Core {
         self.reply(from, id, Outcome::Stats(Box::new(result)), out);
     }
 
-    fn lock_status(&self, view: &LockView<'_, RequestId>, now: Instant) -> LockStatus {
-        let holders = view
-            .holders()
-            .iter()
-            .map(|h| {
-                let (client, peer) = self.peer_labels(h.client);
-                HolderStatus {
-                    conn: h.client.0,
-                    client,
-                    peer,
-                    mode: h.mode,
-                    token: h.token,
-                    held_ms: millis(now.saturating_duration_since(h.since)),
-                }
-            })
-            .collect();
-        let waiters = view
-            .waiters()
-            .map(|w| {
-                let (client, peer) = self.peer_labels(w.client);
-                WaiterStatus {
-                    conn: w.client.0,
-                    client,
-                    peer,
-                    mode: w.mode,
-                    waiting_ms: millis(now.saturating_duration_since(w.since)),
-                }
-            })
-            .collect();
-        LockStatus {
+    /// One lock's entry, as much of it as `budget` allows: `None` when not
+    /// even its name fits, `false` beside it when holders or waiters were cut.
+    fn lock_status(
+        &self,
+        view: &LockView<'_, RequestId>,
+        now: Instant,
+        budget: &mut Budget,
+    ) -> Option<(LockStatus, bool)> {
+        let mut entry = LockStatus {
             lock_name: view.name().to_string(),
-            holders,
-            waiters,
+            holders: Vec::new(),
+            waiters: Vec::new(),
+        };
+        if !budget.take(&entry) {
+            return None;
         }
+        for h in view.holders() {
+            let (client, peer) = self.peer_labels(h.client);
+            let holder = HolderStatus {
+                conn: h.client.0,
+                client,
+                peer,
+                mode: h.mode,
+                token: h.token,
+                held_ms: millis(now.saturating_duration_since(h.since)),
+            };
+            if !budget.take(&holder) {
+                return Some((entry, false));
+            }
+            entry.holders.push(holder);
+        }
+        for w in view.waiters() {
+            let (client, peer) = self.peer_labels(w.client);
+            let waiter = WaiterStatus {
+                conn: w.client.0,
+                client,
+                peer,
+                mode: w.mode,
+                waiting_ms: millis(now.saturating_duration_since(w.since)),
+            };
+            if !budget.take(&waiter) {
+                return Some((entry, false));
+            }
+            entry.waiters.push(waiter);
+        }
+        Some((entry, true))
     }
 
     fn peer_labels(&self, client: ClientId) -> (String, String) {
@@ -442,14 +463,21 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A generous guess at the JSON size of one status entry.
-fn estimated_size(entry: &LockStatus) -> usize {
-    let people = entry
-        .holders
-        .iter()
-        .map(|h| h.client.len() + h.peer.len())
-        .chain(entry.waiters.iter().map(|w| w.client.len() + w.peer.len()))
-        .map(|names| 2 * names + 120)
-        .sum::<usize>();
-    2 * entry.lock_name.len() + 60 + people
+/// Bytes left for a `status` reply.
+struct Budget {
+    left: usize,
+}
+
+impl Budget {
+    /// Counts `item` (as JSON, with a separator) against the budget if it fits.
+    fn take<T: serde::Serialize>(&mut self, item: &T) -> bool {
+        let size = protocol::encoded_len(item) + 1;
+        match self.left.checked_sub(size) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
 }

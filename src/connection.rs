@@ -14,6 +14,9 @@ use crate::lock_table::ClientId;
 /// Buffers bigger than this are given back once empty, so that a burst does
 /// not pin memory on an idle connection.
 const KEEP_BUFFER_BYTES: usize = 16 * 1024;
+/// Written bytes are dropped from the front of the output once this many
+/// pile up, so a peer that reads slowly but steadily cannot grow it.
+const COMPACT_AFTER_BYTES: usize = 64 * 1024;
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +51,12 @@ pub struct Connection {
     /// Reading stopped before WouldBlock (turn budget, or output over the
     /// limit): the socket may hold more that no new event will announce.
     pub unread: bool,
+    /// Requests are not handled while its unsent replies are over the limit;
+    /// writing below it resumes them.
+    pub paused: bool,
+    /// Since when its unsent replies have been over the limit without any
+    /// of them being written.
+    pub stalled_since: Option<Instant>,
     /// Already listed for writing this turn.
     pub flush_listed: bool,
     output: Vec<u8>,
@@ -72,6 +81,8 @@ impl Connection {
             input: Vec::new(),
             state: State::Open,
             unread: false,
+            paused: false,
+            stalled_since: None,
             flush_listed: false,
             output: Vec::new(),
             written: 0,
@@ -100,24 +111,33 @@ impl Connection {
     }
 
     /// Writes as much pending output as the socket takes, until done or
-    /// WouldBlock.
-    pub fn flush(&mut self) -> io::Result<()> {
+    /// WouldBlock; returns how many bytes were written.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        let before = self.written;
         while self.written < self.output.len() {
             match self.stream.write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let progress = self.written - before;
+                    if self.written >= COMPACT_AFTER_BYTES {
+                        self.output.drain(..self.written);
+                        self.written = 0;
+                    }
+                    return Ok(progress);
+                }
                 Err(e) => return Err(e),
             }
         }
+        let progress = self.written - before;
         self.written = 0;
         if self.output.capacity() > KEEP_BUFFER_BYTES {
             self.output = Vec::new();
         } else {
             self.output.clear();
         }
-        Ok(())
+        Ok(progress)
     }
 
     /// Drops `consumed` bytes from the front of the input.
@@ -146,5 +166,67 @@ impl Connection {
             self.registered = wanted;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A connection whose peer is a blocking std socket the test reads from.
+    fn pair() -> (Poll, Connection, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, addr) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let poll = Poll::new().unwrap();
+        let conn = Connection::register(
+            TcpStream::from_std(accepted),
+            ClientId(1),
+            addr,
+            poll.registry(),
+            Token(0),
+        )
+        .unwrap();
+        (poll, conn, peer)
+    }
+
+    use mio::Poll;
+
+    #[test]
+    fn a_slow_steady_reader_does_not_grow_the_output_buffer() {
+        let (_poll, mut conn, mut peer) = pair();
+        let chunk = vec![7u8; 256 * 1024];
+        let mut sink = vec![0u8; 64 * 1024];
+        let mut most_buffered = 0;
+        for _ in 0..200 {
+            conn.output().extend_from_slice(&chunk);
+            conn.flush().unwrap();
+            // The peer reads less than is sent each round, so output stays pending.
+            for _ in 0..3 {
+                let _ = peer.read(&mut sink).unwrap();
+            }
+            most_buffered = most_buffered.max(conn.output.len());
+            // What is buffered is what is unsent, give or take one compaction step.
+            assert!(conn.output.len() <= conn.unsent() + COMPACT_AFTER_BYTES + chunk.len());
+        }
+        assert!(conn.unsent() > 0, "the test must keep output pending");
+        assert!(
+            most_buffered < 200 * chunk.len() / 2,
+            "buffer grew with traffic: {most_buffered}"
+        );
+    }
+
+    #[test]
+    fn a_full_flush_reports_progress_and_empties_the_buffer() {
+        let (_poll, mut conn, mut peer) = pair();
+        conn.output().extend_from_slice(b"hello");
+        assert_eq!(conn.flush().unwrap(), 5);
+        assert_eq!(conn.unsent(), 0);
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        assert_eq!(conn.flush().unwrap(), 0);
     }
 }

@@ -474,6 +474,24 @@ fn quote(text: &str) -> String {
     quoted
 }
 
+/// The length of `value` as JSON, without building it.
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing to a counter cannot fail; a value that cannot be encoded counts as nothing.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
 /// Every message the server sends.
 #[derive(Debug)]
 pub enum Reply {
@@ -1052,6 +1070,19 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_where_they_are_read() {
+        let reply = reply_to(r#"{"command":"ping","command":"ping","id":1}"#);
+        assert!(reply.starts_with(r#"{"error":"invalidJson""#), "{reply}");
+        let reply =
+            reply_to(r#"{"command":"lock","id":1,"parameters":{"lockName":"a","lockName":"b"}}"#);
+        assert!(
+            reply.contains(r#""status":"invalid""#) && reply.contains("duplicate"),
+            "{reply}"
+        );
+        assert!(parse(br#"{"command":"ping","id":1,"x":1,"x":2}"#).is_ok());
     }
 
     #[test]

@@ -39,6 +39,8 @@ const READ_BUDGET: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a closing connection gets to take its last replies.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// When accepting failed for want of resources, try again after this.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Listen backlog.
 const BACKLOG: i32 = 1024;
 
@@ -109,7 +111,7 @@ enum CloseReason {
     ReadFailed(io::Error),
     WriteFailed(io::Error),
     MessageTooLarge,
-    NotReading(usize),
+    NotReading { unsent: usize, stalled: Duration },
 }
 
 impl fmt::Display for CloseReason {
@@ -119,12 +121,11 @@ impl fmt::Display for CloseReason {
             CloseReason::ReadFailed(e) => write!(f, "read failed: {e}"),
             CloseReason::WriteFailed(e) => write!(f, "write failed: {e}"),
             CloseReason::MessageTooLarge => f.write_str("message over max_message_bytes"),
-            CloseReason::NotReading(unsent) => {
-                write!(
-                    f,
-                    "not reading: {unsent} reply bytes unsent, over max_output_bytes"
-                )
-            }
+            CloseReason::NotReading { unsent, stalled } => write!(
+                f,
+                "not reading: {unsent} reply bytes unsent, over max_output_bytes, none taken for {} ms",
+                stalled.as_millis()
+            ),
         }
     }
 }
@@ -149,7 +150,14 @@ pub struct Server {
     to_flush: Vec<usize>,
     to_reap: Vec<usize>,
     closing: Vec<usize>,
+    /// Connections whose unsent replies are over the limit and not moving.
+    stalled: Vec<usize>,
+    /// How long a connection may stay stalled before it is closed: as long
+    /// as the kernel would wait for a vanished peer.
+    stall_limit: Duration,
     backlog: Vec<usize>,
+    /// When to try accepting again after a failure for want of resources.
+    accept_retry_at: Option<Instant>,
     scratch: Vec<u8>,
     reject_log: LogLimiter,
 }
@@ -204,7 +212,10 @@ impl Server {
             to_flush: Vec::new(),
             to_reap: Vec::new(),
             closing: Vec::new(),
+            stalled: Vec::new(),
+            stall_limit: keepalive.earliest_release(),
             backlog: Vec::new(),
+            accept_retry_at: None,
             scratch: vec![0; READ_CHUNK],
             reject_log: LogLimiter::new(20, Duration::from_secs(10)),
             config,
@@ -301,12 +312,11 @@ impl Server {
             }
             self.resume_backlog(now);
             self.core.expire(now, &mut self.outgoing);
-            self.deliver();
-            // No reply carrying a token leaves before the token is on disk.
-            if let Err(e) = self.tokens.cover(self.core.next_token()) {
-                break Err(ServerError::Tokens(e));
+            self.close_stalled(now);
+            if let Err(e) = self.write_replies(now) {
+                break Err(e);
             }
-            self.flush_listed(now);
+            self.retry_accept(now);
             self.reap(now);
         };
         // Replies queued this turn may carry tokens not yet on disk.
@@ -377,17 +387,27 @@ impl Server {
     }
 
     fn poll_timeout(&mut self, now: Instant) -> Option<Duration> {
-        if !self.backlog.is_empty() || !self.to_reap.is_empty() {
+        if !self.backlog.is_empty() || !self.to_reap.is_empty() || !self.to_flush.is_empty() {
             return Some(Duration::ZERO);
         }
+        let conns = &self.conns;
         let closing = self
             .closing
             .iter()
-            .filter_map(|&key| match self.conns.get(key)?.state {
+            .filter_map(|&key| match conns.get(key)?.state {
                 State::Closing { deadline, .. } => Some(deadline),
                 State::Open => None,
             });
-        let earliest = closing.chain(self.core.next_deadline()).min()?;
+        let stall_limit = self.stall_limit;
+        let stalled = self
+            .stalled
+            .iter()
+            .filter_map(|&key| Some(conns.get(key)?.stalled_since? + stall_limit));
+        let earliest = closing
+            .chain(stalled)
+            .chain(self.accept_retry_at)
+            .chain(self.core.next_deadline())
+            .min()?;
         Some(earliest.saturating_duration_since(now))
     }
 
@@ -417,17 +437,30 @@ impl Server {
             match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                // The peer gave up, or a protocol error on that one connection.
+                Err(e) if is_transient_accept_error(&e) => {}
                 Err(e) if e.raw_os_error().is_some_and(is_fd_exhaustion) => {
                     if !self.shed_one_pending(index, now) {
+                        self.accept_retry_at = Some(now + ACCEPT_RETRY);
                         return;
                     }
                 }
                 Err(e) => {
-                    error!("accept failed: {e}");
+                    // Out of memory or buffers: the listener will not say again
+                    // that connections are waiting, so come back for them.
+                    self.log_rejection(now, format_args!("accept failed: {e}; retrying"));
+                    self.accept_retry_at = Some(now + ACCEPT_RETRY);
                     return;
                 }
+            }
+        }
+    }
+
+    fn retry_accept(&mut self, now: Instant) {
+        if self.accept_retry_at.is_some_and(|at| at <= now) {
+            self.accept_retry_at = None;
+            for index in 0..self.listeners.len() {
+                self.accept(index, now);
             }
         }
     }
@@ -528,8 +561,14 @@ impl Server {
                 self.discard_input(key, &mut scratch);
                 break;
             }
-            if budget == 0 || conn.unsent() > max_output {
-                // Come back next turn; the flush decides whether it is still reading.
+            if conn.unsent() > max_output {
+                // Resumed once its replies drain (see flush_listed).
+                conn.paused = true;
+                conn.unread = true;
+                break;
+            }
+            if budget == 0 {
+                // Others get a go; come back next turn.
                 conn.unread = true;
                 self.backlog.push(key);
                 break;
@@ -595,6 +634,7 @@ impl Server {
                 break;
             }
             if conn.unsent() > self.config.max_output_bytes {
+                // Its own requests must not grow its replies further.
                 paused = true;
                 break;
             }
@@ -619,15 +659,13 @@ impl Server {
             if conn.state == State::Open {
                 conn.input = input;
                 conn.consume_input(offset);
-                if paused {
-                    self.backlog.push(key);
-                }
+                conn.paused |= paused;
             }
         }
     }
 
-    /// Picks up connections that stopped early last turn: frames left in
-    /// their input, or bytes left in their socket.
+    /// Picks up connections that stopped early: frames left in their input,
+    /// or bytes left in their socket.
     fn resume_backlog(&mut self, now: Instant) {
         let mut backlog = std::mem::take(&mut self.backlog);
         backlog.sort_unstable();
@@ -636,6 +674,9 @@ impl Server {
             let Some(conn) = self.conns.get(key) else {
                 continue;
             };
+            if conn.paused {
+                continue;
+            }
             let unread = conn.unread;
             self.handle_input(key, now);
             if unread {
@@ -724,31 +765,69 @@ impl Server {
         }
     }
 
-    /// Writes every connection that has new output or became writable.
-    fn flush_listed(&mut self, now: Instant) {
+    /// Writes every reply queued so far. No reply leaves before the tokens it
+    /// carries are on disk. Closing a connection whose socket failed can
+    /// grant its locks to others, whose replies are written in a further
+    /// round; a round that closes nothing ends it.
+    fn write_replies(&mut self, now: Instant) -> Result<(), ServerError> {
+        loop {
+            self.deliver();
+            self.tokens
+                .cover(self.core.next_token())
+                .map_err(ServerError::Tokens)?;
+            let failed = self.flush_listed(now);
+            if failed.is_empty() {
+                return Ok(());
+            }
+            for (key, reason) in failed {
+                self.begin_close(key, reason, now);
+            }
+        }
+    }
+
+    /// Writes every listed connection; returns the open ones whose socket
+    /// failed, for the caller to close (closing here would grant locks after
+    /// the tokens were covered).
+    fn flush_listed(&mut self, now: Instant) -> Vec<(usize, CloseReason)> {
+        debug_assert!(
+            self.tokens.covers(self.core.next_token()),
+            "replies may carry fencing tokens that are not on disk yet"
+        );
+        let mut failed = Vec::new();
         let mut listed = std::mem::take(&mut self.to_flush);
+        let max_output = self.config.max_output_bytes;
         for &key in &listed {
-            let max_output = self.config.max_output_bytes;
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
             conn.flush_listed = false;
-            if let Err(e) = conn.flush() {
-                match conn.state {
-                    State::Open => self.begin_close(key, CloseReason::WriteFailed(e), now),
-                    State::Closing { .. } => self.to_reap.push(key),
+            let written = match conn.flush() {
+                Ok(written) => written,
+                Err(e) => {
+                    match conn.state {
+                        State::Open => failed.push((key, CloseReason::WriteFailed(e))),
+                        State::Closing { .. } => self.to_reap.push(key),
+                    }
+                    continue;
                 }
-                continue;
-            }
+            };
             let unsent = conn.unsent();
             match conn.state {
                 State::Open if unsent > max_output => {
-                    warn!(
-                        "{} is not reading its replies",
-                        self.core.describe(conn.client)
-                    );
-                    self.begin_close(key, CloseReason::NotReading(unsent), now);
-                    continue;
+                    // Over the limit: stalled since its last progress.
+                    if conn.stalled_since.is_none() {
+                        self.stalled.push(key);
+                        conn.stalled_since = Some(now);
+                    } else if written > 0 {
+                        conn.stalled_since = Some(now);
+                    }
+                }
+                State::Open => {
+                    conn.stalled_since = None;
+                    if conn.paused {
+                        conn.paused = false;
+                        self.backlog.push(key);
+                    }
                 }
                 State::Closing {
                     peer_closed: true, ..
@@ -769,16 +848,50 @@ impl Server {
                         peer_closed,
                     };
                 }
-                _ => {}
+                State::Closing { .. } => {}
             }
             if let Err(e) = conn.update_interest(self.poll.registry(), Token(key)) {
-                warn!("cannot update interest for {}: {e}", conn.peer);
-                self.begin_close(key, CloseReason::WriteFailed(e), now);
+                match conn.state {
+                    State::Open => failed.push((key, CloseReason::WriteFailed(e))),
+                    State::Closing { .. } => self.to_reap.push(key),
+                }
             }
         }
         listed.clear();
         if self.to_flush.is_empty() {
             self.to_flush = listed;
+        }
+        failed
+    }
+
+    /// Closes connections whose replies have gone unread for as long as a
+    /// vanished peer is given: they stopped reading.
+    fn close_stalled(&mut self, now: Instant) {
+        let limit = self.stall_limit;
+        let mut over = Vec::new();
+        let conns = &self.conns;
+        self.stalled.retain(|&key| {
+            let Some(conn) = conns.get(key).filter(|c| c.state == State::Open) else {
+                return false;
+            };
+            let Some(since) = conn.stalled_since else {
+                return false;
+            };
+            let stalled = now.saturating_duration_since(since);
+            if stalled < limit {
+                return true;
+            }
+            over.push((key, conn.unsent(), stalled));
+            false
+        });
+        for (key, unsent, stalled) in over {
+            if let Some(conn) = self.conns.get(key) {
+                warn!(
+                    "{} is not reading its replies",
+                    self.core.describe(conn.client)
+                );
+            }
+            self.begin_close(key, CloseReason::NotReading { unsent, stalled }, now);
         }
     }
 
@@ -832,6 +945,17 @@ impl Server {
 fn is_fd_exhaustion(errno: i32) -> bool {
     // EMFILE (24) and ENFILE (23) on Linux.
     errno == 24 || errno == 23
+}
+
+/// Errors about the one connection being accepted, not the listener: the
+/// next accept may well succeed.
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) || e.raw_os_error() == Some(71) // EPROTO
 }
 
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {

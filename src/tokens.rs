@@ -14,6 +14,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The largest token: above 2^53, JSON readers that hold numbers as doubles
+/// (JavaScript, and PHP on overflow) would round tokens together.
+pub const MAX_TOKEN: u64 = 1 << 53;
+
 /// Tokens reserved per write of the state file.
 pub const RESERVATION: u64 = 1_000_000;
 
@@ -79,6 +83,11 @@ impl TokenStore {
     /// lock held (so no client of it can still believe it holds one).
     pub fn previous_run_held_nothing(&self) -> bool {
         self.previous_held_nothing
+    }
+
+    /// Whether every token below `next_token` is covered by the ceiling on disk.
+    pub fn covers(&self, next_token: u64) -> bool {
+        next_token <= self.ceiling
     }
 
     /// Makes sure every token below `next_token` is covered by the ceiling on
@@ -147,6 +156,12 @@ fn read_state(path: &Path) -> Result<Option<Stored>, TokenStoreError> {
              refusing to start rather than risk repeating a token"
         ))
     })?;
+    if ceiling > MAX_TOKEN {
+        return Err(fail(format!(
+            "the token ceiling {ceiling} is beyond 2^53, where JSON clients would \
+             read tokens rounded; refusing to start"
+        )));
+    }
     Ok(Some(Stored {
         ceiling,
         held_nothing: lines.next() == Some(HELD_NOTHING),
@@ -185,12 +200,35 @@ fn write_state(path: &Path, ceiling: u64, held_nothing: bool) -> Result<(), Toke
 mod tests {
     use super::*;
 
-    fn temp_path(name: &str) -> PathBuf {
+    /// A state file path in a fresh directory, removed when dropped.
+    struct TempState(PathBuf);
+
+    impl std::ops::Deref for TempState {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for TempState {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempState {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn temp_path(name: &str) -> TempState {
         let dir = std::env::temp_dir().join(format!("pklock-tokens-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tokens");
-        let _ = fs::remove_file(&path);
-        path
+        TempState(dir.join("tokens"))
     }
 
     fn stored(path: &Path) -> u64 {
@@ -257,6 +295,16 @@ mod tests {
         // Opening rewrote the file: a crash now must not look clean.
         let (store, _) = TokenStore::open(Some(&path)).unwrap();
         assert!(!store.previous_run_held_nothing());
+    }
+
+    #[test]
+    fn a_ceiling_beyond_2_pow_53_is_refused() {
+        let path = temp_path("huge");
+        fs::write(&path, format!("{}\n", MAX_TOKEN + 1)).unwrap();
+        let e = TokenStore::open(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("2^53"), "{e}");
+        fs::write(&path, format!("{MAX_TOKEN}\n")).unwrap();
+        assert!(TokenStore::open(Some(&path)).is_ok());
     }
 
     #[test]

@@ -266,7 +266,16 @@ fn peer_reset_mid_frame_releases_its_locks_and_disturbs_no_one() {
 
 #[test]
 fn peer_that_never_reads_is_closed_at_the_output_limit_and_its_locks_released() {
-    let server = TestServer::start();
+    // A peer that leaves its replies unread past max_output_bytes is given as
+    // long as a vanished peer would be: 1 s with these keepalive settings.
+    let server = TestServer::with(|c| {
+        c.keepalive = pklock::config::KeepaliveConfig {
+            idle_ms: 1000,
+            interval_ms: 1000,
+            probes: 1,
+            user_timeout_ms: 1000,
+        }
+    });
     let bystander = Bystander::new(&server);
     let mut hog = server.peer();
     // Enough held locks that each status reply is large.
@@ -299,4 +308,38 @@ fn peer_that_never_reads_is_closed_at_the_output_limit_and_its_locks_released() 
         stats(server.addr)["locksHeld"] == 2
     });
     bystander.still_holds(&server);
+}
+
+#[test]
+fn a_client_that_pipelines_much_but_reads_slowly_is_never_closed() {
+    // Megabytes of replies, far more than max_output_bytes and the socket
+    // buffers, read slowly by another thread while requests keep coming:
+    // its requests wait, it is not cut off.
+    let server = TestServer::with(|c| c.max_output_bytes = 4096);
+    let mut peer = server.peer();
+    for i in 0..4 {
+        peer.take(&format!("{i}{}", "n".repeat(200)), i);
+    }
+    let mut reader = Peer {
+        stream: peer.stream.try_clone().unwrap(),
+    };
+    let rounds = 5_000u64;
+    let counting = std::thread::spawn(move || {
+        for i in 0..rounds {
+            assert_eq!(reader.recv()["id"], i);
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        rounds
+    });
+    let bytes: Vec<u8> = (0..rounds)
+        .flat_map(|i| framed(json!({"command": "status", "id": i}).to_string().as_bytes()))
+        .collect();
+    peer.send_raw(&bytes);
+    assert_eq!(counting.join().unwrap(), rounds);
+    assert_eq!(
+        peer.rpc("ping", json!("p"), json!({})),
+        json!({"status": "ok"})
+    );
 }

@@ -142,8 +142,9 @@ fn status_is_cut_to_fit_the_output_limit() {
         peer.send(json!({"command": "status", "id": 1}));
         peer.recv_body()
     };
+    // Half of max_output_bytes is the most a status reply takes.
     assert!(
-        body.len() <= 16 * 1024,
+        body.len() <= 8 * 1024,
         "status reply of {} bytes",
         body.len()
     );
@@ -175,4 +176,57 @@ fn stats_count_what_happened() {
     assert_eq!(s["rejectedConnections"], 0);
     assert_eq!(s["badMessages"], 1);
     assert!(s["uptimeMs"].as_u64().is_some());
+}
+
+fn status_body(peer: &mut common::Peer) -> Vec<u8> {
+    peer.send(json!({"command": "status", "id": 1}));
+    peer.recv_body()
+}
+
+#[test]
+fn status_counts_json_escapes_when_cutting() {
+    // Control characters take six bytes each once escaped.
+    let server = TestServer::with(|c| c.max_output_bytes = 4096);
+    let mut peer = server.peer();
+    for i in 0..3u8 {
+        let name = format!("{}", char::from(1 + i)).repeat(1024);
+        peer.take(&name, u64::from(i));
+    }
+    let body = status_body(&mut peer);
+    assert!(body.len() <= 2048, "status reply of {} bytes", body.len());
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["result"]["truncated"], true);
+}
+
+#[test]
+fn status_cuts_a_long_holder_list_and_never_closes_the_caller() {
+    let server = TestServer::with(|c| c.max_output_bytes = 16 * 1024);
+    let mut readers: Vec<common::Peer> = (0..200).map(|_| server.peer()).collect();
+    for (i, reader) in readers.iter_mut().enumerate() {
+        reader.rpc("hello", json!(0), json!({"client": "r".repeat(200)}));
+        let result = reader.rpc(
+            "lock",
+            json!(i),
+            json!({"lockName": "shared", "mode": "shared"}),
+        );
+        assert_eq!(result["status"], "ok");
+    }
+    let mut monitor = server.peer();
+    let token = monitor.take("important", 1);
+    let body = status_body(&mut monitor);
+    assert!(
+        body.len() <= 8 * 1024,
+        "status reply of {} bytes",
+        body.len()
+    );
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["result"]["truncated"], true);
+    let shown = status["result"]["locks"][0]["holders"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(shown > 0 && shown < 200, "{shown} holders shown");
+    // The caller keeps its connection and its lock.
+    let status = monitor.rpc("status", json!(2), json!({"lockName": "important"}));
+    assert_eq!(status["locks"][0]["holders"][0]["token"], token);
 }
