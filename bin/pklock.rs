@@ -14,20 +14,21 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0    success (run: the command's own exit code is passed on)
   1    the lock was not granted in time (change with --conflict-exit-code)
-  64   bad arguments
+  64   bad arguments, or a --kill-grace too long for the server
   69   the server cannot be reached, or refused the request
   70   the server answered something unexpected
   75   the lock was lost while held: server gone, connection broken or lease
        expired (change with --lost-exit-code); run stops the command first
   126  the command could not be run; 127 the command was not found
-  128+N  the command was killed by signal N";
+  128+N  the command was killed by signal N (or pklock was, while it waited
+         for the lock)";
 
 /// Take named locks on a pklock server from scripts and cron jobs.
 #[derive(Parser)]
 #[command(name = "pklock", version, after_help = EXIT_CODES)]
 struct Cli {
     /// Server address (HOST:PORT).
-    #[arg(long, global = true, env = "PKLOCK_SERVER", default_value = cli::DEFAULT_SERVER)]
+    #[arg(long, global = true, env = "PKLOCK_SERVER", default_value = cli::DEFAULT_SERVER, value_parser = host_and_port)]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -107,6 +108,18 @@ impl LockArgs {
             conflict_code: self.conflict_exit_code,
             lost_code: self.lost_exit_code,
         }
+    }
+}
+
+/// `HOST:PORT`, with a port number.
+fn host_and_port(text: &str) -> Result<String, String> {
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(text.to_string())
+        }
+        _ => Err(format!(
+            "`{text}` is not HOST:PORT, such as 127.0.0.1:20934 or locks.internal:20934"
+        )),
     }
 }
 

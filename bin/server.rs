@@ -36,8 +36,11 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
     if let Some(path) = &args.check_config {
         let config = Config::load(path)?;
+        config.check_paths()?;
         println!("{}: valid", path.display());
-        println!("{config:#?}");
+        for line in config.summary() {
+            println!("  {line}");
+        }
         return Ok(());
     }
     let config = match &args.config {

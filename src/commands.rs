@@ -124,7 +124,7 @@ impl Core {
                 self.command_lock(request, now, out);
             }
             Ok(Request::Unlock { form, lock }) => self.command_unlock(from, form, &lock, now, out),
-            Ok(Request::Hello { id, client }) => self.command_hello(from, id, client, out),
+            Ok(Request::Hello { id, client }) => self.command_hello(from, id, client, now, out),
             Ok(Request::Ping { id }) => self.command_ping(from, id, out),
             Ok(Request::Status { id, filter, limit }) => {
                 self.command_status(from, id, &filter, limit, now, out)
@@ -243,6 +243,7 @@ impl Core {
         from: ClientId,
         id: RequestId,
         client: String,
+        now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
         if let Some(peer) = self.peers.get_mut(&from) {
@@ -264,6 +265,7 @@ impl Core {
             },
             release_after_ms: millis(keepalive.release_after()),
             earliest_release_ms: millis(keepalive.earliest_release()),
+            grants_resume_in_ms: millis(self.table.grants_resume_in(now)),
         };
         self.reply(from, id, Outcome::Hello(Box::new(result)), out);
     }

@@ -4,10 +4,12 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer};
 
 use crate::allow_list::AllowList;
+use crate::keepalive::Keepalive;
 
 /// The default port, as the original pkLockServer.
 pub const DEFAULT_PORT: u16 = 20934;
@@ -117,6 +119,93 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// The keepalive the kernel will apply.
+    pub fn effective_keepalive(&self) -> Keepalive {
+        Keepalive::effective(&self.keepalive)
+    }
+
+    /// How long grants are held back after a start (unless the previous run
+    /// stopped holding nothing): `restart_grace_ms`, by default the earliest
+    /// release time.
+    pub fn restart_grace(&self) -> Duration {
+        self.restart_grace_ms.map_or(
+            self.effective_keepalive().earliest_release(),
+            Duration::from_millis,
+        )
+    }
+
+    /// The settings in effect, one line each, for the start-up log and
+    /// `server --check-config`.
+    pub fn summary(&self) -> Vec<String> {
+        let k = self.effective_keepalive();
+        let mut lines = vec![
+            format!(
+                "listen: {}",
+                self.listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!("allowed peers: {}", self.allowed),
+            format!(
+                "limits: max_connections {}, max_message_bytes {}, max_output_bytes {}, max_locks_per_connection {}",
+                self.max_connections,
+                self.max_message_bytes,
+                self.max_output_bytes,
+                self.max_locks_per_connection
+            ),
+        ];
+        let asked = &self.keepalive;
+        if asked.idle_ms % 1000 != 0 || asked.interval_ms % 1000 != 0 {
+            lines.push(format!(
+                "keepalive idle {} ms and interval {} ms are rounded up to whole seconds, as Linux applies them",
+                asked.idle_ms, asked.interval_ms
+            ));
+        }
+        lines.push(format!(
+            "keepalive in effect: idle {} s, interval {} s, probes {}, user timeout {}; a vanished \
+             peer's locks are released after at most {} ms, at the earliest {} ms",
+            k.idle.as_secs(),
+            k.interval.as_secs(),
+            k.probes,
+            k.user_timeout
+                .map_or("off".to_string(), |t| format!("{} ms", t.as_millis())),
+            k.release_after().as_millis(),
+            k.earliest_release().as_millis()
+        ));
+        lines.push(format!(
+            "restart grace: {} ms",
+            self.restart_grace().as_millis()
+        ));
+        lines.push(match &self.state_file {
+            Some(path) => format!("state file: {}", path.display()),
+            None => "state file: none (fencing tokens are clock-based)".to_string(),
+        });
+        lines
+    }
+
+    /// Checks what the file names on disk, for `server --check-config`: the
+    /// state file's directory must exist.
+    pub fn check_paths(&self) -> Result<(), String> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if dir.is_dir() {
+            Ok(())
+        } else {
+            Err(format!(
+                "state_file {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            ))
+        }
+    }
+
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {

@@ -550,6 +550,13 @@ impl<T> LockTable<T> {
         self.books.grants_from.is_some_and(|from| now < from)
     }
 
+    /// How much longer grants are held back, from `now`.
+    pub fn grants_resume_in(&self, now: Instant) -> Duration {
+        self.books
+            .grants_from
+            .map_or(Duration::ZERO, |from| from.saturating_duration_since(now))
+    }
+
     /// The token the next grant will carry.
     pub fn next_token(&self) -> u64 {
         self.books.next_token

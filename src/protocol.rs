@@ -636,6 +636,9 @@ pub struct HelloResult {
     pub release_after_ms: u64,
     /// The soonest it may release them, counted from the last exchange.
     pub earliest_release_ms: u64,
+    /// How much longer the server grants no lock, after a restart (0: it grants).
+    #[serde(default)]
+    pub grants_resume_in_ms: u64,
 }
 
 /// Name and version.

@@ -166,7 +166,7 @@ impl Server {
     /// Binds every listen address and opens the token state; nothing is
     /// accepted until [`Server::run`].
     pub fn bind(config: Config) -> Result<Server, ServerError> {
-        let keepalive = Keepalive::effective(&config.keepalive);
+        let keepalive = config.effective_keepalive();
         let (tokens, first_token) =
             TokenStore::open(config.state_file.as_deref()).map_err(ServerError::Tokens)?;
         raise_fd_limit(config.max_connections);
@@ -188,9 +188,7 @@ impl Server {
         }
 
         let now = Instant::now();
-        let grace = config
-            .restart_grace_ms
-            .map_or(keepalive.earliest_release(), Duration::from_millis);
+        let grace = config.restart_grace();
         let settings = Settings {
             max_locks_per_connection: config.max_locks_per_connection,
             keepalive,
@@ -345,36 +343,13 @@ impl Server {
     }
 
     fn log_start(&self, first_token: u64) {
-        let config = &self.config;
-        let k = &self.keepalive;
         for (_, addr) in &self.listeners {
             info!("listening on {addr}");
         }
-        info!("allowed peers: {}", config.allowed);
-        info!(
-            "limits: max_connections {}, max_message_bytes {}, max_output_bytes {}, max_locks_per_connection {}",
-            config.max_connections,
-            config.max_message_bytes,
-            config.max_output_bytes,
-            config.max_locks_per_connection
-        );
-        let asked = &config.keepalive;
-        if asked.idle_ms % 1000 != 0 || asked.interval_ms % 1000 != 0 {
-            info!(
-                "keepalive idle {} ms and interval {} ms rounded up to whole seconds, as Linux applies them",
-                asked.idle_ms, asked.interval_ms
-            );
+        // The first summary line lists the configured addresses; the bound ones are above.
+        for line in self.config.summary().iter().skip(1) {
+            info!("{line}");
         }
-        info!(
-            "keepalive in effect: idle {} s, interval {} s, probes {}, user timeout {}; \
-             a vanished peer's locks are released after at most {} ms",
-            k.idle.as_secs(),
-            k.interval.as_secs(),
-            k.probes,
-            k.user_timeout
-                .map_or("off".to_string(), |t| format!("{} ms", t.as_millis())),
-            k.release_after().as_millis()
-        );
         match self.tokens.path() {
             Some(path) => info!(
                 "fencing tokens start at {first_token}, ceiling kept in {}",

@@ -444,3 +444,52 @@ fn a_killed_pklock_leaves_the_lock_with_its_command_until_it_ends() {
     assert_eq!(other.recv()["result"]["status"], "ok");
     assert!(done.exists(), "granted before the command was done");
 }
+
+#[test]
+fn a_kill_grace_the_server_cannot_cover_is_refused_with_the_limit_named() {
+    let server = TestServer::start();
+    for grace in ["8s", "7990ms"] {
+        let output = run_output(&server, &["run", "g", "--kill-grace", grace, "--", "true"]);
+        assert_eq!(output.status.code(), Some(64), "{grace}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains("--kill-grace") && stderr.contains("at most 7s"),
+            "{stderr}"
+        );
+    }
+    assert!(
+        run_output(&server, &["run", "g", "--kill-grace", "7s", "--", "true"])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn long_lock_names_work() {
+    let server = TestServer::start();
+    let name = "n".repeat(1024);
+    let output = run_output(&server, &["run", &name, "--", "true"]);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+}
+
+#[test]
+fn no_wait_during_the_restart_grace_says_why() {
+    let server = TestServer::with(|c| c.restart_grace_ms = Some(60_000));
+    let output = run_output(&server, &["run", "cron", "--no-wait", "--", "true"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr_of(&output).contains("restarted"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
+fn server_address_without_a_port_is_a_usage_error() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .args(["--server", "localhost", "ping"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(stderr_of(&output).contains("HOST:PORT"));
+}

@@ -157,7 +157,9 @@ fn a_lease_longer_than_the_server_allows_is_refused() {
         ..ClientOptions::named("greedy")
     };
     match Client::connect(&server.addr.to_string(), &options) {
-        Err(Error::UnsafeLease { limit, .. }) => assert_eq!(limit, Duration::from_secs(8)),
+        Err(Error::UnsafeLease {
+            earliest_release, ..
+        }) => assert_eq!(earliest_release, Duration::from_secs(10)),
         Err(other) => panic!("{other:?}"),
         Ok(_) => panic!("a 9 s lease against a 10 s release time was accepted"),
     }
@@ -242,4 +244,44 @@ fn a_stopped_server_is_detected_by_the_lease_before_it_could_release() {
     // Having given up, the client closed its connection: the lock is free.
     let mut other = Peer::connect(server.addr);
     other.take("x", 1);
+}
+
+#[test]
+fn a_lease_too_short_to_survive_a_late_ping_is_refused() {
+    let server = TestServer::start();
+    let options = ClientOptions {
+        lease: Some(Duration::from_millis(900)),
+        ..ClientOptions::named("hasty")
+    };
+    assert!(matches!(
+        Client::connect(&server.addr.to_string(), &options),
+        Err(Error::UnsafeLease { .. })
+    ));
+    let options = ClientOptions {
+        stop_time: Duration::from_millis(7500),
+        ..ClientOptions::named("slow to stop")
+    };
+    assert!(matches!(
+        Client::connect(&server.addr.to_string(), &options),
+        Err(Error::UnsafeLease { .. })
+    ));
+}
+
+#[test]
+fn a_server_that_is_not_pklock_is_named_as_such() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    });
+    match Client::connect(&addr.to_string(), &ClientOptions::named("x")) {
+        Err(Error::Protocol(detail)) => assert!(
+            detail.contains("does not answer as a pklock server"),
+            "{detail}"
+        ),
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("connected to an HTTP server"),
+    }
+    fake.join().unwrap();
 }

@@ -9,7 +9,10 @@ pub mod run;
 use std::fmt;
 use std::time::Duration;
 
-use crate::client::{Client, ClientOptions, Error, LockGuard, LockOptions, Mode};
+use crate::client::{
+    Client, ClientOptions, Error, LockGuard, LockOptions, MAX_LEASE_SHARE, MIN_LEASE_SHARE, Mode,
+};
+use crate::protocol::MAX_CLIENT_NAME_BYTES;
 
 /// The default server address, as the original.
 pub const DEFAULT_SERVER: &str = "127.0.0.1:20934";
@@ -75,7 +78,8 @@ pub struct Acquire {
     pub lost_code: u8,
 }
 
-/// Connects with a client name that says who is asking, from where.
+/// Connects with a client name that says who is asking, from where;
+/// `stop_time` is `run`'s kill grace (zero for the others).
 pub fn connect(server: &str, what: &str, stop_time: Duration) -> Result<Client, Failure> {
     let host = rustix::system::uname()
         .nodename()
@@ -83,13 +87,48 @@ pub fn connect(server: &str, what: &str, stop_time: Duration) -> Result<Client, 
         .into_owned();
     let options = ClientOptions {
         stop_time,
-        ..ClientOptions::named(format!("{what} ({host} pid {})", std::process::id()))
+        ..ClientOptions::named(client_name(what, &host))
     };
     Client::connect(server, &options).map_err(|e| match e {
+        Error::UnsafeLease {
+            earliest_release, ..
+        } if !stop_time.is_zero() => {
+            let most = earliest_release.mul_f64(MAX_LEASE_SHARE - MIN_LEASE_SHARE);
+            Failure::new(
+                exit::USAGE,
+                format!(
+                    "--kill-grace {} is too long for this server, which may release a silent \
+                     client's locks {} after it last heard from it; use at most {}",
+                    human(stop_time),
+                    human(earliest_release),
+                    human(Duration::from_millis(
+                        u64::try_from(most.as_millis()).unwrap_or(0)
+                    ))
+                ),
+            )
+        }
         Error::UnsafeLease { .. } => Failure::new(exit::USAGE, e.to_string()),
-        Error::Connect { .. } => Failure::new(exit::UNAVAILABLE, e.to_string()),
+        Error::Connect { .. } | Error::Refused { .. } => {
+            Failure::new(exit::UNAVAILABLE, e.to_string())
+        }
         _ => Failure::new(exit::SOFTWARE, e.to_string()),
     })
+}
+
+/// `what (host pid N)`, cut to the server's limit on client names.
+fn client_name(what: &str, host: &str) -> String {
+    let suffix = format!(" ({host} pid {})", std::process::id());
+    let room = MAX_CLIENT_NAME_BYTES.saturating_sub(suffix.len() + 3);
+    let mut what = what.to_string();
+    if what.len() > room {
+        let mut cut = room;
+        while !what.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        what.truncate(cut);
+        what.push_str("...");
+    }
+    what + &suffix
 }
 
 /// Takes the lock as `acquire` says, or fails with the conflict code.
@@ -104,7 +143,13 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
     };
     client.lock(&acquire.name, &options).map_err(|e| match e {
         Error::NotGranted => {
+            let grace = Duration::from_millis(client.hello().grants_resume_in_ms);
             let how = match acquire.wait {
+                _ if !grace.is_zero() => format!(
+                    "not granted: the server restarted moments ago and grants no lock for \
+                     another {} (restart_grace_ms)",
+                    human(grace)
+                ),
                 Some(wait) if wait.is_zero() => "it is held elsewhere".to_string(),
                 Some(wait) => format!("not granted within {}", human(wait)),
                 None => "not granted".to_string(),
@@ -139,6 +184,19 @@ pub fn human(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_client_names_are_cut_to_the_server_limit() {
+        let name = client_name(&format!("pklock run {}", "é".repeat(600)), "host");
+        assert!(name.len() <= MAX_CLIENT_NAME_BYTES, "{} bytes", name.len());
+        assert!(
+            name.starts_with("pklock run é") && name.contains("...") && name.contains("(host pid")
+        );
+        assert_eq!(
+            client_name("pklock run x", "h"),
+            format!("pklock run x (h pid {})", std::process::id())
+        );
+    }
 
     #[test]
     fn human_durations() {

@@ -15,7 +15,9 @@ fn query_failed(what: &str, e: Error) -> Failure {
 }
 
 fn json(value: &impl serde::Serialize) -> Result<String, Failure> {
-    serde_json::to_string_pretty(value).map_err(|e| Failure::new(exit::SOFTWARE, e.to_string()))
+    serde_json::to_string_pretty(value)
+        .map(|text| text + "\n")
+        .map_err(|e| Failure::new(exit::SOFTWARE, e.to_string()))
 }
 
 /// Locks whose names start with `prefix` (all without one), as a table or JSON.

@@ -131,7 +131,7 @@ fn supervise(events: &Receiver<Event>, group: Option<Pid>, options: &RunOptions)
         };
         match event {
             Ok(Event::Exited(Ok(status))) if kill_at.is_some() => {
-                let how = if killed { "killed" } else { "stopped" };
+                let how = if killed { "was killed" } else { "stopped" };
                 eprintln!(
                     "pklock: the command {how} ({}) after losing the lock {name:?}",
                     describe(status)

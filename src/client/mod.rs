@@ -39,6 +39,9 @@ pub use crate::protocol::{HelloResult, StatsResult, StatusFilter, StatusResult};
 pub const MAX_LEASE_SHARE: f64 = 0.8;
 /// The default lease, as a share of the server's earliest release time.
 pub const DEFAULT_LEASE_SHARE: f64 = 0.5;
+/// The shortest lease, as a share of the server's earliest release time:
+/// shorter ones give up on a healthy server for a late ping.
+pub const MIN_LEASE_SHARE: f64 = 0.1;
 /// Pings per lease by default.
 pub const PINGS_PER_LEASE: u32 = 5;
 
@@ -143,12 +146,15 @@ pub enum Error {
         /// The server's explanation.
         error: String,
     },
-    /// The requested lease is not safely shorter than the server's release time.
+    /// The lease plus the time to stop does not fit safely in the server's
+    /// earliest release time.
     UnsafeLease {
-        /// The lease asked for.
+        /// The lease asked for (or the one that would be left).
         lease: Duration,
-        /// The most allowed.
-        limit: Duration,
+        /// The time to stop after a loss ([`ClientOptions::stop_time`]).
+        stop_time: Duration,
+        /// The server's `earliestReleaseMs`.
+        earliest_release: Duration,
     },
     /// The server's answer was not what the protocol promises.
     Protocol(String),
@@ -163,12 +169,20 @@ impl fmt::Display for Error {
             Error::Cancelled => f.write_str("the wait was cancelled by an unlock"),
             Error::AlreadyHeld(name) => write!(f, "this client already holds {name:?}"),
             Error::Refused { status, error } => write!(f, "refused ({status}): {error}"),
-            Error::UnsafeLease { lease, limit } => write!(
+            Error::UnsafeLease {
+                lease,
+                stop_time,
+                earliest_release,
+            } => write!(
                 f,
-                "a lease of {} ms (plus the time to stop) is not safely below the server's \
-                 release time; the lease may be at most {} ms",
+                "a lease of {} ms plus {} ms to stop does not fit safely in the server's earliest \
+                 release time of {} ms: together they may take at most {:.0}% of it, with a lease \
+                 of at least {:.0}%",
                 lease.as_millis(),
-                limit.as_millis()
+                stop_time.as_millis(),
+                earliest_release.as_millis(),
+                MAX_LEASE_SHARE * 100.0,
+                MIN_LEASE_SHARE * 100.0
             ),
             Error::Protocol(detail) => write!(f, "unexpected answer from the server: {detail}"),
         }
@@ -213,12 +227,30 @@ impl Client {
             .map_err(connect_error)?;
         frame::write_blocking(&mut stream, request.to_string().as_bytes())
             .map_err(connect_error)?;
-        let body = frame::read_blocking(&mut stream, 1 << 20).map_err(connect_error)?;
+        let not_pklock = |detail: String| {
+            Error::Protocol(format!(
+                "{server} does not answer as a pklock server ({detail})"
+            ))
+        };
+        let body = match frame::read_blocking(&mut stream, 1 << 20) {
+            Ok(body) => body,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(not_pklock(e.to_string()));
+            }
+            Err(e) => return Err(connect_error(e)),
+        };
         stream.set_read_timeout(None).map_err(connect_error)?;
-        let reply: Value = serde_json::from_slice(&body)
-            .map_err(|e| Error::Protocol(format!("hello reply is not JSON: {e}")))?;
-        if let Some(error) = reply.get("error") {
-            return Err(Error::Protocol(format!("hello refused: {error}")));
+        let reply: Value = serde_json::from_slice(&body).map_err(|e| not_pklock(e.to_string()))?;
+        if let Some(word) = reply.get("error").and_then(Value::as_str) {
+            // tooManyConnections, or a refused hello.
+            return Err(Error::Refused {
+                status: word.to_string(),
+                error: reply
+                    .get("detail")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            });
         }
         let hello: HelloResult = result_of(reply)?;
 
@@ -229,8 +261,12 @@ impl Client {
         let lease = options
             .lease
             .unwrap_or(earliest.mul_f64(DEFAULT_LEASE_SHARE).min(limit));
-        if lease > limit || lease.is_zero() {
-            return Err(Error::UnsafeLease { lease, limit });
+        if lease > limit || lease < earliest.mul_f64(MIN_LEASE_SHARE) || lease.is_zero() {
+            return Err(Error::UnsafeLease {
+                lease,
+                stop_time: options.stop_time,
+                earliest_release: earliest,
+            });
         }
         let heartbeat = options
             .heartbeat
