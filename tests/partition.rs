@@ -1,0 +1,335 @@
+//! Network partitions between a lock holder and the server, made with a
+//! network namespace and a veth pair of the test's own, and cut with one
+//! atomic iptables-restore (both directions at once).
+//!
+//! Needs root, `ip` (iproute2) and `iptables`. Without them the tests say so
+//! and pass, unless `PKLOCK_REQUIRE_NETNS=1` (set by .ci/run) makes that a
+//! failure.
+
+mod common;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Peer, ServerProcess, TempDir, eventually, temp_dir};
+use serde_json::json;
+
+/// Keepalive that detects a vanished peer in 3 s (releaseAfterMs and
+/// earliestReleaseMs are both 3000); the holder's lease is then 1.5 s.
+const KEEPALIVE: &str =
+    "[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 3\nuser_timeout_ms = 3000\n";
+const RELEASE_AFTER: Duration = Duration::from_millis(3000);
+/// Scheduling and timer slack allowed on top of RELEASE_AFTER.
+const SLACK: Duration = Duration::from_millis(1000);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace joined to the root one by a veth pair; removed on drop.
+struct Netns {
+    name: String,
+    host_ip: Ipv4Addr,
+    ns_ip: Ipv4Addr,
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = std::process::id() % 100_000;
+        let name = format!("pklock-{id}-{n}");
+        let (a, b) = (format!("pk{id}x{n}a"), format!("pk{id}x{n}b"));
+        let net = [10, 200 + (n % 50) as u8, (id % 250) as u8];
+        let host_ip = Ipv4Addr::new(net[0], net[1], net[2], 1);
+        let ns_ip = Ipv4Addr::new(net[0], net[1], net[2], 2);
+        run("ip", &["netns", "add", &name])?;
+        let netns = Netns {
+            name,
+            host_ip,
+            ns_ip,
+        };
+        let ns = netns.name.as_str();
+        run(
+            "ip",
+            &["link", "add", &a, "type", "veth", "peer", "name", &b],
+        )?;
+        run("ip", &["link", "set", &b, "netns", ns])?;
+        run("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &a])?;
+        run("ip", &["link", "set", &a, "up"])?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "ip",
+                "addr",
+                "add",
+                &format!("{ns_ip}/24"),
+                "dev",
+                &b,
+            ],
+        )?;
+        run("ip", &["netns", "exec", ns, "ip", "link", "set", &b, "up"])?;
+        run(
+            "ip",
+            &["netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+        )?;
+        // Start with everything allowed, so that healing restores this state.
+        netns.set_policy("ACCEPT")?;
+        Ok(netns)
+    }
+
+    /// Drops (or accepts) every packet in and out of the namespace, in one
+    /// atomic ruleset.
+    fn set_policy(&self, policy: &str) -> Result<(), String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "iptables-restore"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("iptables-restore: {e}"))?;
+        let rules = format!(
+            "*filter\n:INPUT {policy} [0:0]\n:FORWARD {policy} [0:0]\n:OUTPUT {policy} [0:0]\nCOMMIT\n"
+        );
+        child
+            .stdin
+            .take()
+            .ok_or("no stdin")?
+            .write_all(rules.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let output = child.wait_with_output().map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "iptables-restore: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    fn partition(&self) {
+        self.set_policy("DROP").expect("cut the network");
+    }
+
+    fn heal(&self) {
+        self.set_policy("ACCEPT").expect("heal the network");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// A namespace, or the reason there is none (then the test is skipped).
+fn netns_or_skip(test: &str) -> Option<Netns> {
+    match Netns::create() {
+        Ok(netns) => Some(netns),
+        Err(why) if std::env::var("PKLOCK_REQUIRE_NETNS").is_ok_and(|v| v == "1") => {
+            panic!("{test}: cannot make a network namespace, and PKLOCK_REQUIRE_NETNS=1: {why}")
+        }
+        Err(why) => {
+            eprintln!(
+                "{test}: SKIPPED: cannot make a network namespace (needs root, ip and iptables): {why}"
+            );
+            None
+        }
+    }
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The server in the root namespace, on the veth address and on loopback.
+struct Setup {
+    _dir: TempDir,
+    server: ServerProcess,
+    remote: SocketAddr,
+    local: SocketAddr,
+    marker: PathBuf,
+}
+
+fn setup(netns: &Netns, name: &str) -> Setup {
+    let dir = temp_dir(name);
+    let config = format!(
+        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\n{KEEPALIVE}",
+        netns.host_ip, netns.ns_ip
+    );
+    let mut server = ServerProcess::start(&dir, &config);
+    let remote = server.addr;
+    let line = server.wait_for_log("listening on 127.0.0.1:");
+    let local: SocketAddr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let marker = dir.join("stopped-at");
+    Setup {
+        _dir: dir,
+        server,
+        remote,
+        local,
+        marker,
+    }
+}
+
+/// `pklock run` in the namespace; its command writes the wall-clock time (ns)
+/// at which it got SIGTERM to `marker`.
+fn holder(netns: &Netns, server: SocketAddr, marker: &Path) -> KillOnDrop {
+    let script = format!(
+        "trap 'date +%s%N > {0}.tmp && mv {0}.tmp {0}; exit 0' TERM; while :; do sleep 0.02; done",
+        marker.display()
+    );
+    let child = Command::new("ip")
+        .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_pklock")])
+        .args([
+            "--server",
+            &server.to_string(),
+            "run",
+            "part",
+            "--kill-grace",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pklock run in the namespace");
+    KillOnDrop {
+        child,
+        marker: marker.display().to_string(),
+    }
+}
+
+/// pklock run and its command, killed when the test ends however it ends
+/// (the command runs in its own process group, so it is found by its
+/// script, which names the test's own marker file).
+struct KillOnDrop {
+    child: Child,
+    marker: String,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.marker])
+            .status();
+    }
+}
+
+fn held(local: SocketAddr) -> bool {
+    let status = Peer::connect(local).rpc("status", json!(1), json!({"lockName": "part"}));
+    status["locks"][0]["holders"]
+        .as_array()
+        .is_some_and(|h| h.len() == 1)
+}
+
+#[test]
+fn a_cut_off_holder_stops_before_the_server_grants_to_another() {
+    let Some(netns) = netns_or_skip("partition") else {
+        return;
+    };
+    let setup = setup(&netns, "partition");
+    let mut run = holder(&netns, setup.remote, &setup.marker);
+    eventually("the holder holds", || held(setup.local));
+    let mut waiter = Peer::connect(setup.local);
+    waiter.ask("part", 1);
+    waiter.expect_nothing(Duration::from_millis(300));
+
+    let cut_at = now_ns();
+    netns.partition();
+    let reply = waiter.recv();
+    let granted_at = now_ns();
+    assert_eq!(reply["result"]["status"], "ok", "{reply}");
+
+    let stopped_at: u128 = std::fs::read_to_string(&setup.marker)
+        .expect("the holder's command was stopped")
+        .trim()
+        .parse()
+        .unwrap();
+    let ms = |ns: u128| ns as f64 / 1e6;
+    println!(
+        "partition: command stopped {:.0} ms after the cut, lock granted to the waiter {:.0} ms after it ({:.0} ms later)",
+        ms(stopped_at - cut_at),
+        ms(granted_at - cut_at),
+        ms(granted_at - stopped_at)
+    );
+    // (a) The holder's side gave up first.
+    assert!(
+        stopped_at < granted_at,
+        "the command ran until {stopped_at}, the grant came at {granted_at}"
+    );
+    // (b) The server released within releaseAfterMs, plus slack.
+    let release = Duration::from_nanos((granted_at - cut_at) as u64);
+    assert!(
+        release <= RELEASE_AFTER + SLACK,
+        "released after {release:?}"
+    );
+    let status = run.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "pklock run exits with the lost-lock code"
+    );
+    drop(setup.server);
+}
+
+#[test]
+fn a_partition_that_heals_before_detection_loses_nothing() {
+    let Some(netns) = netns_or_skip("healed partition") else {
+        return;
+    };
+    let setup = setup(&netns, "healed");
+    let mut run = holder(&netns, setup.remote, &setup.marker);
+    eventually("the holder holds", || held(setup.local));
+    let mut waiter = Peer::connect(setup.local);
+    waiter.ask("part", 1);
+
+    netns.partition();
+    std::thread::sleep(Duration::from_millis(500));
+    netns.heal();
+    // Longer than the server's release time and the client's lease together.
+    waiter.expect_nothing(RELEASE_AFTER + SLACK);
+    assert!(!setup.marker.exists(), "the holder's command was stopped");
+    assert!(run.child.try_wait().unwrap().is_none(), "pklock run exited");
+    assert!(held(setup.local));
+    // The holder still works normally: stopping it hands the lock over.
+    Command::new("kill")
+        .args(["-TERM", &run.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(waiter.recv()["result"]["status"], "ok");
+}
