@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
@@ -25,17 +25,6 @@ fn run_output(server: &TestServer, args: &[&str]) -> Output {
 
 fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
 }
 
 fn wait_for_file(path: &Path) -> String {
@@ -210,7 +199,7 @@ fn signals_to_pklock_reach_the_command() {
         .args(["-TERM", &run.id().to_string()])
         .status()
         .unwrap();
-    let status = wait_with_deadline(&mut run, PATIENCE).expect("pklock exits");
+    let status = common::wait_exit(&mut run, PATIENCE).expect("pklock exits");
     assert_eq!(status.code(), Some(7), "the command's own exit code");
     assert_eq!(wait_for_file(&marker), "TERM\n");
     assert_eq!(stats(server.addr)["locks"], 0);
@@ -250,7 +239,7 @@ fn server_killed_under_run_stops_the_command_with_the_lost_code() {
     std::thread::sleep(Duration::from_millis(100));
     let killed_at = Instant::now();
     server.signal("KILL");
-    let status = wait_with_deadline(&mut run, PATIENCE).expect("pklock exits");
+    let status = common::wait_exit(&mut run, PATIENCE).expect("pklock exits");
     let took = killed_at.elapsed();
     assert_eq!(status.code(), Some(75));
     assert_eq!(wait_for_file(&marker), "TERM\n");
@@ -286,7 +275,7 @@ fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
         .unwrap();
     let pid = wait_for_file(&pid_file).trim().to_string();
     server.signal("KILL");
-    let status = wait_with_deadline(&mut run, PATIENCE).expect("pklock exits");
+    let status = common::wait_exit(&mut run, PATIENCE).expect("pklock exits");
     assert_eq!(status.code(), Some(75));
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
@@ -324,7 +313,7 @@ fn a_silent_server_expires_the_lease_and_stops_the_command_before_release() {
     });
     server.signal("STOP");
     let stopped_at = Instant::now();
-    let status = wait_with_deadline(&mut run, PATIENCE);
+    let status = common::wait_exit(&mut run, PATIENCE);
     let took = stopped_at.elapsed();
     server.signal("CONT");
     assert_eq!(status.and_then(|s| s.code()), Some(75));
@@ -357,7 +346,7 @@ fn lock_holds_until_stdin_closes() {
     let output = run_output(&server, &["run", "shell", "--no-wait", "--", "true"]);
     assert_eq!(output.status.code(), Some(1));
     hold.stdin.take().unwrap().write_all(b"ignored\n").unwrap();
-    let status = wait_with_deadline(&mut hold, PATIENCE).expect("exits once stdin closes");
+    let status = common::wait_exit(&mut hold, PATIENCE).expect("exits once stdin closes");
     assert!(status.success());
     assert!(
         run_output(&server, &["run", "shell", "--no-wait", "--", "true"])

@@ -199,6 +199,21 @@ impl Peer {
     }
 }
 
+/// Waits up to `limit` for a child process to exit.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
 /// Polls `check` until it holds or PATIENCE runs out.
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
