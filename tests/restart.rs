@@ -18,6 +18,14 @@ fn after_sigkill_every_client_knows_and_tokens_go_on_above() {
         "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\nstate_file = \"{}\"\n",
         dir.join("tokens").display()
     );
+    // A ceiling well ahead of the clock, as after the clock stepped back:
+    // only the state file keeps tokens above it.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+        + 1_000_000_000_000;
+    std::fs::write(dir.join("tokens"), format!("{ahead}\n")).unwrap();
     let mut server = ServerProcess::start(&dir, &config);
     let addr = server.addr.to_string();
 
