@@ -27,6 +27,25 @@ fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// A shell loop that runs until a signal; `on_term` is its TERM trap.
+fn busy_script(on_term: &str) -> String {
+    format!("trap '{on_term}' TERM; while true; do sleep 0.05; done")
+}
+
+/// Everything the child wrote to its piped stderr.
+fn stderr_text(child: &mut std::process::Child) -> String {
+    let mut text = String::new();
+    if let Some(stderr) = child.stderr.as_mut() {
+        std::io::Read::read_to_string(stderr, &mut text).unwrap();
+    }
+    text
+}
+
+/// Whether the server at `addr` has exactly one lock held.
+fn one_held(addr: std::net::SocketAddr) -> bool {
+    Peer::connect(addr).rpc("stats", "s".into(), Value::Null)["locksHeld"] == 1
+}
+
 fn wait_for_file(path: &Path) -> String {
     eventually(&format!("{}", path.display()), || path.exists());
     std::thread::sleep(Duration::from_millis(20));
@@ -185,10 +204,7 @@ fn signals_to_pklock_reach_the_command() {
     let server = TestServer::start();
     let dir = temp_dir("cli-signal");
     let marker = dir.join("got-term");
-    let script = format!(
-        "trap 'echo TERM > {}; exit 7' TERM; while true; do sleep 0.05; done",
-        marker.display()
-    );
+    let script = busy_script(&format!("echo TERM > {}; exit 7", marker.display()));
     let mut run = pklock(&server.addr)
         .args(["run", "sig", "--", "sh", "-c", &script])
         .spawn()
@@ -215,10 +231,7 @@ fn server_killed_under_run_stops_the_command_with_the_lost_code() {
     let dir = temp_dir("cli-server-killed");
     let server = ServerProcess::start(&dir, short_keepalive_config());
     let marker = dir.join("got-term");
-    let script = format!(
-        "trap 'echo TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
-        marker.display()
-    );
+    let script = busy_script(&format!("echo TERM > {}; exit 0", marker.display()));
     let mut run = pklock(&server.addr)
         .args([
             "run",
@@ -233,9 +246,7 @@ fn server_killed_under_run_stops_the_command_with_the_lost_code() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    eventually("held", || {
-        Peer::connect(server.addr).rpc("stats", "s".into(), Value::Null)["locksHeld"] == 1
-    });
+    eventually("held", || one_held(server.addr));
     std::thread::sleep(Duration::from_millis(100));
     let killed_at = Instant::now();
     server.signal("KILL");
@@ -245,8 +256,7 @@ fn server_killed_under_run_stops_the_command_with_the_lost_code() {
     assert_eq!(wait_for_file(&marker), "TERM\n");
     // The closed connection is noticed at once, well within the 1 s lease.
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_text(&mut run);
     assert!(stderr.contains("lost the lock \"k\""), "{stderr}");
 }
 
@@ -281,8 +291,7 @@ fn a_command_that_ignores_sigterm_is_killed_after_the_grace() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "the command is still running"
     );
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = stderr_text(&mut run);
     assert!(stderr.contains("SIGKILL"), "{stderr}");
 }
 
@@ -291,10 +300,7 @@ fn a_silent_server_expires_the_lease_and_stops_the_command_before_release() {
     let dir = temp_dir("cli-sigstop");
     let server = ServerProcess::start(&dir, short_keepalive_config());
     let marker = dir.join("got-term");
-    let script = format!(
-        "trap 'echo TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
-        marker.display()
-    );
+    let script = busy_script(&format!("echo TERM > {}; exit 0", marker.display()));
     let mut run = pklock(&server.addr)
         .args([
             "run",
@@ -308,9 +314,7 @@ fn a_silent_server_expires_the_lease_and_stops_the_command_before_release() {
         ])
         .spawn()
         .unwrap();
-    eventually("held", || {
-        Peer::connect(server.addr).rpc("stats", "s".into(), Value::Null)["locksHeld"] == 1
-    });
+    eventually("held", || one_held(server.addr));
     server.signal("STOP");
     let stopped_at = Instant::now();
     let status = common::wait_exit(&mut run, PATIENCE);
