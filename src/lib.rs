@@ -30,6 +30,8 @@ pub mod connection;
 pub mod duration;
 pub mod frame;
 pub mod keepalive;
+#[cfg(feature = "model")]
+pub mod lock_model;
 pub mod lock_table;
 pub mod protocol;
 pub mod rate_limit;

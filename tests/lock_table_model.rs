@@ -1,17 +1,13 @@
 //! Property test: random operation sequences on the lock table, checked
-//! step by step against a deliberately naive reference model, plus the
-//! table's own invariants after every step.
-//!
-//! The model keeps, per lock, one list of requests in arrival order and
-//! derives who holds from it: a request holds when every request before it
-//! holds and is compatible with it (all shared). Grants are the requests
-//! whose derived state flips to held, in list order.
+//! step by step against the deliberately naive reference model
+//! ([`pklock::lock_model::Model`]), plus the table's own invariants after
+//! every step.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use pklock::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode, Refusal, Unlocked};
+use pklock::lock_model::Model;
+use pklock::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode};
 use proptest::prelude::*;
 
 const FIRST_TOKEN: u64 = 1000;
@@ -48,222 +44,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-#[derive(Clone, Debug)]
-struct Request {
-    client: ClientId,
-    mode: Mode,
-    tag: u32,
-    /// Order of arrival, which is also the order deadlines tie-break in.
-    seq: u64,
-    deadline: Option<Instant>,
-    token: Option<u64>,
-}
-
-#[derive(Default)]
-struct Model {
-    queues: BTreeMap<String, Vec<Request>>,
-    /// No grant before this (the hold after a restart).
-    grants_from: Option<Instant>,
-    next_token: u64,
-    next_seq: u64,
-}
-
-impl Model {
-    fn compatible(earlier: &Request, later: &Request) -> bool {
-        earlier.mode == Mode::Shared && later.mode == Mode::Shared
-    }
-
-    /// Grants every request whose place in the list now entitles it to hold.
-    fn grant(&mut self, name: &str, now: Instant, out: &mut Vec<Effect<u32>>) {
-        let holding = self.grants_from.is_some_and(|from| now < from);
-        let Some(queue) = self.queues.get_mut(name) else {
-            return;
-        };
-        for i in 0..queue.len() {
-            if holding {
-                break;
-            }
-            let entitled =
-                (0..i).all(|j| queue[j].token.is_some() && Self::compatible(&queue[j], &queue[i]));
-            if entitled && queue[i].token.is_none() {
-                let token = self.next_token;
-                self.next_token += 1;
-                queue[i].token = Some(token);
-                out.push(Effect::Granted {
-                    client: queue[i].client,
-                    tag: queue[i].tag,
-                    lock: Arc::from(name),
-                    token,
-                });
-            }
-        }
-        if queue.is_empty() {
-            self.queues.remove(name);
-        }
-    }
-
-    fn entries_of(&self, client: ClientId) -> usize {
-        self.queues
-            .values()
-            .filter(|q| q.iter().any(|r| r.client == client))
-            .count()
-    }
-
-    fn lock(
-        &mut self,
-        client: ClientId,
-        name: &str,
-        mode: Mode,
-        timeout: Option<u64>,
-        tag: u32,
-        now: Instant,
-    ) -> Vec<Effect<u32>> {
-        let mut out = Vec::new();
-        if let Some(existing) = self
-            .queues
-            .get(name)
-            .and_then(|q| q.iter().find(|r| r.client == client))
-        {
-            out.push(match existing.token {
-                Some(token) if existing.mode == mode => Effect::Granted {
-                    client,
-                    tag,
-                    lock: Arc::from(name),
-                    token,
-                },
-                Some(_) => Effect::Refused {
-                    client,
-                    tag,
-                    reason: Refusal::HeldInOtherMode(existing.mode),
-                },
-                None => Effect::Refused {
-                    client,
-                    tag,
-                    reason: Refusal::AlreadyWaiting,
-                },
-            });
-            return out;
-        }
-        if self.entries_of(client) >= LIMIT {
-            out.push(Effect::Refused {
-                client,
-                tag,
-                reason: Refusal::TooMany { limit: LIMIT },
-            });
-            return out;
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let deadline = timeout.map(|ms| now + Duration::from_millis(ms));
-        self.queues
-            .entry(name.to_string())
-            .or_default()
-            .push(Request {
-                client,
-                mode,
-                tag,
-                seq,
-                deadline,
-                token: None,
-            });
-        self.grant(name, now, &mut out);
-        if timeout == Some(0) {
-            let queue = self.queues.get_mut(name).unwrap();
-            if let Some(pos) = queue.iter().position(|r| r.seq == seq && r.token.is_none()) {
-                queue.remove(pos);
-                out.push(Effect::TimedOut { client, tag });
-            }
-            if queue.is_empty() {
-                self.queues.remove(name);
-            }
-        }
-        out
-    }
-
-    fn unlock(
-        &mut self,
-        client: ClientId,
-        name: &str,
-        now: Instant,
-    ) -> (Unlocked, Vec<Effect<u32>>) {
-        let mut out = Vec::new();
-        let Some(queue) = self.queues.get_mut(name) else {
-            return (Unlocked::NotFound, out);
-        };
-        let Some(pos) = queue.iter().position(|r| r.client == client) else {
-            return (Unlocked::NotFound, out);
-        };
-        let request = queue.remove(pos);
-        let result = if request.token.is_some() {
-            Unlocked::Released
-        } else {
-            out.push(Effect::Cancelled {
-                client,
-                tag: request.tag,
-            });
-            Unlocked::Withdrawn
-        };
-        self.grant(name, now, &mut out);
-        (result, out)
-    }
-
-    fn disconnect(&mut self, client: ClientId, now: Instant) -> Vec<Effect<u32>> {
-        let mut out = Vec::new();
-        let names: BTreeSet<String> = self.queues.keys().cloned().collect();
-        for name in names {
-            let queue = self.queues.get_mut(&name).unwrap();
-            let before = queue.len();
-            queue.retain(|r| r.client != client);
-            if queue.len() != before {
-                self.grant(&name, now, &mut out);
-            }
-        }
-        out
-    }
-
-    fn expire(&mut self, now: Instant) -> Vec<Effect<u32>> {
-        let mut out = Vec::new();
-        loop {
-            let due = self
-                .queues
-                .iter()
-                .flat_map(|(name, q)| q.iter().map(move |r| (name, r)))
-                .filter(|(_, r)| r.token.is_none() && r.deadline.is_some_and(|d| d <= now))
-                .min_by_key(|(_, r)| (r.deadline, r.seq))
-                .map(|(name, r)| (name.clone(), r.seq));
-            let Some((name, seq)) = due else { break };
-            let queue = self.queues.get_mut(&name).unwrap();
-            let pos = queue.iter().position(|r| r.seq == seq).unwrap();
-            let request = queue.remove(pos);
-            out.push(Effect::TimedOut {
-                client: request.client,
-                tag: request.tag,
-            });
-            self.grant(&name, now, &mut out);
-        }
-        if self.grants_from.is_some_and(|from| from <= now) {
-            self.grants_from = None;
-            let names: Vec<String> = self.queues.keys().cloned().collect();
-            for name in names {
-                self.grant(&name, now, &mut out);
-            }
-        }
-        out
-    }
-}
-
 fn run(hold_ms: Option<u64>, ops: &[Op]) -> Result<(), TestCaseError> {
     let start = Instant::now();
     let mut now = start;
     let mut table: LockTable<u32> = LockTable::new(FIRST_TOKEN, LIMIT);
-    let mut model = Model {
-        next_token: FIRST_TOKEN,
-        ..Model::default()
-    };
+    let mut model: Model<u32> = Model::new(FIRST_TOKEN, LIMIT);
     if let Some(ms) = hold_ms {
         let until = start + Duration::from_millis(ms);
         table.hold_grants_until(until);
-        model.grants_from = Some(until);
+        model.hold_grants_until(until);
     }
     let mut out = Vec::new();
     let mut pending: HashMap<u32, ClientId> = HashMap::new();
@@ -294,7 +83,14 @@ fn run(hold_ms: Option<u64>, ops: &[Op]) -> Result<(), TestCaseError> {
                 };
                 table.lock(request, now, &mut out);
                 pending.insert(tag, client);
-                model.lock(client, NAMES[name], mode, timeout, tag, now)
+                model.lock(
+                    client,
+                    NAMES[name],
+                    mode,
+                    timeout.map(Duration::from_millis),
+                    tag,
+                    now,
+                )
             }
             Op::Unlock { client, name } => {
                 let got = table.unlock(ClientId(client), NAMES[name], now, &mut out);
@@ -314,6 +110,12 @@ fn run(hold_ms: Option<u64>, ops: &[Op]) -> Result<(), TestCaseError> {
             }
         };
         prop_assert_eq!(&out, &expected, "effects at step {} ({:?})", step, op);
+        prop_assert_eq!(
+            table.next_token(),
+            model.next_token(),
+            "next token at step {}",
+            step
+        );
         for effect in out.drain(..) {
             let (tag, client, token) = match effect {
                 Effect::Granted {

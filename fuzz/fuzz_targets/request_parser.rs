@@ -1,0 +1,11 @@
+//! The request parser: any bytes parse without a panic; every bad message
+//! gets a reply that encodes into one frame holding a JSON object; a good
+//! message has its fields within their limits and its id echoes as JSON.
+
+#![no_main]
+
+mod common;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|body: &[u8]| common::check_parse(body));
