@@ -3,11 +3,11 @@
 //! the table does not (peer names, counters). No IO: the server hands it
 //! bytes and `now`, and sends the [`Outgoing`] replies it returns.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use rustc_hash::FxHashMap;
 
 use crate::frame::TooLarge;
 use crate::keepalive::Keepalive;
@@ -51,7 +51,7 @@ struct Peer {
 #[derive(Debug)]
 pub struct Core {
     table: LockTable<RequestId>,
-    peers: HashMap<ClientId, Peer>,
+    peers: FxHashMap<ClientId, Peer>,
     settings: Settings,
     next_client: u64,
     started: Instant,
@@ -66,7 +66,7 @@ impl Core {
     pub fn new(settings: Settings, first_token: u64, now: Instant) -> Core {
         Core {
             table: LockTable::new(first_token, settings.max_locks_per_connection),
-            peers: HashMap::new(),
+            peers: FxHashMap::default(),
             settings,
             next_client: 1,
             started: now,

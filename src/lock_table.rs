@@ -4,11 +4,15 @@
 //! it decides on comes back as an [`Effect`], in the order it must be sent.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// Keys are small integers the server itself picks: no peer controls them,
+// so a fast non-keyed hash is safe here.
+use rustc_hash::FxHashMap;
 
 /// A connection as the lock table knows it: a number never reused while the
 /// server runs (unlike socket slots).
@@ -207,7 +211,7 @@ struct Books {
     /// No grant before this instant (after a restart); `None` once passed.
     grants_from: Option<Instant>,
     /// Wait id -> lock name, for queued requests with a deadline.
-    timed_waits: HashMap<u64, Arc<str>>,
+    timed_waits: FxHashMap<u64, Arc<str>>,
     /// Deadlines, possibly stale (an entry whose wait id is no longer in
     /// `timed_waits` is skipped when it comes up).
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -215,6 +219,10 @@ struct Books {
 }
 
 impl Books {
+    fn holding_grants(&self, now: Instant) -> bool {
+        self.grants_from.is_some_and(|from| now < from)
+    }
+
     fn issue_token(&mut self) -> u64 {
         let token = self.next_token;
         self.next_token = self.next_token.saturating_add(1);
@@ -231,7 +239,7 @@ impl Books {
         now: Instant,
         out: &mut Vec<Effect<T>>,
     ) {
-        if self.grants_from.is_some_and(|from| now < from) {
+        if self.holding_grants(now) {
             return;
         }
         while queue.waiters.front().is_some_and(|w| queue.admits(w.mode)) {
@@ -266,7 +274,7 @@ impl Books {
 pub struct LockTable<T> {
     queues: BTreeMap<Arc<str>, Queue<T>>,
     /// The names each connection holds or waits for.
-    by_client: HashMap<ClientId, BTreeSet<Arc<str>>>,
+    by_client: FxHashMap<ClientId, BTreeSet<Arc<str>>>,
     books: Books,
     next_wait_id: u64,
     max_per_client: usize,
@@ -278,11 +286,11 @@ impl<T> LockTable<T> {
     pub fn new(first_token: u64, max_per_client: usize) -> Self {
         LockTable {
             queues: BTreeMap::new(),
-            by_client: HashMap::new(),
+            by_client: FxHashMap::default(),
             books: Books {
                 next_token: first_token,
                 grants_from: None,
-                timed_waits: HashMap::new(),
+                timed_waits: FxHashMap::default(),
                 deadlines: BinaryHeap::new(),
                 totals: Totals::default(),
             },
@@ -343,16 +351,39 @@ impl<T> LockTable<T> {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(lock),
         };
+        let queue = self
+            .queues
+            .entry(Arc::clone(&name))
+            .or_insert_with(Queue::new);
+        self.by_client
+            .entry(client)
+            .or_default()
+            .insert(Arc::clone(&name));
+        if queue.waiters.is_empty() && queue.admits(mode) && !self.books.holding_grants(now) {
+            // Nobody to wait behind: granted at once, without queueing.
+            let token = self.books.issue_token();
+            queue.holders.push(Holder {
+                client,
+                mode,
+                token,
+                since: now,
+            });
+            self.books.totals.held += 1;
+            self.books.totals.grants += 1;
+            out.push(Effect::Granted {
+                client,
+                tag,
+                lock: name,
+                token,
+            });
+            return;
+        }
+
         let try_once = timeout.is_some_and(|t| t.is_zero());
         // A deadline too far to represent is no deadline.
         let deadline = timeout.and_then(|t| now.checked_add(t));
         let wait_id = self.next_wait_id;
         self.next_wait_id += 1;
-
-        let queue = self
-            .queues
-            .entry(Arc::clone(&name))
-            .or_insert_with(Queue::new);
         queue.waiters.push_back(Waiter {
             client,
             mode,
@@ -362,10 +393,6 @@ impl<T> LockTable<T> {
             tag,
         });
         self.books.totals.waiting += 1;
-        self.by_client
-            .entry(client)
-            .or_default()
-            .insert(Arc::clone(&name));
         self.books.promote(queue, &name, now, out);
 
         let still_waiting = queue.waiters.back().is_some_and(|w| w.wait_id == wait_id);
@@ -547,7 +574,7 @@ impl<T> LockTable<T> {
 
     /// Whether grants are being held back at `now`.
     pub fn holding_grants(&self, now: Instant) -> bool {
-        self.books.grants_from.is_some_and(|from| now < from)
+        self.books.holding_grants(now)
     }
 
     /// How much longer grants are held back, from `now`.

@@ -2,9 +2,11 @@
 //! [`Request`] (or a [`BadRequest`] saying what answer it gets), and the
 //! [`Reply`] values with their exact JSON. The one place serde_json is used.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 use std::time::Duration;
 
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::value::RawValue;
 
@@ -29,15 +31,15 @@ const QUOTE_BYTES: usize = 128;
 /// it is echoed verbatim.
 pub type RequestId = Box<RawValue>;
 
-/// A well-formed request.
+/// A well-formed request; names without escapes borrow from the frame.
 #[derive(Debug)]
-pub enum Request {
+pub enum Request<'a> {
     /// Ask for a lock.
     Lock {
         /// The RPC id.
         id: RequestId,
         /// The lock's name.
-        lock: String,
+        lock: Cow<'a, str>,
         /// `None` waits for ever; zero tries once.
         timeout: Option<Duration>,
         /// Exclusive or shared.
@@ -48,7 +50,7 @@ pub enum Request {
         /// Which form of reply the peer expects.
         form: UnlockForm,
         /// The lock's name.
-        lock: String,
+        lock: Cow<'a, str>,
     },
     /// Name the client and learn the server's settings.
     Hello {
@@ -163,8 +165,8 @@ impl BadRequest {
     }
 }
 
-/// The top-level keys of any message. Values stay raw until the command is
-/// known, so each can be checked with a precise answer.
+/// The top-level keys of any message, read in one pass. Values stay raw
+/// until the command is known, so each can be checked with a precise answer.
 #[derive(serde::Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow)]
@@ -172,29 +174,102 @@ struct Envelope<'a> {
     #[serde(borrow)]
     id: Option<&'a RawValue>,
     #[serde(borrow)]
-    parameters: Option<&'a RawValue>,
+    parameters: Option<ParamsField<'a>>,
     #[serde(borrow, rename = "lockName")]
     lock_name: Option<&'a RawValue>,
 }
 
-#[derive(serde::Deserialize, Default)]
+/// `parameters` as it came: an object read in the envelope's pass (its
+/// values kept raw), or something else, named for the error.
+enum ParamsField<'a> {
+    Object(Parameters<'a>),
+    Other(&'static str),
+}
+
+#[derive(Default)]
 struct Parameters<'a> {
-    #[serde(borrow, rename = "lockName")]
     lock_name: Option<&'a RawValue>,
-    #[serde(borrow, rename = "timeoutMs")]
     timeout_ms: Option<&'a RawValue>,
-    #[serde(borrow)]
     mode: Option<&'a RawValue>,
-    #[serde(borrow)]
     client: Option<&'a RawValue>,
-    #[serde(borrow)]
     prefix: Option<&'a RawValue>,
-    #[serde(borrow)]
     limit: Option<&'a RawValue>,
+    /// A key read here that came twice (the first value is kept).
+    duplicate: Option<&'static str>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ParamsField<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ParamsVisitor)
+    }
+}
+
+struct ParamsVisitor;
+
+impl<'de> Visitor<'de> for ParamsVisitor {
+    type Value = ParamsField<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a parameters object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut params = Parameters::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let (slot, name) = match key.as_ref() {
+                "lockName" => (&mut params.lock_name, "lockName"),
+                "timeoutMs" => (&mut params.timeout_ms, "timeoutMs"),
+                "mode" => (&mut params.mode, "mode"),
+                "client" => (&mut params.client, "client"),
+                "prefix" => (&mut params.prefix, "prefix"),
+                "limit" => (&mut params.limit, "limit"),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            let value = map.next_value::<&'de RawValue>()?;
+            if slot.is_some() {
+                params.duplicate.get_or_insert(name);
+            } else {
+                *slot = Some(value);
+            }
+        }
+        Ok(ParamsField::Object(params))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(ParamsField::Object(Parameters::default()))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(ParamsField::Other("a boolean"))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(ParamsField::Other("a number"))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(ParamsField::Other("a number"))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(ParamsField::Other("a number"))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(ParamsField::Other("a string"))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(ParamsField::Other("an array"))
+    }
 }
 
 /// Parses one frame body.
-pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
+pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
     let text = std::str::from_utf8(body).map_err(|e| {
         BadRequest::InvalidJson(format!(
             "not UTF-8: invalid byte at offset {}",
@@ -228,7 +303,7 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
     let Some(command_raw) = envelope.command else {
         return Err(invalid_request(id, "missing `command`".to_string()));
     };
-    let Some(command) = as_string(command_raw) else {
+    let Some(command) = as_str(command_raw) else {
         return Err(invalid_request(
             id,
             format!(
@@ -242,7 +317,7 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
         return parse_v1_unlock(envelope.lock_name);
     }
     let Some(id) = id else {
-        let detail = match command.as_str() {
+        let detail = match command.as_ref() {
             "lock" | "hello" | "ping" | "status" | "stats" => {
                 format!("`{command}` is an RPC and needs an `id`")
             }
@@ -260,7 +335,7 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
         Ok(params) => params,
         Err(error) => return Err(BadRequest::Invalid { id, error }),
     };
-    let checked = match command.as_str() {
+    let checked = match command.as_ref() {
         "lock" => parse_lock(&params),
         "unlock" => {
             // An RPC unlock names its lock in `parameters`; the top-level key
@@ -268,14 +343,14 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
             lock_name(params.lock_name.or(envelope.lock_name))
                 .map(|lock| (lock, None, Mode::Exclusive))
         }
-        "hello" | "ping" | "status" | "stats" => Ok((String::new(), None, Mode::Exclusive)),
+        "hello" | "ping" | "status" | "stats" => Ok((Cow::Borrowed(""), None, Mode::Exclusive)),
         _ => Err(format!("unknown command {}", quote(&command))),
     };
     let (lock, timeout, mode) = match checked {
         Ok(parts) => parts,
         Err(error) => return Err(BadRequest::Invalid { id, error }),
     };
-    let request = match command.as_str() {
+    let request = match command.as_ref() {
         "lock" => Request::Lock {
             id,
             lock,
@@ -300,7 +375,7 @@ pub fn parse(body: &[u8]) -> Result<Request, BadRequest> {
     Ok(request)
 }
 
-fn parse_v1_unlock(lock_name_raw: Option<&RawValue>) -> Result<Request, BadRequest> {
+fn parse_v1_unlock(lock_name_raw: Option<&RawValue>) -> Result<Request<'_>, BadRequest> {
     match (lock_name(lock_name_raw), lock_name_raw) {
         (Ok(lock), Some(raw)) => Ok(Request::Unlock {
             form: UnlockForm::V1 {
@@ -315,23 +390,22 @@ fn parse_v1_unlock(lock_name_raw: Option<&RawValue>) -> Result<Request, BadReque
     }
 }
 
-fn parse_parameters(raw: Option<&RawValue>) -> Result<Parameters<'_>, String> {
-    match raw {
+fn parse_parameters(field: Option<ParamsField<'_>>) -> Result<Parameters<'_>, String> {
+    match field {
         None => Ok(Parameters::default()),
-        Some(raw) if is_null(raw) => Ok(Parameters::default()),
-        Some(raw) if raw.get().starts_with('{') => {
-            serde_json::from_str(raw.get()).map_err(|e| format!("bad `parameters`: {e}"))
+        Some(ParamsField::Object(params)) => match params.duplicate {
+            Some(name) => Err(format!("bad `parameters`: duplicate field `{name}`")),
+            None => Ok(params),
+        },
+        Some(ParamsField::Other(what)) => {
+            Err(format!("`parameters` must be an object, got {what}"))
         }
-        Some(raw) => Err(format!(
-            "`parameters` must be an object, got {}",
-            quote(raw.get())
-        )),
     }
 }
 
-type LockParts = (String, Option<Duration>, Mode);
+type LockParts<'a> = (Cow<'a, str>, Option<Duration>, Mode);
 
-fn parse_lock(params: &Parameters<'_>) -> Result<LockParts, String> {
+fn parse_lock<'a>(params: &Parameters<'a>) -> Result<LockParts<'a>, String> {
     let lock = lock_name(params.lock_name)?;
     let timeout = match params.timeout_ms.filter(|raw| !is_null(raw)) {
         None => None,
@@ -363,16 +437,16 @@ fn parse_lock(params: &Parameters<'_>) -> Result<LockParts, String> {
 
 /// A lock name: a string of 1 to 1024 bytes, or an integer spelled in decimal
 /// (the original server treated `5` and `"5"` as one lock).
-fn lock_name(raw: Option<&RawValue>) -> Result<String, String> {
+fn lock_name(raw: Option<&RawValue>) -> Result<Cow<'_, str>, String> {
     let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
         return Err("missing `lockName`".to_string());
     };
-    let name = if let Some(name) = as_string(raw) {
+    let name = if let Some(name) = as_str(raw) {
         name
     } else if let Ok(n) = serde_json::from_str::<i64>(raw.get()) {
-        n.to_string()
+        Cow::Owned(n.to_string())
     } else if let Ok(n) = serde_json::from_str::<u64>(raw.get()) {
-        n.to_string()
+        Cow::Owned(n.to_string())
     } else {
         return Err(format!(
             "`lockName` must be a string (or an integer), got {}",
@@ -415,7 +489,7 @@ fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize), Strin
     let prefix = params.prefix.filter(|raw| !is_null(raw));
     let filter = match (exact, prefix) {
         (Some(_), Some(_)) => return Err("give `lockName` or `prefix`, not both".to_string()),
-        (Some(_), None) => StatusFilter::Exact(lock_name(exact)?),
+        (Some(_), None) => StatusFilter::Exact(lock_name(exact)?.into_owned()),
         (None, Some(raw)) => match as_string(raw) {
             Some(prefix) if prefix.len() <= MAX_LOCK_NAME_BYTES => StatusFilter::Prefix(prefix),
             _ => {
@@ -443,10 +517,18 @@ fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize), Strin
 }
 
 fn as_string(raw: &RawValue) -> Option<String> {
-    if raw.get().starts_with('"') {
-        serde_json::from_str(raw.get()).ok()
+    as_str(raw).map(Cow::into_owned)
+}
+
+/// A JSON string's text, borrowed when it has no escapes (the parser has
+/// already checked it is a valid string).
+fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str(text).ok().map(Cow::Owned)
     } else {
-        None
+        Some(Cow::Borrowed(inner))
     }
 }
 
@@ -545,11 +627,64 @@ impl Reply {
 
     /// Appends this reply, framed, to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        if self.encode_common(out) {
+            return;
+        }
         if frame::encode_with(out, |buf| serde_json::to_writer(buf, self)).is_err() {
             // Only a reply over 4 GiB could fail; say so rather than send nothing.
             let fallback = Reply::error(ErrorCode::Internal, "reply too large to send".to_string());
             let _ = frame::encode_with(out, |buf| serde_json::to_writer(buf, &fallback));
         }
+    }
+}
+
+impl Reply {
+    /// Writes the replies nearly every request gets (a grant, `ok`, the
+    /// other status words, the v1 unlock answer) without going through serde:
+    /// the same bytes serde_json writes, in a fraction of the time. Returns
+    /// false, writing nothing, for any other reply.
+    fn encode_common(&self, out: &mut Vec<u8>) -> bool {
+        let result = frame::encode_with(out, |buf| {
+            match self {
+                Reply::Rpc { id, result } => {
+                    let status = match result {
+                        Outcome::Granted { .. } | Outcome::Ok => "ok",
+                        Outcome::Timeout => "timeout",
+                        Outcome::Cancelled => "cancelled",
+                        Outcome::NotFound => "notFound",
+                        _ => return Err(()),
+                    };
+                    buf.extend_from_slice(b"{\"id\":");
+                    buf.extend_from_slice(id.get().as_bytes());
+                    buf.extend_from_slice(b",\"result\":{\"status\":\"");
+                    buf.extend_from_slice(status.as_bytes());
+                    buf.push(b'"');
+                    if let Outcome::Granted { token } = result {
+                        buf.extend_from_slice(b",\"token\":");
+                        buf.extend_from_slice(itoa::Buffer::new().format(*token).as_bytes());
+                    }
+                    buf.extend_from_slice(b"}}");
+                }
+                Reply::Unlock {
+                    result,
+                    lock_name: Some(name),
+                } => {
+                    let word = match result {
+                        UnlockResult::Ok => "ok",
+                        UnlockResult::NotFound => "notFound",
+                        UnlockResult::Invalid => return Err(()),
+                    };
+                    buf.extend_from_slice(b"{\"attempted\":\"unlock\",\"result\":\"");
+                    buf.extend_from_slice(word.as_bytes());
+                    buf.extend_from_slice(b"\",\"lockName\":");
+                    buf.extend_from_slice(name.get().as_bytes());
+                    buf.push(b'}');
+                }
+                _ => return Err(()),
+            }
+            Ok(())
+        });
+        result.is_ok()
     }
 }
 
@@ -873,7 +1008,7 @@ mod tests {
                 mode,
             } => {
                 assert_eq!(
-                    (id.get(), lock.as_str(), timeout, mode),
+                    (id.get(), lock.as_ref(), timeout, mode),
                     ("0", "test", None, Mode::Exclusive)
                 );
             }
@@ -915,7 +1050,7 @@ mod tests {
             Request::Unlock {
                 form: UnlockForm::V1 { lock_name },
                 lock,
-            } => assert_eq!((lock_name.get(), lock.as_str()), ("5", "5")),
+            } => assert_eq!((lock_name.get(), lock.as_ref()), ("5", "5")),
             other => panic!("{other:?}"),
         }
         assert_eq!(
@@ -1103,6 +1238,55 @@ mod tests {
         let body = format!(r#"{{"command":"{}","id":1}}"#, "é".repeat(200));
         let reply = reply_to(&body);
         assert!(reply.len() < 250 && reply.contains("..."), "{reply}");
+    }
+
+    #[test]
+    fn common_replies_are_written_as_serde_writes_them() {
+        let replies = [
+            Reply::Rpc {
+                id: id("7"),
+                result: Outcome::Granted {
+                    token: 1_795_690_400_469_314,
+                },
+            },
+            Reply::Rpc {
+                id: id(r#""x\"y""#),
+                result: Outcome::Ok,
+            },
+            Reply::Rpc {
+                id: id("1.50"),
+                result: Outcome::Timeout,
+            },
+            Reply::Rpc {
+                id: id("true"),
+                result: Outcome::Cancelled,
+            },
+            Reply::Rpc {
+                id: id("0"),
+                result: Outcome::NotFound,
+            },
+            Reply::Unlock {
+                result: UnlockResult::Ok,
+                lock_name: Some(id(r#""jobs\/caf\u00e9""#)),
+            },
+            Reply::Unlock {
+                result: UnlockResult::NotFound,
+                lock_name: Some(id("42")),
+            },
+        ];
+        for reply in &replies {
+            let mut fast = Vec::new();
+            assert!(reply.encode_common(&mut fast), "{reply:?}");
+            let mut slow = Vec::new();
+            frame::encode_with(&mut slow, |buf| serde_json::to_writer(buf, reply)).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&slow)
+            );
+        }
+        let mut out = Vec::new();
+        assert!(!Reply::message_too_large(10).encode_common(&mut out));
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! core, writes the replies it returns, and reaps closed connections once per
 //! turn. No lock rules and no JSON here.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -15,6 +14,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use mio::net::{TcpListener, TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustc_hash::FxHashMap;
 use slab::Slab;
 use socket2::{Domain, SockRef, Socket, Type};
 
@@ -135,7 +135,7 @@ pub struct Server {
     poll: Poll,
     listeners: Vec<(TcpListener, SocketAddr)>,
     conns: Slab<Connection>,
-    keys: HashMap<ClientId, usize>,
+    keys: FxHashMap<ClientId, usize>,
     core: Core,
     config: Config,
     keepalive: Keepalive,
@@ -198,7 +198,7 @@ impl Server {
             poll,
             listeners,
             conns: Slab::new(),
-            keys: HashMap::new(),
+            keys: FxHashMap::default(),
             core: Core::new(settings, first_token, now),
             keepalive,
             tokens,
@@ -296,8 +296,9 @@ impl Server {
                         self.accept(FIRST_LISTENER - t, now);
                     }
                     Token(key) => {
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(key, now);
+                        let closing = event.is_read_closed() || event.is_error();
+                        if event.is_readable() || closing {
+                            self.on_readable(key, closing, now);
                         }
                         if event.is_writable() {
                             self.list_for_flush(key);
@@ -524,7 +525,13 @@ impl Server {
     }
 
     /// Reads what the peer sent, handling each whole frame as it comes.
-    fn on_readable(&mut self, key: usize, now: Instant) {
+    ///
+    /// A read that returns less than asked has taken everything there was,
+    /// and any byte arriving later raises a new event, so reading stops there
+    /// and saves the read that would only say WouldBlock; except when the
+    /// peer has closed (`to_the_end`), since a close that came before the
+    /// event raises no new one.
+    fn on_readable(&mut self, key: usize, to_the_end: bool, now: Instant) {
         let mut budget = READ_BUDGET;
         let mut scratch = std::mem::take(&mut self.scratch);
         loop {
@@ -556,7 +563,14 @@ impl Server {
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
                     conn.input.extend_from_slice(&scratch[..n]);
+                    let drained = n < scratch.len() && !to_the_end;
+                    if drained {
+                        conn.unread = false;
+                    }
                     self.handle_input(key, now);
+                    if drained {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     conn.unread = false;
@@ -655,7 +669,7 @@ impl Server {
             let unread = conn.unread;
             self.handle_input(key, now);
             if unread {
-                self.on_readable(key, now);
+                self.on_readable(key, true, now);
             }
         }
         if self.backlog.is_empty() {
