@@ -29,6 +29,8 @@ pub mod config;
 pub mod connection;
 pub mod duration;
 pub mod frame;
+#[cfg(feature = "model")]
+pub mod harness;
 pub mod keepalive;
 #[cfg(feature = "model")]
 pub mod lock_model;

@@ -12,22 +12,21 @@
 //!   connects, disconnects and clock advances in between, keeps the lock
 //!   table's invariants after every step, only ever encodes valid JSON, and
 //!   grants strictly increasing fencing tokens.
+//!
+//! The checks themselves are in `pklock::harness`, shared with the fuzz
+//! targets; this file generates the cases.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-
-use pklock::commands::{Core, Outgoing, Settings};
-use pklock::frame::{self, PREFIX_LEN, TooLarge};
-use pklock::keepalive::Keepalive;
-use pklock::lock_table::ClientId;
-use pklock::protocol::{self, Outcome, Reply, Request, UnlockForm, UnlockResult};
+use pklock::frame::{self, TooLarge};
+use pklock::harness::{
+    self, CORE_CLIENTS, CORE_MAX_MESSAGE_BYTES, Decoded, IDS, LOCK_NAMES, MODES, Piece, Rpc,
+    STATUS_PARAMETERS, Step, TIMEOUTS, decode_in_chunks, encode_all, encode_one,
+};
+use pklock::protocol::{self, Outcome, Reply, Request};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use proptest::test_runner::RngSeed;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 /// The same cases on every run: a fixed seed, a fixed count, no
 /// regression files written.
@@ -40,66 +39,14 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
+/// A broken promise reported by `pklock::harness`, as a failed case.
+fn case(checked: Result<(), String>) -> Result<(), TestCaseError> {
+    checked.map_err(TestCaseError::fail)
+}
+
 // ---------------------------------------------------------------------------
 // a. The frame decoder
 // ---------------------------------------------------------------------------
-
-/// What feeding a stream to the decoder gave: the bodies cut out, in order,
-/// then either the bytes left waiting for more or the oversized prefix that
-/// stopped it.
-#[derive(Debug, PartialEq, Eq)]
-struct Decoded {
-    bodies: Vec<Vec<u8>>,
-    end: Result<Vec<u8>, TooLarge>,
-}
-
-/// Feeds `stream` to `frame::decode` as the server reads a socket: the
-/// stream arrives in chunks ending at `cuts`; each chunk is appended to the
-/// bytes not yet consumed, every whole frame is cut out, the rest is kept.
-fn decode_in_chunks(stream: &[u8], cuts: &[Index], max_body: usize) -> Decoded {
-    let mut ends: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
-    ends.push(stream.len());
-    ends.sort_unstable();
-    ends.dedup();
-    let mut input = Vec::new();
-    let mut bodies = Vec::new();
-    let mut start = 0;
-    for end in ends {
-        input.extend_from_slice(&stream[start..end]);
-        start = end;
-        let mut offset = 0;
-        loop {
-            match frame::decode(&input[offset..], max_body) {
-                Ok(Some(frame)) => {
-                    assert_eq!(frame.consumed, PREFIX_LEN + frame.body.len());
-                    assert!(frame.body.len() <= max_body, "body over the limit");
-                    bodies.push(frame.body.to_vec());
-                    offset += frame.consumed;
-                }
-                Ok(None) => break,
-                Err(too_large) => {
-                    return Decoded {
-                        bodies,
-                        end: Err(too_large),
-                    };
-                }
-            }
-        }
-        input.drain(..offset);
-    }
-    Decoded {
-        bodies,
-        end: Ok(input),
-    }
-}
-
-fn encode_all(bodies: &[Vec<u8>]) -> Vec<u8> {
-    let mut stream = Vec::new();
-    for body in bodies {
-        frame::encode(body, &mut stream).unwrap();
-    }
-    stream
-}
 
 fn body() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
@@ -125,22 +72,6 @@ fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![prefixed, vec(any::<u8>(), 0..64)]
 }
 
-/// `frame::decode` written out as its documentation says.
-fn decode_spec(buf: &[u8], max_body: usize) -> Result<Option<(&[u8], usize)>, TooLarge> {
-    if buf.len() < PREFIX_LEN {
-        return Ok(None);
-    }
-    let announced = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    if announced as usize > max_body {
-        return Err(TooLarge {
-            announced,
-            limit: max_body,
-        });
-    }
-    let end = PREFIX_LEN + announced as usize;
-    Ok((buf.len() >= end).then(|| (&buf[PREFIX_LEN..end], end)))
-}
-
 proptest! {
     #![proptest_config(config(4096))]
 
@@ -154,10 +85,7 @@ proptest! {
     ) {
         // The limit is at most a few bytes above the longest body, and
         // sometimes exactly it: a body of the limit's size is accepted.
-        let max_body = bodies.iter().map(Vec::len).max().unwrap_or(0) + slack;
-        let stream = encode_all(&bodies);
-        let decoded = decode_in_chunks(&stream, &cuts, max_body);
-        prop_assert_eq!(decoded, Decoded { bodies, end: Ok(Vec::new()) });
+        case(harness::check_frames_come_back(&bodies, slack, &cuts, Index::index))?;
     }
 
     /// Arbitrary bytes: `decode` never panics and does what its
@@ -169,13 +97,10 @@ proptest! {
         cuts in vec(any::<Index>(), 0..12),
         max_body in prop_oneof![0..64usize, Just(usize::MAX)],
     ) {
-        let got = frame::decode(&bytes, max_body).map(|f| f.map(|f| (f.body, f.consumed)));
-        prop_assert_eq!(got, decode_spec(&bytes, max_body));
+        case(harness::check_decode_as_documented(&bytes, max_body))?;
         let mut stream = bytes.clone();
         stream.extend(more.concat());
-        let at_once = decode_in_chunks(&stream, &[], max_body);
-        let in_chunks = decode_in_chunks(&stream, &cuts, max_body);
-        prop_assert_eq!(in_chunks, at_once);
+        case(harness::check_chunking_changes_nothing(&stream, &cuts, Index::index, max_body))?;
     }
 
     /// A prefix announcing more than the limit is an error as soon as the
@@ -203,7 +128,8 @@ proptest! {
             .collect();
         let mut stream = encode_all(&before);
         stream.extend_from_slice(&bytes);
-        let decoded = decode_in_chunks(&stream, &cuts, max_body);
+        let decoded = decode_in_chunks(&stream, &cuts, Index::index, max_body)
+            .map_err(TestCaseError::fail)?;
         prop_assert_eq!(decoded, Decoded { bodies: before, end: Err(refused) });
     }
 }
@@ -211,115 +137,6 @@ proptest! {
 // ---------------------------------------------------------------------------
 // b. The request parser
 // ---------------------------------------------------------------------------
-
-/// The request text a reply echoes verbatim: the id, the v1 lock name.
-fn echoed(reply: &Reply) -> Option<&str> {
-    match reply {
-        Reply::Rpc { id, .. } | Reply::Error { id: Some(id), .. } => Some(id.get()),
-        Reply::Unlock {
-            lock_name: Some(name),
-            ..
-        } => Some(name.get()),
-        _ => None,
-    }
-}
-
-/// Encodes `reply`, checks that it is one frame holding a JSON object, and
-/// returns the body.
-///
-/// The object must parse with serde_json's ordinary (strict) parser, with
-/// one exception: ids are echoed verbatim, so an id the strict parser cannot
-/// read either (`1E400`, out of range for an f64, though valid JSON grammar)
-/// comes back as sent; then the reply must still be valid JSON grammar.
-fn encode_one(reply: &Reply) -> Result<Vec<u8>, TestCaseError> {
-    let mut out = Vec::new();
-    reply.encode(&mut out);
-    let frame = match frame::decode(&out, usize::MAX) {
-        Ok(Some(frame)) => frame,
-        other => {
-            return Err(TestCaseError::fail(format!(
-                "{reply:?} framed as {other:?}"
-            )));
-        }
-    };
-    prop_assert_eq!(frame.consumed, out.len(), "{:?} is not one frame", reply);
-    let body = frame.body;
-    let text = String::from_utf8_lossy(body);
-    let grammar = serde_json::from_slice::<BTreeMap<String, Box<RawValue>>>(body);
-    prop_assert!(
-        grammar.is_ok(),
-        "{:?} encoded as {:?}: {:?}",
-        reply,
-        text,
-        grammar.err()
-    );
-    match serde_json::from_slice::<Value>(body) {
-        Ok(value) => prop_assert!(value.is_object(), "{:?} encoded as {:?}", reply, text),
-        Err(e) => {
-            let excused =
-                echoed(reply).is_some_and(|raw| serde_json::from_str::<Value>(raw).is_err());
-            prop_assert!(excused, "{:?} encoded as {:?}: {}", reply, text, e);
-        }
-    }
-    Ok(body.to_vec())
-}
-
-/// Parses `body` and checks the outcome: a bad message gets a reply that
-/// encodes as a JSON object; a good one has fields within their limits, and
-/// a reply echoing its id or lock name encodes as a JSON object too.
-fn check_parse(body: &[u8]) -> Result<(), TestCaseError> {
-    let request = match protocol::parse(body) {
-        Ok(request) => request,
-        Err(bad) => {
-            prop_assert!(!bad.detail().is_empty(), "an error without a detail");
-            encode_one(&bad.into_reply())?;
-            return Ok(());
-        }
-    };
-    let check_name = |name: &str| (1..=protocol::MAX_LOCK_NAME_BYTES).contains(&name.len());
-    let reply = match request {
-        Request::Lock { id, lock, .. } => {
-            prop_assert!(check_name(&lock), "lock name {:?}", lock);
-            Reply::Rpc {
-                id,
-                result: Outcome::Granted { token: 1 },
-            }
-        }
-        Request::Unlock { form, lock } => {
-            prop_assert!(check_name(&lock), "lock name {:?}", lock);
-            match form {
-                UnlockForm::V1 { lock_name } => Reply::Unlock {
-                    result: UnlockResult::Ok,
-                    lock_name: Some(lock_name),
-                },
-                UnlockForm::Rpc { id } => Reply::Rpc {
-                    id,
-                    result: Outcome::NotFound,
-                },
-            }
-        }
-        Request::Hello { id, client } => {
-            prop_assert!(client.len() <= protocol::MAX_CLIENT_NAME_BYTES);
-            Reply::Rpc {
-                id,
-                result: Outcome::Ok,
-            }
-        }
-        Request::Status { id, limit, .. } => {
-            prop_assert!((1..=protocol::MAX_STATUS_LIMIT).contains(&limit));
-            Reply::Rpc {
-                id,
-                result: Outcome::Ok,
-            }
-        }
-        Request::Ping { id } | Request::Stats { id } => Reply::Rpc {
-            id,
-            result: Outcome::Ok,
-        },
-    };
-    encode_one(&reply)?;
-    Ok(())
-}
 
 /// JSON text as a peer could write it, duplicate keys included.
 #[derive(Clone, Debug)]
@@ -530,7 +347,7 @@ proptest! {
                 .prop_map(|(json, edits)| mutated(json.text(), edits)),
         ],
     ) {
-        check_parse(&body)?;
+        case(harness::check_parse(&body))?;
     }
 
     /// Arbitrary JSON values, and objects shaped like requests.
@@ -539,7 +356,7 @@ proptest! {
         json in prop_oneof![1 => json(), 4 => request_like()],
         leading in select(vec!["", " ", "\n\t "]),
     ) {
-        check_parse(format!("{leading}{}", json.text()).as_bytes())?;
+        case(harness::check_parse(format!("{leading}{}", json.text()).as_bytes()))?;
     }
 }
 
@@ -565,76 +382,30 @@ fn out_of_range_number_ids_are_echoed_verbatim() {
 // c. The whole core
 // ---------------------------------------------------------------------------
 
-const CLIENTS: usize = 3;
-const FIRST_TOKEN: u64 = 1_000_000;
-const MAX_MESSAGE_BYTES: usize = 512;
-
-#[derive(Clone, Debug)]
-enum Piece {
-    /// A framed, well-formed request.
-    Request(String),
-    /// A framed body of garbage.
-    Garbage(Vec<u8>),
-    /// Raw bytes, which may break the framing.
-    Raw(Vec<u8>),
-}
-
-#[derive(Clone, Debug)]
-enum Step {
-    Connect(usize),
-    Disconnect(usize),
-    /// Bytes arriving from a client (connected first if it is not), cut
-    /// into frames as the server would.
-    Send(usize, Vec<Piece>),
-    /// The clock moves and expired waits are answered.
-    Advance(u64),
-    /// The clock moves to the next deadline the core asked to be woken for.
-    WakeAtNextDeadline,
-}
-
 fn rpc_request() -> impl Strategy<Value = String> {
-    let name = select(vec![r#""a""#, r#""b""#, r#""c""#, r#""5""#, "5"]);
-    let id = select(vec![
-        "0", "1", "2", r#""x""#, r#""y""#, "true", "1.5", "null",
-    ]);
-    let timeout = select(vec![
-        "",
-        r#","timeoutMs":null"#,
-        r#","timeoutMs":0"#,
-        r#","timeoutMs":1"#,
-        r#","timeoutMs":5"#,
-        r#","timeoutMs":20"#,
-        r#","timeoutMs":100"#,
-        r#","timeoutMs":18446744073709551615"#,
-        r#","timeoutMs":-1"#,
-    ]);
-    let mode = select(vec![
-        "",
-        r#","mode":"exclusive""#,
-        r#","mode":"shared""#,
-        r#","mode":"shared""#,
-        r#","mode":"read""#,
-    ]);
-    let status = select(vec![
-        "{}",
-        r#"{"lockName":"a"}"#,
-        r#"{"prefix":""}"#,
-        r#"{"prefix":"b"}"#,
-        r#"{"limit":1}"#,
-        r#"{"limit":0}"#,
-    ]);
+    let name = select(LOCK_NAMES.to_vec());
+    let id = select(IDS.to_vec());
+    let timeout = select(TIMEOUTS.to_vec());
+    // Shared twice as often as the other modes.
+    let mode = select(vec![MODES[0], MODES[1], MODES[2], MODES[2], MODES[3]]);
+    let status = select(STATUS_PARAMETERS.to_vec());
     (0..10u8, name, id, timeout, mode, status).prop_map(
-        |(kind, name, id, timeout, mode, status)| match kind {
-            0..=3 => format!(
-                r#"{{"command":"lock","id":{id},"parameters":{{"lockName":{name}{timeout}{mode}}}}}"#
-            ),
-            4 | 5 => format!(
-                r#"{{"command":"unlock","id":{id},"parameters":{{"lockName":{name}}}}}"#
-            ),
-            6 => format!(r#"{{"command":"unlock","lockName":{name}}}"#),
-            7 => format!(r#"{{"command":"status","id":{id},"parameters":{status}}}"#),
-            8 => format!(r#"{{"command":"hello","id":{id},"parameters":{{"client":"worker"}}}}"#),
-            _ => format!(r#"{{"command":"{}","id":{id}}}"#, if mode.is_empty() { "ping" } else { "stats" }),
+        |(kind, name, id, timeout, mode, parameters)| {
+            match kind {
+                0..=3 => Rpc::Lock {
+                    id,
+                    name,
+                    timeout,
+                    mode,
+                },
+                4 | 5 => Rpc::Unlock { id, name },
+                6 => Rpc::UnlockV1 { name },
+                7 => Rpc::Status { id, parameters },
+                8 => Rpc::Hello { id },
+                _ if mode.is_empty() => Rpc::Ping { id },
+                _ => Rpc::Stats { id },
+            }
+            .text()
         },
     )
 }
@@ -653,7 +424,7 @@ fn piece() -> impl Strategy<Value = Piece> {
         .prop_map(Piece::Garbage),
         1 => prop_oneof![
             vec(any::<u8>(), 1..8),
-            (MAX_MESSAGE_BYTES as u32 + 1..=u32::MAX).prop_map(|n| n.to_be_bytes().to_vec()),
+            (CORE_MAX_MESSAGE_BYTES as u32 + 1..=u32::MAX).prop_map(|n| n.to_be_bytes().to_vec()),
         ]
         .prop_map(Piece::Raw),
     ]
@@ -661,206 +432,16 @@ fn piece() -> impl Strategy<Value = Piece> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        2 => (0..CLIENTS).prop_map(Step::Connect),
-        1 => (0..CLIENTS).prop_map(Step::Disconnect),
-        10 => (0..CLIENTS, vec(piece(), 1..4)).prop_map(|(c, p)| Step::Send(c, p)),
+        2 => (0..CORE_CLIENTS).prop_map(Step::Connect),
+        1 => (0..CORE_CLIENTS).prop_map(Step::Disconnect),
+        10 => (0..CORE_CLIENTS, vec(piece(), 1..4)).prop_map(|(c, p)| Step::Send(c, p)),
         3 => (0..40u64).prop_map(Step::Advance),
         1 => Just(Step::WakeAtNextDeadline),
     ]
 }
 
-/// Drives a `Core` the way `server.rs` does, checking after every step.
-struct Harness {
-    core: Core,
-    now: Instant,
-    /// Each client's connection and the bytes it sent not yet cut into frames.
-    slots: [Option<(ClientId, Vec<u8>)>; CLIENTS],
-    live: HashSet<ClientId>,
-    /// Every token granted, and to whom.
-    issued: HashMap<u64, ClientId>,
-    highest: Option<u64>,
-    out: Vec<Outgoing>,
-    next_port: u16,
-}
-
-impl Harness {
-    fn new(hold_ms: Option<u64>, limit: usize) -> Harness {
-        let now = Instant::now();
-        let keepalive = Keepalive {
-            idle: Duration::from_secs(5),
-            interval: Duration::from_secs(1),
-            probes: 5,
-            user_timeout: Some(Duration::from_secs(10)),
-        };
-        let settings = Settings {
-            max_locks_per_connection: limit,
-            keepalive,
-            // Small enough that `status` is sometimes cut.
-            status_budget_bytes: 250,
-        };
-        let mut core = Core::new(settings, FIRST_TOKEN, now);
-        if let Some(ms) = hold_ms {
-            core.hold_grants_until(now + Duration::from_millis(ms));
-        }
-        Harness {
-            core,
-            now,
-            slots: [None, None, None],
-            live: HashSet::new(),
-            issued: HashMap::new(),
-            highest: None,
-            out: Vec::new(),
-            next_port: 40000,
-        }
-    }
-
-    fn connect(&mut self, slot: usize) -> ClientId {
-        if let Some((client, _)) = &self.slots[slot] {
-            return *client;
-        }
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.next_port));
-        self.next_port += 1;
-        let client = self.core.connect(addr);
-        assert!(self.live.insert(client), "client id {client} reused");
-        self.slots[slot] = Some((client, Vec::new()));
-        client
-    }
-
-    fn disconnect(&mut self, slot: usize) {
-        if let Some((client, _)) = self.slots[slot].take() {
-            self.live.remove(&client);
-            self.core.disconnect(client, self.now, &mut self.out);
-        }
-    }
-
-    /// Appends the bytes to the client's input and hands every whole frame
-    /// to the core; an oversized prefix is answered and closes the
-    /// connection, as in `Server::handle_input`.
-    fn send(&mut self, slot: usize, pieces: &[Piece]) -> Result<(), TestCaseError> {
-        let client = self.connect(slot);
-        let Some((_, input)) = self.slots[slot].as_mut() else {
-            unreachable!("just connected");
-        };
-        for piece in pieces {
-            match piece {
-                Piece::Request(text) => frame::encode(text.as_bytes(), input).unwrap(),
-                Piece::Garbage(bytes) => frame::encode(bytes, input).unwrap(),
-                Piece::Raw(bytes) => input.extend_from_slice(bytes),
-            }
-        }
-        let input = std::mem::take(input);
-        let mut offset = 0;
-        loop {
-            match frame::decode(&input[offset..], MAX_MESSAGE_BYTES) {
-                Ok(Some(frame)) => {
-                    self.core
-                        .handle(client, frame.body, self.now, &mut self.out);
-                    offset += frame.consumed;
-                    self.check_replies()?;
-                }
-                Ok(None) => break,
-                Err(too_large) => {
-                    self.core
-                        .message_too_large(client, too_large, self.now, &mut self.out);
-                    self.check_replies()?;
-                    self.disconnect(slot);
-                    return Ok(());
-                }
-            }
-        }
-        if let Some((_, kept)) = self.slots[slot].as_mut() {
-            *kept = input[offset..].to_vec();
-        }
-        Ok(())
-    }
-
-    fn advance(&mut self, by: Duration) {
-        self.now += by;
-        self.core.expire(self.now, &mut self.out);
-    }
-
-    fn wake_at_next_deadline(&mut self) {
-        if let Some(at) = self.core.next_deadline() {
-            self.now = self.now.max(at);
-        }
-        self.core.expire(self.now, &mut self.out);
-    }
-
-    /// Every reply goes to a live connection and encodes as a JSON object;
-    /// every grant's token is either the token that client already holds
-    /// (asked again) or above every token granted before.
-    fn check_replies(&mut self) -> Result<(), TestCaseError> {
-        for Outgoing { to, reply } in self.out.drain(..) {
-            prop_assert!(
-                self.live.contains(&to),
-                "reply to closed {}: {:?}",
-                to,
-                reply
-            );
-            let body = encode_one(&reply)?;
-            // The ids the harness sends are all within what a strict parser reads.
-            let json: Value = serde_json::from_slice(&body)
-                .map_err(|e| TestCaseError::fail(format!("{reply:?}: {e}")))?;
-            let Reply::Rpc {
-                result: Outcome::Granted { token },
-                ..
-            } = reply
-            else {
-                continue;
-            };
-            let sent = json.get("result").and_then(|r| r.get("token"));
-            prop_assert_eq!(sent.and_then(Value::as_u64), Some(token), "{:?}", json);
-            prop_assert!(
-                token < self.core.next_token(),
-                "token {} not issued yet",
-                token
-            );
-            match self.issued.get(&token) {
-                Some(&holder) => {
-                    prop_assert_eq!(holder, to, "token {} granted to two clients", token)
-                }
-                None => {
-                    let floor = self.highest.map_or(FIRST_TOKEN, |h| h + 1);
-                    prop_assert!(
-                        token >= floor,
-                        "token {} not above {:?}",
-                        token,
-                        self.highest
-                    );
-                    self.issued.insert(token, to);
-                    self.highest = Some(token);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn step(&mut self, step: &Step) -> Result<(), TestCaseError> {
-        match step {
-            Step::Connect(slot) => {
-                self.connect(*slot);
-            }
-            Step::Disconnect(slot) => self.disconnect(*slot),
-            Step::Send(slot, pieces) => self.send(*slot, pieces)?,
-            Step::Advance(ms) => self.advance(Duration::from_millis(*ms)),
-            Step::WakeAtNextDeadline => self.wake_at_next_deadline(),
-        }
-        self.check_replies()?;
-        if let Err(broken) = self.core.table().check_invariants() {
-            return Err(TestCaseError::fail(broken));
-        }
-        Ok(())
-    }
-}
-
 fn run_core(hold_ms: Option<u64>, limit: usize, steps: &[Step]) -> Result<(), TestCaseError> {
-    let mut harness = Harness::new(hold_ms, limit);
-    for (i, step) in steps.iter().enumerate() {
-        harness
-            .step(step)
-            .map_err(|e| TestCaseError::fail(format!("step {i} ({step:?}): {e}")))?;
-    }
-    Ok(())
+    case(harness::run_core(hold_ms, limit, steps))
 }
 
 proptest! {

@@ -3,17 +3,17 @@
 //! must give exactly the model's effects, step by step, and keep the table's
 //! invariants; every request is answered once, to the client that asked;
 //! a token is never granted to two clients, and new grants get strictly
-//! increasing tokens; no unanswered request is forgotten.
+//! increasing tokens; no unanswered request is forgotten. The checks are
+//! `pklock::harness::check_against_model`.
 
 #![no_main]
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use pklock::lock_model::Model;
-use pklock::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode};
+use pklock::harness::{TableOp, check_against_model};
+use pklock::lock_table::{ClientId, Mode};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 
@@ -45,6 +45,43 @@ enum Op {
     },
 }
 
+impl Op {
+    /// The operation on clients 0 to 3 and the locks in `NAMES`.
+    fn table_op(&self) -> TableOp {
+        let client = |c: u8| ClientId(u64::from(c % 4));
+        let name = |n: u8| usize::from(n) % NAMES.len();
+        match *self {
+            Op::Lock {
+                client: c,
+                name: n,
+                shared,
+                ref timeout,
+            } => TableOp::Lock {
+                client: client(c),
+                name: name(n),
+                mode: if shared {
+                    Mode::Shared
+                } else {
+                    Mode::Exclusive
+                },
+                timeout: match timeout {
+                    Timeout::Forever => None,
+                    Timeout::Ms(ms) => Some(Duration::from_millis(u64::from(*ms))),
+                    Timeout::Huge => Some(Duration::from_millis(u64::MAX)),
+                },
+            },
+            Op::Unlock { client: c, name: n } => TableOp::Unlock {
+                client: client(c),
+                name: name(n),
+            },
+            Op::Disconnect { client: c } => TableOp::Disconnect { client: client(c) },
+            Op::Advance { ms } => TableOp::Advance {
+                by: Duration::from_millis(u64::from(ms)),
+            },
+        }
+    }
+}
+
 #[derive(Arbitrary, Debug)]
 struct Input {
     first_token: u32,
@@ -54,121 +91,11 @@ struct Input {
     ops: Vec<Op>,
 }
 
-fuzz_target!(|input: Input| run(input));
-
-fn run(input: Input) {
+fuzz_target!(|input: Input| {
+    let ops: Vec<TableOp> = input.ops.iter().map(Op::table_op).collect();
     let first_token = u64::from(input.first_token);
     let limit = usize::from(input.limit % 4) + 1;
-    let start = Instant::now();
-    let mut now = start;
-    let mut table: LockTable<u32> = LockTable::new(first_token, limit);
-    let mut model: Model<u32> = Model::new(first_token, limit);
-    if let Some(ms) = input.hold_ms {
-        let until = start + Duration::from_millis(u64::from(ms));
-        table.hold_grants_until(until);
-        model.hold_grants_until(until);
-    }
-    let mut out = Vec::new();
-    let mut pending: HashMap<u32, ClientId> = HashMap::new();
-    let mut issued: HashMap<u64, ClientId> = HashMap::new();
-    let mut highest: Option<u64> = None;
-    for (step, op) in input.ops.iter().enumerate() {
-        let tag = step as u32;
-        let expected = match *op {
-            Op::Lock {
-                client,
-                name,
-                shared,
-                ref timeout,
-            } => {
-                let client = ClientId(u64::from(client % 4));
-                let name = NAMES[usize::from(name) % NAMES.len()];
-                let mode = if shared {
-                    Mode::Shared
-                } else {
-                    Mode::Exclusive
-                };
-                let timeout = match timeout {
-                    Timeout::Forever => None,
-                    Timeout::Ms(ms) => Some(Duration::from_millis(u64::from(*ms))),
-                    Timeout::Huge => Some(Duration::from_millis(u64::MAX)),
-                };
-                let request = LockRequest {
-                    client,
-                    lock: name,
-                    mode,
-                    timeout,
-                    tag,
-                };
-                table.lock(request, now, &mut out);
-                pending.insert(tag, client);
-                model.lock(client, name, mode, timeout, tag, now)
-            }
-            Op::Unlock { client, name } => {
-                let client = ClientId(u64::from(client % 4));
-                let name = NAMES[usize::from(name) % NAMES.len()];
-                let got = table.unlock(client, name, now, &mut out);
-                let (want, effects) = model.unlock(client, name, now);
-                assert_eq!(got, want, "unlock result at step {step}");
-                effects
-            }
-            Op::Disconnect { client } => {
-                let client = ClientId(u64::from(client % 4));
-                table.disconnect(client, now, &mut out);
-                pending.retain(|_, c| *c != client);
-                model.disconnect(client, now)
-            }
-            Op::Advance { ms } => {
-                now += Duration::from_millis(u64::from(ms));
-                table.expire(now, &mut out);
-                model.expire(now)
-            }
-        };
-        assert_eq!(out, expected, "effects at step {step} ({op:?})");
-        assert_eq!(
-            table.next_token(),
-            model.next_token(),
-            "next token at step {step}"
-        );
-        for effect in out.drain(..) {
-            let (tag, client, token) = match effect {
-                Effect::Granted {
-                    tag, client, token, ..
-                } => (tag, client, Some(token)),
-                Effect::TimedOut { tag, client }
-                | Effect::Cancelled { tag, client }
-                | Effect::Refused { tag, client, .. } => (tag, client, None),
-            };
-            // Every request is answered once, to the client that asked.
-            assert_eq!(pending.remove(&tag), Some(client), "answer to tag {tag}");
-            if let Some(token) = token {
-                match issued.get(&token) {
-                    // Asking again for a held lock returns its token.
-                    Some(&holder) => {
-                        assert_eq!(holder, client, "token {token} reused for another client")
-                    }
-                    None => {
-                        assert!(
-                            highest.is_none_or(|h| token > h) && token >= first_token,
-                            "token {token} not above {highest:?}"
-                        );
-                        issued.insert(token, client);
-                        highest = Some(token);
-                    }
-                }
-            }
-        }
-        if let Err(broken) = table.check_invariants() {
-            panic!("after step {step} ({op:?}): {broken}");
-        }
-        // Whoever is still unanswered is really waiting in the table.
-        for (&tag, &client) in &pending {
-            let waiting = NAMES.iter().any(|n| {
-                table
-                    .get(n)
-                    .is_some_and(|v| v.waiters().any(|w| w.client == client))
-            });
-            assert!(waiting, "request {tag} of client {client} was forgotten");
-        }
-    }
-}
+    let hold_ms = input.hold_ms.map(u64::from);
+    check_against_model(first_token, limit, hold_ms, &NAMES, &ops)
+        .unwrap_or_else(|broken| panic!("{broken}"));
+});

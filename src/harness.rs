@@ -1,0 +1,819 @@
+//! The checks shared by the property tests (`tests/fuzz_properties.rs`,
+//! `tests/lock_table_model.rs`) and the fuzz targets (`fuzz/`), each written
+//! once. Compiled only with the `model` feature.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::commands::{Core, Outgoing, Settings};
+use crate::frame::{self, PREFIX_LEN, TooLarge};
+use crate::keepalive::Keepalive;
+use crate::lock_model::Model;
+use crate::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode};
+use crate::protocol::{self, Outcome, Reply, Request, UnlockForm, UnlockResult};
+
+// A broken promise comes back as `Err` with a message: the property tests
+// turn it into a failing case (which proptest shrinks), the fuzz targets into
+// a panic (which libFuzzer reports as a crash).
+
+/// Returns the message as an `Err` unless the condition holds.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// Returns the message and both values as an `Err` unless they are equal.
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $($msg:tt)+) => {
+        match (&$left, &$right) {
+            (left, right) => {
+                if left != right {
+                    return Err(format!(
+                        "{}\n  left: {:?}\n right: {:?}",
+                        format_args!($($msg)+),
+                        left,
+                        right
+                    ));
+                }
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// The frame decoder
+// ---------------------------------------------------------------------------
+
+/// What feeding a stream to the decoder gave.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// The bodies cut out, in order.
+    pub bodies: Vec<Vec<u8>>,
+    /// The bytes left waiting for more, or the oversized prefix that stopped
+    /// the decoder.
+    pub end: Result<Vec<u8>, TooLarge>,
+}
+
+/// `bodies` encoded as frames, back to back.
+///
+/// # Panics
+///
+/// If a body is too long for a frame.
+pub fn encode_all(bodies: &[Vec<u8>]) -> Vec<u8> {
+    let mut stream = Vec::new();
+    for body in bodies {
+        frame::encode(body, &mut stream).expect("a body that fits a frame");
+    }
+    stream
+}
+
+/// Feeds `stream` to `frame::decode` as the server reads a socket: the
+/// stream arrives in chunks, one ending at `place(cut, stream.len() + 1)`
+/// for each of `cuts` (`place` returns a position below its second
+/// argument) and the last at the end of the stream; each chunk is appended
+/// to the bytes not yet consumed, every whole frame is cut out, the rest is
+/// kept. Checks that each frame took its prefix and body and no body is
+/// over `max_body`.
+pub fn decode_in_chunks<C>(
+    stream: &[u8],
+    cuts: &[C],
+    place: impl Fn(&C, usize) -> usize,
+    max_body: usize,
+) -> Result<Decoded, String> {
+    let mut ends: Vec<usize> = cuts.iter().map(|c| place(c, stream.len() + 1)).collect();
+    ends.push(stream.len());
+    ends.sort_unstable();
+    ends.dedup();
+    let mut input = Vec::new();
+    let mut bodies = Vec::new();
+    let mut start = 0;
+    for end in ends {
+        input.extend_from_slice(&stream[start..end]);
+        start = end;
+        let mut offset = 0;
+        loop {
+            match frame::decode(&input[offset..], max_body) {
+                Ok(Some(frame)) => {
+                    ensure_eq!(
+                        frame.consumed,
+                        PREFIX_LEN + frame.body.len(),
+                        "a frame's size"
+                    );
+                    ensure!(frame.body.len() <= max_body, "body over the limit");
+                    bodies.push(frame.body.to_vec());
+                    offset += frame.consumed;
+                }
+                Ok(None) => break,
+                Err(too_large) => {
+                    return Ok(Decoded {
+                        bodies,
+                        end: Err(too_large),
+                    });
+                }
+            }
+        }
+        input.drain(..offset);
+    }
+    Ok(Decoded {
+        bodies,
+        end: Ok(input),
+    })
+}
+
+/// `frame::decode` written out as its documentation says.
+pub fn decode_spec(buf: &[u8], max_body: usize) -> Result<Option<(&[u8], usize)>, TooLarge> {
+    if buf.len() < PREFIX_LEN {
+        return Ok(None);
+    }
+    let announced = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if announced as usize > max_body {
+        return Err(TooLarge {
+            announced,
+            limit: max_body,
+        });
+    }
+    let end = PREFIX_LEN + announced as usize;
+    Ok((buf.len() >= end).then(|| (&buf[PREFIX_LEN..end], end)))
+}
+
+/// Bodies encoded back to back and read in chunks cut at `cuts` (see
+/// [`decode_in_chunks`]) come back exactly, in order, with nothing left
+/// over, under a limit `slack` bytes above the longest body (so, with no
+/// slack, a body of the limit's size is accepted).
+///
+/// # Panics
+///
+/// If a body is too long for a frame.
+pub fn check_frames_come_back<C>(
+    bodies: &[Vec<u8>],
+    slack: usize,
+    cuts: &[C],
+    place: impl Fn(&C, usize) -> usize,
+) -> Result<(), String> {
+    let max_body = bodies.iter().map(Vec::len).max().unwrap_or(0) + slack;
+    let stream = encode_all(bodies);
+    let decoded = decode_in_chunks(&stream, cuts, place, max_body)?;
+    let sent = Decoded {
+        bodies: bodies.to_vec(),
+        end: Ok(Vec::new()),
+    };
+    ensure_eq!(decoded, sent, "frames read in chunks");
+    Ok(())
+}
+
+/// On arbitrary bytes `frame::decode` does what its documentation says
+/// ([`decode_spec`]).
+pub fn check_decode_as_documented(bytes: &[u8], max_body: usize) -> Result<(), String> {
+    let got = frame::decode(bytes, max_body).map(|f| f.map(|f| (f.body, f.consumed)));
+    ensure_eq!(got, decode_spec(bytes, max_body), "decoding {bytes:?}");
+    Ok(())
+}
+
+/// Reading `stream` in chunks cut at `cuts` gives what reading it at once
+/// gives.
+pub fn check_chunking_changes_nothing<C>(
+    stream: &[u8],
+    cuts: &[C],
+    place: impl Fn(&C, usize) -> usize,
+    max_body: usize,
+) -> Result<(), String> {
+    let no_cuts: &[C] = &[];
+    let in_chunks = decode_in_chunks(stream, cuts, &place, max_body)?;
+    let at_once = decode_in_chunks(stream, no_cuts, &place, max_body)?;
+    ensure_eq!(in_chunks, at_once, "read in chunks, then at once");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The request parser
+// ---------------------------------------------------------------------------
+
+/// The request text a reply echoes verbatim: the id, the v1 lock name.
+fn echoed(reply: &Reply) -> Option<&str> {
+    match reply {
+        Reply::Rpc { id, .. } | Reply::Error { id: Some(id), .. } => Some(id.get()),
+        Reply::Unlock {
+            lock_name: Some(name),
+            ..
+        } => Some(name.get()),
+        _ => None,
+    }
+}
+
+/// Encodes `reply`, checks that it is one frame holding a JSON object, and
+/// returns the body.
+///
+/// The object must parse with serde_json's ordinary (strict) parser, with
+/// one exception: ids are echoed verbatim, so an id the strict parser cannot
+/// read either (`1E400`, out of range for an f64, though valid JSON grammar)
+/// comes back as sent; then the reply must still be valid JSON grammar.
+pub fn encode_one(reply: &Reply) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    reply.encode(&mut out);
+    let frame = match frame::decode(&out, usize::MAX) {
+        Ok(Some(frame)) => frame,
+        other => return Err(format!("{reply:?} framed as {other:?}")),
+    };
+    ensure_eq!(frame.consumed, out.len(), "{reply:?} is not one frame");
+    let body = frame.body;
+    let text = String::from_utf8_lossy(body);
+    if let Err(e) = serde_json::from_slice::<BTreeMap<String, Box<RawValue>>>(body) {
+        return Err(format!("{reply:?} encoded as {text:?}: {e}"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value) => ensure!(value.is_object(), "{reply:?} encoded as {text:?}"),
+        Err(e) => {
+            let excused =
+                echoed(reply).is_some_and(|raw| serde_json::from_str::<Value>(raw).is_err());
+            ensure!(excused, "{reply:?} encoded as {text:?}: {e}");
+        }
+    }
+    Ok(body.to_vec())
+}
+
+/// Parses `body` and checks the outcome: a bad message gets a reply that
+/// encodes as a JSON object ([`encode_one`]); a good one has fields within
+/// their limits, and a reply echoing its id or lock name encodes as a JSON
+/// object too.
+pub fn check_parse(body: &[u8]) -> Result<(), String> {
+    let request = match protocol::parse(body) {
+        Ok(request) => request,
+        Err(bad) => {
+            ensure!(!bad.detail().is_empty(), "an error without a detail");
+            encode_one(&bad.into_reply())?;
+            return Ok(());
+        }
+    };
+    let name_ok = |name: &str| (1..=protocol::MAX_LOCK_NAME_BYTES).contains(&name.len());
+    let reply = match request {
+        Request::Lock { id, lock, .. } => {
+            ensure!(name_ok(&lock), "lock name {lock:?}");
+            Reply::Rpc {
+                id,
+                result: Outcome::Granted { token: 1 },
+            }
+        }
+        Request::Unlock { form, lock } => {
+            ensure!(name_ok(&lock), "lock name {lock:?}");
+            match form {
+                UnlockForm::V1 { lock_name } => Reply::Unlock {
+                    result: UnlockResult::Ok,
+                    lock_name: Some(lock_name),
+                },
+                UnlockForm::Rpc { id } => Reply::Rpc {
+                    id,
+                    result: Outcome::NotFound,
+                },
+            }
+        }
+        Request::Hello { id, client } => {
+            ensure!(
+                client.len() <= protocol::MAX_CLIENT_NAME_BYTES,
+                "client name {client:?}"
+            );
+            Reply::Rpc {
+                id,
+                result: Outcome::Ok,
+            }
+        }
+        Request::Status { id, limit, .. } => {
+            ensure!(
+                (1..=protocol::MAX_STATUS_LIMIT).contains(&limit),
+                "status limit {limit}"
+            );
+            Reply::Rpc {
+                id,
+                result: Outcome::Ok,
+            }
+        }
+        Request::Ping { id } | Request::Stats { id } => Reply::Rpc {
+            id,
+            result: Outcome::Ok,
+        },
+    };
+    encode_one(&reply)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The whole core
+// ---------------------------------------------------------------------------
+
+/// The clients [`CoreCheck`] drives (slots `0..CORE_CLIENTS`).
+pub const CORE_CLIENTS: usize = 3;
+/// The token of the core's first grant.
+pub const CORE_FIRST_TOKEN: u64 = 1_000_000;
+/// The largest frame body the core is handed, as the server's limit.
+pub const CORE_MAX_MESSAGE_BYTES: usize = 512;
+
+/// Lock names (JSON text) for the requests [`CoreCheck`] is sent; `5` is
+/// not a string.
+pub const LOCK_NAMES: [&str; 5] = [r#""a""#, r#""b""#, r#""c""#, r#""5""#, "5"];
+/// Request ids (JSON text), the valid kinds and some the parser refuses.
+pub const IDS: [&str; 8] = ["0", "1", "2", r#""x""#, r#""y""#, "true", "1.5", "null"];
+/// `timeoutMs` members of a lock request, with a leading comma; the first
+/// leaves it out.
+pub const TIMEOUTS: [&str; 9] = [
+    "",
+    r#","timeoutMs":null"#,
+    r#","timeoutMs":0"#,
+    r#","timeoutMs":1"#,
+    r#","timeoutMs":5"#,
+    r#","timeoutMs":20"#,
+    r#","timeoutMs":100"#,
+    r#","timeoutMs":18446744073709551615"#,
+    r#","timeoutMs":-1"#,
+];
+/// `mode` members of a lock request, with a leading comma; the first leaves
+/// it out.
+pub const MODES: [&str; 4] = [
+    "",
+    r#","mode":"exclusive""#,
+    r#","mode":"shared""#,
+    r#","mode":"read""#,
+];
+/// `parameters` of a status request.
+pub const STATUS_PARAMETERS: [&str; 6] = [
+    "{}",
+    r#"{"lockName":"a"}"#,
+    r#"{"prefix":""}"#,
+    r#"{"prefix":"b"}"#,
+    r#"{"limit":1}"#,
+    r#"{"limit":0}"#,
+];
+
+/// A request in the text a client sends; the fields are JSON text, mostly
+/// taken from [`LOCK_NAMES`], [`IDS`], [`TIMEOUTS`], [`MODES`] and
+/// [`STATUS_PARAMETERS`].
+#[derive(Clone, Copy, Debug)]
+pub enum Rpc<'a> {
+    /// `lock`.
+    Lock {
+        /// The id.
+        id: &'a str,
+        /// The lock name.
+        name: &'a str,
+        /// The `timeoutMs` member, as in [`TIMEOUTS`].
+        timeout: &'a str,
+        /// The `mode` member, as in [`MODES`].
+        mode: &'a str,
+    },
+    /// `unlock`.
+    Unlock {
+        /// The id.
+        id: &'a str,
+        /// The lock name.
+        name: &'a str,
+    },
+    /// `unlock` in the v1 form (no id).
+    UnlockV1 {
+        /// The lock name.
+        name: &'a str,
+    },
+    /// `status`.
+    Status {
+        /// The id.
+        id: &'a str,
+        /// The parameters object.
+        parameters: &'a str,
+    },
+    /// `hello`.
+    Hello {
+        /// The id.
+        id: &'a str,
+    },
+    /// `ping`.
+    Ping {
+        /// The id.
+        id: &'a str,
+    },
+    /// `stats`.
+    Stats {
+        /// The id.
+        id: &'a str,
+    },
+}
+
+impl Rpc<'_> {
+    /// The request's JSON text.
+    pub fn text(&self) -> String {
+        match *self {
+            Rpc::Lock {
+                id,
+                name,
+                timeout,
+                mode,
+            } => format!(
+                r#"{{"command":"lock","id":{id},"parameters":{{"lockName":{name}{timeout}{mode}}}}}"#
+            ),
+            Rpc::Unlock { id, name } => {
+                format!(r#"{{"command":"unlock","id":{id},"parameters":{{"lockName":{name}}}}}"#)
+            }
+            Rpc::UnlockV1 { name } => format!(r#"{{"command":"unlock","lockName":{name}}}"#),
+            Rpc::Status { id, parameters } => {
+                format!(r#"{{"command":"status","id":{id},"parameters":{parameters}}}"#)
+            }
+            Rpc::Hello { id } => {
+                format!(r#"{{"command":"hello","id":{id},"parameters":{{"client":"worker"}}}}"#)
+            }
+            Rpc::Ping { id } => format!(r#"{{"command":"ping","id":{id}}}"#),
+            Rpc::Stats { id } => format!(r#"{{"command":"stats","id":{id}}}"#),
+        }
+    }
+}
+
+/// Bytes a client sends.
+#[derive(Clone, Debug)]
+pub enum Piece {
+    /// A framed, well-formed request.
+    Request(String),
+    /// A framed body of garbage.
+    Garbage(Vec<u8>),
+    /// Raw bytes, which may break the framing.
+    Raw(Vec<u8>),
+}
+
+impl Piece {
+    /// Appends the piece's bytes to `input`.
+    ///
+    /// # Panics
+    ///
+    /// If a body is too long for a frame.
+    pub fn append_to(&self, input: &mut Vec<u8>) {
+        match self {
+            Piece::Request(text) => frame::encode(text.as_bytes(), input).expect("a frame"),
+            Piece::Garbage(bytes) => frame::encode(bytes, input).expect("a frame"),
+            Piece::Raw(bytes) => input.extend_from_slice(bytes),
+        }
+    }
+}
+
+/// One step of a session with the core.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// The client in this slot connects (if it is not connected).
+    Connect(usize),
+    /// The client in this slot disconnects (if it is connected).
+    Disconnect(usize),
+    /// Bytes arriving from a client (connected first if it is not), cut
+    /// into frames as the server would.
+    Send(usize, Vec<Piece>),
+    /// The clock moves this many milliseconds and expired waits are answered.
+    Advance(u64),
+    /// The clock moves to the next deadline the core asked to be woken for.
+    WakeAtNextDeadline,
+}
+
+/// Drives a `commands::Core` the way `server.rs` does, checking after every
+/// step that the lock table's invariants hold, every reply goes to a live
+/// connection and encodes as one frame of strict JSON, and every grant's
+/// token is either the token that client already holds (asked again) or
+/// above every token granted before.
+#[derive(Debug)]
+pub struct CoreCheck {
+    core: Core,
+    now: Instant,
+    /// Each client's connection and the bytes it sent not yet cut into frames.
+    slots: [Option<(ClientId, Vec<u8>)>; CORE_CLIENTS],
+    live: HashSet<ClientId>,
+    /// Every token granted, and to whom.
+    issued: HashMap<u64, ClientId>,
+    highest: Option<u64>,
+    out: Vec<Outgoing>,
+    next_port: u16,
+}
+
+impl CoreCheck {
+    /// A core whose first grant carries [`CORE_FIRST_TOKEN`], that grants
+    /// nothing for `hold_ms` milliseconds if given (the hold after a
+    /// restart), and where a connection may hold or wait for `limit` locks.
+    pub fn new(hold_ms: Option<u64>, limit: usize) -> CoreCheck {
+        let now = Instant::now();
+        let keepalive = Keepalive {
+            idle: Duration::from_secs(5),
+            interval: Duration::from_secs(1),
+            probes: 5,
+            user_timeout: Some(Duration::from_secs(10)),
+        };
+        let settings = Settings {
+            max_locks_per_connection: limit,
+            keepalive,
+            // Small enough that `status` is sometimes cut.
+            status_budget_bytes: 250,
+        };
+        let mut core = Core::new(settings, CORE_FIRST_TOKEN, now);
+        if let Some(ms) = hold_ms {
+            core.hold_grants_until(now + Duration::from_millis(ms));
+        }
+        CoreCheck {
+            core,
+            now,
+            slots: [None, None, None],
+            live: HashSet::new(),
+            issued: HashMap::new(),
+            highest: None,
+            out: Vec::new(),
+            next_port: 40000,
+        }
+    }
+
+    fn connect(&mut self, slot: usize) -> Result<ClientId, String> {
+        if let Some((client, _)) = &self.slots[slot] {
+            return Ok(*client);
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.next_port));
+        self.next_port = self.next_port.wrapping_add(1);
+        let client = self.core.connect(addr);
+        ensure!(self.live.insert(client), "client id {client} reused");
+        self.slots[slot] = Some((client, Vec::new()));
+        Ok(client)
+    }
+
+    fn disconnect(&mut self, slot: usize) {
+        if let Some((client, _)) = self.slots[slot].take() {
+            self.live.remove(&client);
+            self.core.disconnect(client, self.now, &mut self.out);
+        }
+    }
+
+    /// Appends the bytes to the client's input and hands every whole frame
+    /// to the core; an oversized prefix is answered and closes the
+    /// connection, as in `Server::handle_input`.
+    fn send(&mut self, slot: usize, pieces: &[Piece]) -> Result<(), String> {
+        let client = self.connect(slot)?;
+        let Some((_, input)) = self.slots[slot].as_mut() else {
+            unreachable!("just connected");
+        };
+        for piece in pieces {
+            piece.append_to(input);
+        }
+        let input = std::mem::take(input);
+        let mut offset = 0;
+        loop {
+            match frame::decode(&input[offset..], CORE_MAX_MESSAGE_BYTES) {
+                Ok(Some(frame)) => {
+                    self.core
+                        .handle(client, frame.body, self.now, &mut self.out);
+                    offset += frame.consumed;
+                    self.check_replies()?;
+                }
+                Ok(None) => break,
+                Err(too_large) => {
+                    self.core
+                        .message_too_large(client, too_large, self.now, &mut self.out);
+                    self.check_replies()?;
+                    self.disconnect(slot);
+                    return Ok(());
+                }
+            }
+        }
+        if let Some((_, kept)) = self.slots[slot].as_mut() {
+            *kept = input[offset..].to_vec();
+        }
+        Ok(())
+    }
+
+    /// Every reply goes to a live connection and encodes as a JSON object;
+    /// every grant's token is either the token that client already holds
+    /// (asked again) or above every token granted before.
+    fn check_replies(&mut self) -> Result<(), String> {
+        for Outgoing { to, reply } in self.out.drain(..) {
+            ensure!(self.live.contains(&to), "reply to closed {to}: {reply:?}");
+            let body = encode_one(&reply)?;
+            // The ids sent are all within what a strict parser reads.
+            let json: Value =
+                serde_json::from_slice(&body).map_err(|e| format!("{reply:?}: {e}"))?;
+            let Reply::Rpc {
+                result: Outcome::Granted { token },
+                ..
+            } = reply
+            else {
+                continue;
+            };
+            let sent = json.get("result").and_then(|r| r.get("token"));
+            ensure_eq!(sent.and_then(Value::as_u64), Some(token), "{json:?}");
+            ensure!(
+                token < self.core.next_token(),
+                "token {token} not issued yet"
+            );
+            match self.issued.get(&token) {
+                Some(&holder) => ensure_eq!(holder, to, "token {token} granted to two clients"),
+                None => {
+                    let floor = self.highest.map_or(CORE_FIRST_TOKEN, |h| h + 1);
+                    ensure!(token >= floor, "token {token} not above {:?}", self.highest);
+                    self.issued.insert(token, to);
+                    self.highest = Some(token);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one step, then checks the replies and the table's invariants.
+    ///
+    /// # Panics
+    ///
+    /// If a slot is not below [`CORE_CLIENTS`].
+    pub fn step(&mut self, step: &Step) -> Result<(), String> {
+        match step {
+            Step::Connect(slot) => {
+                self.connect(*slot)?;
+            }
+            Step::Disconnect(slot) => self.disconnect(*slot),
+            Step::Send(slot, pieces) => self.send(*slot, pieces)?,
+            Step::Advance(ms) => {
+                self.now += Duration::from_millis(*ms);
+                self.core.expire(self.now, &mut self.out);
+            }
+            Step::WakeAtNextDeadline => {
+                if let Some(at) = self.core.next_deadline() {
+                    self.now = self.now.max(at);
+                }
+                self.core.expire(self.now, &mut self.out);
+            }
+        }
+        self.check_replies()?;
+        self.core.table().check_invariants()
+    }
+}
+
+/// Runs `steps` on a fresh [`CoreCheck::new`]`(hold_ms, limit)`; the error
+/// names the step that broke a promise.
+///
+/// # Panics
+///
+/// If a slot is not below [`CORE_CLIENTS`].
+pub fn run_core(hold_ms: Option<u64>, limit: usize, steps: &[Step]) -> Result<(), String> {
+    let mut check = CoreCheck::new(hold_ms, limit);
+    for (i, step) in steps.iter().enumerate() {
+        check
+            .step(step)
+            .map_err(|e| format!("step {i} ({step:?}): {e}"))?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The lock table against the model
+// ---------------------------------------------------------------------------
+
+/// An operation on the lock table and the model. Locks are named by their
+/// index in the list given to [`check_against_model`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableOp {
+    /// A lock request.
+    Lock {
+        /// Who asks.
+        client: ClientId,
+        /// The lock's index.
+        name: usize,
+        /// Exclusive or shared.
+        mode: Mode,
+        /// How long to wait, `None` for ever.
+        timeout: Option<Duration>,
+    },
+    /// An unlock.
+    Unlock {
+        /// Who unlocks.
+        client: ClientId,
+        /// The lock's index.
+        name: usize,
+    },
+    /// The client's connection closes.
+    Disconnect {
+        /// Whose.
+        client: ClientId,
+    },
+    /// The clock moves and expired waits are answered.
+    Advance {
+        /// By how much.
+        by: Duration,
+    },
+}
+
+/// Runs `ops` on a `LockTable` and on the naive [`Model`], both with
+/// `first_token`, `limit` locks per client, and no grant for `hold_ms`
+/// milliseconds if given. After every step: the table emitted exactly the
+/// model's effects and has the same next token; every request is answered
+/// once, to the client that asked; a token is never granted to two clients,
+/// and new grants get strictly increasing tokens, from `first_token` on;
+/// the table's invariants hold; every unanswered request is still waiting
+/// in the table. The error names the step.
+///
+/// # Panics
+///
+/// If an operation names a lock past the end of `names`.
+pub fn check_against_model(
+    first_token: u64,
+    limit: usize,
+    hold_ms: Option<u64>,
+    names: &[&str],
+    ops: &[TableOp],
+) -> Result<(), String> {
+    let start = Instant::now();
+    let mut now = start;
+    let mut table: LockTable<u32> = LockTable::new(first_token, limit);
+    let mut model: Model<u32> = Model::new(first_token, limit);
+    if let Some(ms) = hold_ms {
+        let until = start + Duration::from_millis(ms);
+        table.hold_grants_until(until);
+        model.hold_grants_until(until);
+    }
+    let mut out = Vec::new();
+    let mut pending: HashMap<u32, ClientId> = HashMap::new();
+    let mut issued: HashMap<u64, ClientId> = HashMap::new();
+    let mut highest: Option<u64> = None;
+    for (step, op) in ops.iter().enumerate() {
+        let tag = step as u32;
+        let expected = match *op {
+            TableOp::Lock {
+                client,
+                name,
+                mode,
+                timeout,
+            } => {
+                let request = LockRequest {
+                    client,
+                    lock: names[name],
+                    mode,
+                    timeout,
+                    tag,
+                };
+                table.lock(request, now, &mut out);
+                pending.insert(tag, client);
+                model.lock(client, names[name], mode, timeout, tag, now)
+            }
+            TableOp::Unlock { client, name } => {
+                let got = table.unlock(client, names[name], now, &mut out);
+                let (want, effects) = model.unlock(client, names[name], now);
+                ensure_eq!(got, want, "unlock result at step {step}");
+                effects
+            }
+            TableOp::Disconnect { client } => {
+                table.disconnect(client, now, &mut out);
+                pending.retain(|_, c| *c != client);
+                model.disconnect(client, now)
+            }
+            TableOp::Advance { by } => {
+                now += by;
+                table.expire(now, &mut out);
+                model.expire(now)
+            }
+        };
+        // `left` is the table, `right` the model.
+        ensure_eq!(out, expected, "effects at step {step} ({op:?})");
+        ensure_eq!(
+            table.next_token(),
+            model.next_token(),
+            "next token at step {step}"
+        );
+        for effect in out.drain(..) {
+            let (tag, client, token) = match effect {
+                Effect::Granted {
+                    tag, client, token, ..
+                } => (tag, client, Some(token)),
+                Effect::TimedOut { tag, client }
+                | Effect::Cancelled { tag, client }
+                | Effect::Refused { tag, client, .. } => (tag, client, None),
+            };
+            // Every request is answered once, to the client that asked.
+            ensure_eq!(pending.remove(&tag), Some(client), "answer to tag {tag}");
+            if let Some(token) = token {
+                match issued.get(&token) {
+                    // Asking again for a held lock returns its token.
+                    Some(&holder) => {
+                        ensure_eq!(holder, client, "token {token} reused for another client")
+                    }
+                    None => {
+                        ensure!(
+                            highest.is_none_or(|h| token > h) && token >= first_token,
+                            "token {token} not above {highest:?}"
+                        );
+                        issued.insert(token, client);
+                        highest = Some(token);
+                    }
+                }
+            }
+        }
+        if let Err(broken) = table.check_invariants() {
+            return Err(format!("after step {step} ({op:?}): {broken}"));
+        }
+        // Whoever is still unanswered is really waiting in the table.
+        for (&tag, &client) in &pending {
+            let waiting = names.iter().any(|n| {
+                table
+                    .get(n)
+                    .is_some_and(|v| v.waiters().any(|w| w.client == client))
+            });
+            ensure!(waiting, "request {tag} of client {client} was forgotten");
+        }
+    }
+    Ok(())
+}
