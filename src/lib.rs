@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod allow_list;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -1,0 +1,189 @@
+//! `pklock-bench`: lock workloads against pklock and, side by side, against a
+//! Redis lock and PostgreSQL advisory locks. Argument parsing and wiring only.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pklock::bench::{self, Backend, BenchOptions, Workload};
+use pklock::duration;
+
+/// Benchmark pklock, alone or against a Redis lock and PostgreSQL advisory
+/// locks in the same run (--compare; build with --features compare).
+#[derive(Parser)]
+#[command(name = "pklock-bench", version)]
+struct Args {
+    /// The pklock server.
+    #[arg(long, default_value = "127.0.0.1:20934")]
+    server: SocketAddr,
+    /// The pklock server's process id, for its CPU time and memory (found
+    /// from the port when left out).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Also run against redis://HOST:PORT or postgres://USER@HOST/DB (repeatable).
+    #[arg(long, value_name = "URL")]
+    compare: Vec<String>,
+    /// Workloads to run (repeatable; default: all).
+    #[arg(long, value_enum)]
+    workload: Vec<WorkloadArg>,
+    /// How long each timed workload runs (seconds, or 10s, 500ms).
+    #[arg(long, default_value = "5", value_parser = duration::parse)]
+    seconds: Duration,
+    /// Connections for uncontended and contended.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Holders for idle-holders.
+    #[arg(long, default_value_t = 10_000)]
+    holders: usize,
+    /// Rounds for dead-holder.
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Locks held for many-locks.
+    #[arg(long, default_value_t = 100_000)]
+    many_locks: usize,
+    /// TTL of the Redis lock (its PX): how long a dead holder keeps it.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    redis_ttl: Duration,
+    /// How often a Redis waiter retries.
+    #[arg(long, default_value = "10ms", value_parser = duration::parse)]
+    redis_retry: Duration,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    holder: Option<Holder>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    Uncontended,
+    Contended,
+    IdleHolders,
+    DeadHolder,
+    ManyLocks,
+}
+
+/// The holder processes dead-holder starts and kills.
+#[derive(Subcommand)]
+enum Holder {
+    #[command(name = "hold-pklock", hide = true)]
+    Pklock { addr: SocketAddr, name: String },
+    #[cfg(feature = "compare")]
+    #[command(name = "hold-redis", hide = true)]
+    Redis {
+        url: String,
+        name: String,
+        ttl_ms: u64,
+    },
+    #[cfg(feature = "compare")]
+    #[command(name = "hold-postgres", hide = true)]
+    Postgres { url: String, key: i64 },
+}
+
+/// A backend and the workloads it is to run.
+type Planned = (Box<dyn Backend>, Vec<Workload>);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(holder) = args.holder {
+        let held = match holder {
+            Holder::Pklock { addr, name } => bench::pklock::hold(addr, &name),
+            #[cfg(feature = "compare")]
+            Holder::Redis { url, name, ttl_ms } => bench::redis::hold(&url, &name, ttl_ms),
+            #[cfg(feature = "compare")]
+            Holder::Postgres { url, key } => bench::postgres::hold(&url, key),
+        };
+        if let Err(e) = held {
+            eprintln!("pklock-bench holder: {e}");
+        }
+        return ExitCode::FAILURE;
+    }
+    let workloads: Vec<Workload> = if args.workload.is_empty() {
+        Workload::ALL.to_vec()
+    } else {
+        args.workload
+            .iter()
+            .map(|w| match w {
+                WorkloadArg::Uncontended => Workload::Uncontended,
+                WorkloadArg::Contended => Workload::Contended,
+                WorkloadArg::IdleHolders => Workload::IdleHolders,
+                WorkloadArg::DeadHolder => Workload::DeadHolder,
+                WorkloadArg::ManyLocks => Workload::ManyLocks,
+            })
+            .collect()
+    };
+    let options = BenchOptions {
+        duration: args.seconds,
+        connections: args.connections,
+        holders: args.holders,
+        rounds: args.rounds,
+        many_locks: args.many_locks,
+        redis_ttl: args.redis_ttl,
+        redis_retry: args.redis_retry,
+    };
+    let mut backends: Vec<Planned> = vec![(
+        Box::new(bench::pklock::Pklock::new(args.server, args.pid)),
+        workloads.clone(),
+    )];
+    for url in &args.compare {
+        match compared(url, &workloads) {
+            Ok(mut more) => backends.append(&mut more),
+            Err(e) => {
+                eprintln!("pklock-bench: {e}");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    let results: Vec<bench::Results> = backends
+        .iter_mut()
+        .map(|(backend, workloads)| bench::run(backend.as_mut(), workloads, &options))
+        .collect();
+    if args.json {
+        match serde_json::to_string_pretty(&results) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("pklock-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", bench::report(&results));
+    }
+    if results.iter().any(|r| !r.errors.is_empty()) {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// The backends for one --compare URL, each with the workloads it runs:
+/// Redis twice, the second time with waiters retrying every 100 ms
+/// (contended only), as slower real clients do.
+#[cfg(feature = "compare")]
+fn compared(url: &str, workloads: &[Workload]) -> Result<Vec<Planned>, String> {
+    if url.starts_with("redis://") {
+        let mut backends: Vec<Planned> =
+            vec![(Box::new(bench::redis::Redis::new(url)?), workloads.to_vec())];
+        if workloads.contains(&Workload::Contended) {
+            let slow = bench::redis::Redis::new(url)?.with_retry(Duration::from_millis(100));
+            backends.push((Box::new(slow), vec![Workload::Contended]));
+        }
+        Ok(backends)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(vec![(
+            Box::new(bench::postgres::Postgres::new(url)?),
+            workloads.to_vec(),
+        )])
+    } else {
+        Err(format!(
+            "--compare {url}: expected redis://HOST:PORT or postgres://USER@HOST/DB"
+        ))
+    }
+}
+
+#[cfg(not(feature = "compare"))]
+fn compared(url: &str, _workloads: &[Workload]) -> Result<Vec<Planned>, String> {
+    Err(format!(
+        "--compare {url}: this build has no comparisons; build with `--features compare`"
+    ))
+}

@@ -1,0 +1,506 @@
+//! The workloads against a pklock server, driven from one thread: a `mio`
+//! loop over every connection, each with at most one request outstanding
+//! (contended holders send unlock and their next lock together).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream as MioStream;
+use mio::{Events, Interest, Poll, Token};
+use serde::Deserialize;
+
+use super::{
+    BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, ServerCpu, Uncontended,
+    histogram, proc, record,
+};
+use crate::frame;
+
+/// The pklock server under test.
+pub struct Pklock {
+    addr: SocketAddr,
+    pid: Option<u32>,
+}
+
+impl Pklock {
+    /// The server at `addr`; its process is found from the port unless `pid` is given.
+    pub fn new(addr: SocketAddr, pid: Option<u32>) -> Pklock {
+        let pid = pid.or_else(|| proc::pid_listening_on(addr.port()));
+        Pklock { addr, pid }
+    }
+}
+
+fn request(command: &str, id: u64, lock: &str) -> Vec<u8> {
+    let body =
+        format!(r#"{{"command":"{command}","id":{id},"parameters":{{"lockName":"{lock}"}}}}"#);
+    let mut out = Vec::new();
+    // A short body always fits in a frame.
+    let _ = frame::encode(body.as_bytes(), &mut out);
+    out
+}
+
+const LOCK_ID: u64 = 1;
+const UNLOCK_ID: u64 = 2;
+
+#[derive(Deserialize)]
+struct ReplyId {
+    id: Option<u64>,
+}
+
+/// One load-generator connection: buffered, non-blocking.
+struct Conn {
+    stream: MioStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    writable_armed: bool,
+}
+
+impl Conn {
+    fn connect(addr: SocketAddr) -> io::Result<Conn> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        Ok(Conn {
+            stream: MioStream::from_std(stream),
+            input: Vec::new(),
+            output: Vec::new(),
+            writable_armed: false,
+        })
+    }
+
+    fn send(&mut self, bytes: &[u8], poll: &Poll, token: Token) -> io::Result<()> {
+        self.output.extend_from_slice(bytes);
+        self.flush(poll, token)
+    }
+
+    fn flush(&mut self, poll: &Poll, token: Token) -> io::Result<()> {
+        while !self.output.is_empty() {
+            match self.stream.write(&self.output) {
+                Ok(n) => {
+                    self.output.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let want_writable = !self.output.is_empty();
+        if want_writable != self.writable_armed {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            poll.registry()
+                .reregister(&mut self.stream, token, interest)?;
+            self.writable_armed = want_writable;
+        }
+        Ok(())
+    }
+
+    /// Reads what is there and returns the ids of the whole replies in it.
+    fn replies(&mut self) -> io::Result<Vec<u64>> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.input.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut ids = Vec::new();
+        let mut offset = 0;
+        while let Ok(Some(f)) = frame::decode(&self.input[offset..], 1 << 20) {
+            let reply: ReplyId = serde_json::from_slice(f.body).map_err(io::Error::other)?;
+            if let Some(id) = reply.id {
+                ids.push(id);
+            }
+            offset += f.consumed;
+        }
+        self.input.drain(..offset);
+        Ok(ids)
+    }
+}
+
+/// Connects `n` load-generator connections registered on `poll`.
+fn connect_all(addr: SocketAddr, n: usize, poll: &Poll) -> Result<Vec<Conn>, BenchError> {
+    (0..n)
+        .map(|i| {
+            let mut conn = Conn::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+            poll.registry()
+                .register(&mut conn.stream, Token(i), Interest::READABLE)
+                .map_err(|e| e.to_string())?;
+            Ok(conn)
+        })
+        .collect()
+}
+
+fn io_err(e: io::Error) -> BenchError {
+    format!("connection failed: {e}")
+}
+
+impl super::Backend for Pklock {
+    fn name(&self) -> &str {
+        "pklock"
+    }
+
+    fn target(&self) -> String {
+        match self.pid {
+            Some(pid) => format!("{} (pid {pid})", self.addr),
+            None => self.addr.to_string(),
+        }
+    }
+
+    fn uncontended(&mut self, options: &BenchOptions) -> Result<Uncontended, BenchError> {
+        let mut poll = Poll::new().map_err(|e| e.to_string())?;
+        let mut conns = connect_all(self.addr, options.connections, &poll)?;
+        let locks: Vec<Vec<u8>> = (0..conns.len())
+            .map(|i| request("lock", LOCK_ID, &format!("bench/u/{i}")))
+            .collect();
+        let unlocks: Vec<Vec<u8>> = (0..conns.len())
+            .map(|i| request("unlock", UNLOCK_ID, &format!("bench/u/{i}")))
+            .collect();
+        let mut latency = histogram();
+        let mut sent_at = vec![Instant::now(); conns.len()];
+        let cpu_before = self.pid.and_then(proc::cpu_ms);
+        let start = Instant::now();
+        let deadline = start + options.duration;
+        for (i, conn) in conns.iter_mut().enumerate() {
+            sent_at[i] = Instant::now();
+            conn.send(&locks[i], &poll, Token(i)).map_err(io_err)?;
+        }
+        let mut cycles = 0u64;
+        let mut events = Events::with_capacity(1024);
+        let mut finished = 0;
+        while finished < conns.len() {
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            let now = Instant::now();
+            for event in &events {
+                let i = event.token().0;
+                let conn = &mut conns[i];
+                if event.is_writable() {
+                    conn.flush(&poll, Token(i)).map_err(io_err)?;
+                }
+                if !event.is_readable() {
+                    continue;
+                }
+                for id in conn.replies().map_err(io_err)? {
+                    match id {
+                        LOCK_ID => {
+                            record(&mut latency, now - sent_at[i]);
+                            conn.send(&unlocks[i], &poll, Token(i)).map_err(io_err)?;
+                        }
+                        _ if now >= deadline => finished += 1,
+                        _ => {
+                            cycles += 1;
+                            sent_at[i] = now;
+                            conn.send(&locks[i], &poll, Token(i)).map_err(io_err)?;
+                        }
+                    }
+                }
+            }
+        }
+        let elapsed = deadline
+            .saturating_duration_since(start)
+            .max(Duration::from_millis(1));
+        let cpu_after = self.pid.and_then(proc::cpu_ms);
+        drop(poll);
+        Ok(Uncontended {
+            cycles_per_sec: cycles as f64 / elapsed.as_secs_f64(),
+            lock_latency: Latency::from_histogram(&latency),
+            server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| ServerCpu {
+                cpu_ms: a - b,
+                us_per_op: (a - b) * 1000.0 / cycles.max(1) as f64,
+            }),
+        })
+    }
+
+    fn contended(&mut self, options: &BenchOptions) -> Result<Contended, BenchError> {
+        let ping = ping_latency(self.addr, Duration::from_secs(1))?;
+        let mut poll = Poll::new().map_err(|e| e.to_string())?;
+        let mut conns = connect_all(self.addr, options.connections, &poll)?;
+        let lock = request("lock", LOCK_ID, "bench/contended");
+        let mut unlock_then_lock = request("unlock", UNLOCK_ID, "bench/contended");
+        unlock_then_lock.extend_from_slice(&lock);
+        for (i, conn) in conns.iter_mut().enumerate() {
+            conn.send(&lock, &poll, Token(i)).map_err(io_err)?;
+        }
+        // Let every request queue before timing starts.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut grants = vec![0u64; conns.len()];
+        let mut handover = histogram();
+        let mut released_at: Option<(usize, Instant)> = None;
+        let mut regrants = 0u64;
+        let mut total = 0u64;
+        let start = Instant::now();
+        let deadline = start + options.duration;
+        let mut events = Events::with_capacity(1024);
+        while Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            let now = Instant::now();
+            for event in &events {
+                let i = event.token().0;
+                let conn = &mut conns[i];
+                if event.is_writable() {
+                    conn.flush(&poll, Token(i)).map_err(io_err)?;
+                }
+                if !event.is_readable() {
+                    continue;
+                }
+                for id in conn.replies().map_err(io_err)? {
+                    if id != LOCK_ID || now >= deadline {
+                        continue;
+                    }
+                    grants[i] += 1;
+                    total += 1;
+                    if let Some((previous, at)) = released_at {
+                        record(&mut handover, now - at);
+                        regrants += u64::from(previous == i);
+                    }
+                    released_at = Some((i, Instant::now()));
+                    conn.send(&unlock_then_lock, &poll, Token(i))
+                        .map_err(io_err)?;
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        drop(conns);
+        let min = grants.iter().copied().min().unwrap_or(0);
+        let max = grants.iter().copied().max().unwrap_or(0);
+        Ok(Contended {
+            grants_per_sec: total as f64 / elapsed.as_secs_f64(),
+            handover: Latency::from_histogram(&handover),
+            min_grants: min,
+            max_grants: max,
+            fairness: min as f64 / max.max(1) as f64,
+            ping,
+            regrant_share: regrants as f64 / total.max(1) as f64,
+        })
+    }
+
+    fn idle_holders(&mut self, options: &BenchOptions) -> Result<IdleHolders, BenchError> {
+        raise_fd_limit(options.holders as u64 + 256)?;
+        let probe_cycles = 2000;
+        let mut probe = BlockingConn::connect(self.addr)?;
+        let probe_alone = probe.cycles("bench/probe", probe_cycles)?;
+        let rss_before = self.pid.and_then(proc::rss_kib);
+        let mut holders = Vec::with_capacity(options.holders);
+        for i in 0..options.holders {
+            let mut conn = TcpStream::connect(self.addr).map_err(|e| format!("holder {i}: {e}"))?;
+            conn.write_all(&request("lock", LOCK_ID, &format!("bench/idle/{i}")))
+                .map_err(|e| e.to_string())?;
+            holders.push(conn);
+        }
+        for (i, conn) in holders.iter_mut().enumerate() {
+            frame::read_blocking(conn, 1 << 20).map_err(|e| format!("holder {i}: {e}"))?;
+        }
+        // Let the server settle before reading its memory.
+        std::thread::sleep(Duration::from_millis(200));
+        let rss_with = self.pid.and_then(proc::rss_kib);
+        let probe_with_holders = probe.cycles("bench/probe", probe_cycles)?;
+        drop(holders);
+        Ok(IdleHolders {
+            holders: options.holders,
+            probe_alone,
+            probe_with_holders,
+            rss_before_kib: rss_before,
+            rss_with_holders_kib: rss_with,
+            bytes_per_holder: rss_before
+                .zip(rss_with)
+                .map(|(b, a)| (a.saturating_sub(b) * 1024) as f64 / options.holders.max(1) as f64),
+        })
+    }
+
+    fn supports(&self, _workload: super::Workload) -> bool {
+        true
+    }
+
+    fn many_locks(&mut self, options: &BenchOptions) -> Result<super::ManyLocks, BenchError> {
+        const PER_CONNECTION: usize = 5_000;
+        let probe_cycles = 5000;
+        let mut probe = BlockingConn::connect(self.addr)?;
+        let mut few = hold_many(self.addr, 10, PER_CONNECTION, "bench/few")?;
+        let probe_with_10 = probe.cycles("bench/probe-many", probe_cycles)?;
+        few.clear();
+        raise_fd_limit((options.many_locks / PER_CONNECTION) as u64 + 256)?;
+        let _many = hold_many(self.addr, options.many_locks, PER_CONNECTION, "bench/many")?;
+        let probe_with_many = probe.cycles("bench/probe-many", probe_cycles)?;
+        Ok(super::ManyLocks {
+            held: options.many_locks,
+            probe_with_10,
+            probe_with_many,
+        })
+    }
+
+    fn dead_holder(&mut self, options: &BenchOptions) -> Result<DeadHolder, BenchError> {
+        let mut kill_to_grant = histogram();
+        for round in 0..options.rounds {
+            let name = format!("bench/dead/{round}");
+            let mut holder = spawn_holder(&["hold-pklock", &self.addr.to_string(), &name])?;
+            let mut waiter = BlockingConn::connect(self.addr)?;
+            waiter.send(&request("lock", LOCK_ID, &name))?;
+            wait_until_queued(self.addr, &name)?;
+            let killed_at = Instant::now();
+            holder.kill().map_err(|e| e.to_string())?;
+            waiter.recv()?;
+            record(&mut kill_to_grant, killed_at.elapsed());
+            let _ = holder.wait();
+        }
+        Ok(DeadHolder {
+            rounds: options.rounds,
+            kill_to_grant: Latency::from_histogram(&kill_to_grant),
+        })
+    }
+}
+
+/// A blocking connection for probes and waiters.
+struct BlockingConn {
+    stream: TcpStream,
+}
+
+impl BlockingConn {
+    fn connect(addr: SocketAddr) -> Result<BlockingConn, BenchError> {
+        let stream = TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(BlockingConn { stream })
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), BenchError> {
+        self.stream.write_all(bytes).map_err(|e| e.to_string())
+    }
+
+    fn recv(&mut self) -> Result<Vec<u8>, BenchError> {
+        frame::read_blocking(&mut self.stream, 1 << 20).map_err(|e| e.to_string())
+    }
+
+    /// Lock/unlock cycles on `name`; the latency of each whole cycle.
+    fn cycles(&mut self, name: &str, n: usize) -> Result<Latency, BenchError> {
+        let (lock, unlock) = (
+            request("lock", LOCK_ID, name),
+            request("unlock", UNLOCK_ID, name),
+        );
+        let mut h = histogram();
+        for _ in 0..n {
+            let start = Instant::now();
+            self.send(&lock)?;
+            self.recv()?;
+            self.send(&unlock)?;
+            self.recv()?;
+            record(&mut h, start.elapsed());
+        }
+        Ok(Latency::from_histogram(&h))
+    }
+}
+
+/// Connections holding `count` distinct locks between them, `per_connection`
+/// each (requests pipelined); dropping them releases the locks.
+fn hold_many(
+    addr: SocketAddr,
+    count: usize,
+    per_connection: usize,
+    prefix: &str,
+) -> Result<Vec<TcpStream>, BenchError> {
+    let mut holders = Vec::new();
+    let mut taken = 0;
+    while taken < count {
+        let n = per_connection.min(count - taken);
+        let mut conn = BlockingConn::connect(addr)?;
+        let mut requests = Vec::new();
+        for i in taken..taken + n {
+            requests.extend(request("lock", LOCK_ID, &format!("{prefix}/{i}")));
+        }
+        conn.send(&requests)?;
+        for _ in 0..n {
+            conn.recv()?;
+        }
+        holders.push(conn.stream);
+        taken += n;
+    }
+    Ok(holders)
+}
+
+/// Round trips of `ping` on one connection, for `duration`.
+fn ping_latency(addr: SocketAddr, duration: Duration) -> Result<Latency, BenchError> {
+    let mut conn = BlockingConn::connect(addr)?;
+    let mut ping = Vec::new();
+    let _ = frame::encode(br#"{"command":"ping","id":3}"#, &mut ping);
+    let mut h = histogram();
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let sent = Instant::now();
+        conn.send(&ping)?;
+        conn.recv()?;
+        record(&mut h, sent.elapsed());
+    }
+    Ok(Latency::from_histogram(&h))
+}
+
+/// Waits until `name` has a waiter, so the kill finds one queued.
+fn wait_until_queued(addr: SocketAddr, name: &str) -> Result<(), BenchError> {
+    let mut conn = BlockingConn::connect(addr)?;
+    let mut status = Vec::new();
+    let body = serde_json::json!({"command": "status", "id": 4, "parameters": {"lockName": name}})
+        .to_string();
+    let _ = frame::encode(body.as_bytes(), &mut status);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        conn.send(&status)?;
+        let reply: serde_json::Value =
+            serde_json::from_slice(&conn.recv()?).map_err(|e| e.to_string())?;
+        if reply["result"]["locks"][0]["waiters"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Err(format!("no waiter showed up on {name}"))
+}
+
+/// Starts this program again as a holder process; returns once it holds.
+pub fn spawn_holder(args: &[&str]) -> Result<std::process::Child, BenchError> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start a holder: {e}"))?;
+    let stdout = child.stdout.take().ok_or("holder without stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if line.trim() != "held" {
+        let _ = child.kill();
+        return Err(format!("holder did not take the lock: {line:?}"));
+    }
+    Ok(child)
+}
+
+/// The holder process's side: take `name`, say `held`, and wait to be killed.
+pub fn hold(addr: SocketAddr, name: &str) -> Result<(), BenchError> {
+    let mut conn = BlockingConn::connect(addr)?;
+    conn.send(&request("lock", LOCK_ID, name))?;
+    conn.recv()?;
+    println!("held");
+    io::stdout().flush().map_err(|e| e.to_string())?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Raises this process's open-file limit to at least `wanted`.
+pub fn raise_fd_limit(wanted: u64) -> Result<(), BenchError> {
+    let limit = rlimit::increase_nofile_limit(wanted).map_err(|e| e.to_string())?;
+    if limit < wanted {
+        return Err(format!(
+            "the open-file limit is {limit}, {wanted} are needed; raise it (ulimit -n)"
+        ));
+    }
+    Ok(())
+}
