@@ -3,6 +3,7 @@
 //! lock, PostgreSQL advisory locks; behind the `compare` feature). Each
 //! backend implements [`Backend`]; this module runs them and reports.
 
+pub mod conn;
 pub mod pklock;
 #[cfg(feature = "compare")]
 pub mod postgres;

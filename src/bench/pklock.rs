@@ -2,15 +2,15 @@
 //! loop over every connection, each with at most one request outstanding
 //! (contended holders send unlock and their next lock together).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream as MioStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 use serde::Deserialize;
 
+use super::conn::{LoadConn, connect_all, io_err};
 use super::{
     BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, ServerCpu, Uncontended,
     histogram, proc, record,
@@ -48,96 +48,20 @@ struct ReplyId {
     id: Option<u64>,
 }
 
-/// One load-generator connection: buffered, non-blocking.
-struct Conn {
-    stream: MioStream,
-    input: Vec<u8>,
-    output: Vec<u8>,
-    writable_armed: bool,
-}
-
-impl Conn {
-    fn connect(addr: SocketAddr) -> io::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_nonblocking(true)?;
-        Ok(Conn {
-            stream: MioStream::from_std(stream),
-            input: Vec::new(),
-            output: Vec::new(),
-            writable_armed: false,
-        })
-    }
-
-    fn send(&mut self, bytes: &[u8], poll: &Poll, token: Token) -> io::Result<()> {
-        self.output.extend_from_slice(bytes);
-        self.flush(poll, token)
-    }
-
-    fn flush(&mut self, poll: &Poll, token: Token) -> io::Result<()> {
-        while !self.output.is_empty() {
-            match self.stream.write(&self.output) {
-                Ok(n) => {
-                    self.output.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
+/// Reads what `conn` has and returns the ids of the whole replies in it.
+fn replies(conn: &mut LoadConn) -> io::Result<Vec<u64>> {
+    conn.fill()?;
+    let mut ids = Vec::new();
+    let mut offset = 0;
+    while let Ok(Some(f)) = frame::decode(&conn.input[offset..], 1 << 20) {
+        let reply: ReplyId = serde_json::from_slice(f.body).map_err(io::Error::other)?;
+        if let Some(id) = reply.id {
+            ids.push(id);
         }
-        let want_writable = !self.output.is_empty();
-        if want_writable != self.writable_armed {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            poll.registry()
-                .reregister(&mut self.stream, token, interest)?;
-            self.writable_armed = want_writable;
-        }
-        Ok(())
+        offset += f.consumed;
     }
-
-    /// Reads what is there and returns the ids of the whole replies in it.
-    fn replies(&mut self) -> io::Result<Vec<u64>> {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.input.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        let mut ids = Vec::new();
-        let mut offset = 0;
-        while let Ok(Some(f)) = frame::decode(&self.input[offset..], 1 << 20) {
-            let reply: ReplyId = serde_json::from_slice(f.body).map_err(io::Error::other)?;
-            if let Some(id) = reply.id {
-                ids.push(id);
-            }
-            offset += f.consumed;
-        }
-        self.input.drain(..offset);
-        Ok(ids)
-    }
-}
-
-/// Connects `n` load-generator connections registered on `poll`.
-fn connect_all(addr: SocketAddr, n: usize, poll: &Poll) -> Result<Vec<Conn>, BenchError> {
-    (0..n)
-        .map(|i| {
-            let mut conn = Conn::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
-            poll.registry()
-                .register(&mut conn.stream, Token(i), Interest::READABLE)
-                .map_err(|e| e.to_string())?;
-            Ok(conn)
-        })
-        .collect()
-}
-
-fn io_err(e: io::Error) -> BenchError {
-    format!("connection failed: {e}")
+    conn.input.drain(..offset);
+    Ok(ids)
 }
 
 impl super::Backend for Pklock {
@@ -186,7 +110,7 @@ impl super::Backend for Pklock {
                 if !event.is_readable() {
                     continue;
                 }
-                for id in conn.replies().map_err(io_err)? {
+                for id in replies(conn).map_err(io_err)? {
                     match id {
                         LOCK_ID => {
                             record(&mut latency, now - sent_at[i]);
@@ -250,7 +174,7 @@ impl super::Backend for Pklock {
                 if !event.is_readable() {
                     continue;
                 }
-                for id in conn.replies().map_err(io_err)? {
+                for id in replies(conn).map_err(io_err)? {
                     if id != LOCK_ID || now >= deadline {
                         continue;
                     }

@@ -11,9 +11,9 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::net::TcpStream as MioStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 
+use super::conn::{self, LoadConn, io_err};
 use super::pklock::{raise_fd_limit, spawn_holder};
 use super::{
     BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, ServerCpu, Uncontended,
@@ -267,76 +267,34 @@ enum Sent {
     Release,
 }
 
-/// One load-generator connection: buffered, non-blocking, with the
-/// commands whose replies are still to come (they come in order).
+/// One load-generator connection, with the commands whose replies are
+/// still to come (they come in order).
 struct Conn {
-    stream: MioStream,
-    input: Vec<u8>,
-    output: Vec<u8>,
-    writable_armed: bool,
+    load: LoadConn,
     pending: VecDeque<Sent>,
 }
 
 impl Conn {
-    fn connect(addr: SocketAddr) -> io::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_nonblocking(true)?;
-        Ok(Conn {
-            stream: MioStream::from_std(stream),
-            input: Vec::new(),
-            output: Vec::new(),
-            writable_armed: false,
-            pending: VecDeque::new(),
-        })
-    }
-
     /// Sends `bytes`, which hold the commands `sent`, in order.
     fn send(&mut self, bytes: &[u8], sent: &[Sent], poll: &Poll, token: Token) -> io::Result<()> {
         self.pending.extend(sent);
-        self.output.extend_from_slice(bytes);
-        self.flush(poll, token)
+        self.load.send(bytes, poll, token)
     }
 
     fn flush(&mut self, poll: &Poll, token: Token) -> io::Result<()> {
-        while !self.output.is_empty() {
-            match self.stream.write(&self.output) {
-                Ok(n) => {
-                    self.output.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        let want_writable = !self.output.is_empty();
-        if want_writable != self.writable_armed {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            poll.registry()
-                .reregister(&mut self.stream, token, interest)?;
-            self.writable_armed = want_writable;
-        }
-        Ok(())
+        self.load.flush(poll, token)
     }
 
     /// Reads what is there; returns the whole replies in it, each with the
     /// command it answers.
     fn replies(&mut self) -> Result<Vec<(Sent, Reply)>, BenchError> {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return Err("redis closed the connection".to_string()),
-                Ok(n) => self.input.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("connection failed: {e}")),
-            }
-        }
+        self.load.fill().map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => "redis closed the connection".to_string(),
+            _ => io_err(e),
+        })?;
         let mut replies = Vec::new();
         let mut offset = 0;
-        while let Some((reply, used)) = parse(&self.input[offset..])? {
+        while let Some((reply, used)) = parse(&self.load.input[offset..])? {
             let sent = self
                 .pending
                 .pop_front()
@@ -344,26 +302,20 @@ impl Conn {
             replies.push((sent, reply));
             offset += used;
         }
-        self.input.drain(..offset);
+        self.load.input.drain(..offset);
         Ok(replies)
     }
 }
 
 /// Connects `n` load-generator connections registered on `poll`.
 fn connect_all(addr: SocketAddr, n: usize, poll: &Poll) -> Result<Vec<Conn>, BenchError> {
-    (0..n)
-        .map(|i| {
-            let mut conn = Conn::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
-            poll.registry()
-                .register(&mut conn.stream, Token(i), Interest::READABLE)
-                .map_err(|e| e.to_string())?;
-            Ok(conn)
+    Ok(conn::connect_all(addr, n, poll)?
+        .into_iter()
+        .map(|load| Conn {
+            load,
+            pending: VecDeque::new(),
         })
-        .collect()
-}
-
-fn io_err(e: io::Error) -> BenchError {
-    format!("connection failed: {e}")
+        .collect())
 }
 
 /// A blocking connection for setup, probes, pings, holders and waiters.
