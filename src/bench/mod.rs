@@ -160,6 +160,31 @@ pub struct Contended {
     pub regrant_share: f64,
 }
 
+impl Contended {
+    /// The summary of a run: `grants` per connection, of which `regrants`
+    /// went back to the connection that had just released, over `elapsed`.
+    pub fn from_counts(
+        grants: &[u64],
+        regrants: u64,
+        handover: &Histogram<u64>,
+        ping: Latency,
+        elapsed: Duration,
+    ) -> Contended {
+        let total: u64 = grants.iter().sum();
+        let min = grants.iter().copied().min().unwrap_or(0);
+        let max = grants.iter().copied().max().unwrap_or(0);
+        Contended {
+            grants_per_sec: total as f64 / elapsed.as_secs_f64().max(1e-3),
+            handover: Latency::from_histogram(handover),
+            min_grants: min,
+            max_grants: max,
+            fairness: min as f64 / max.max(1) as f64,
+            ping,
+            regrant_share: regrants as f64 / total.max(1) as f64,
+        }
+    }
+}
+
 /// `idle-holders` results.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct IdleHolders {

@@ -157,7 +157,6 @@ impl super::Backend for Pklock {
         let mut handover = histogram();
         let mut released_at: Option<(usize, Instant)> = None;
         let mut regrants = 0u64;
-        let mut total = 0u64;
         let start = Instant::now();
         let deadline = start + options.duration;
         let mut events = Events::with_capacity(1024);
@@ -179,7 +178,6 @@ impl super::Backend for Pklock {
                         continue;
                     }
                     grants[i] += 1;
-                    total += 1;
                     if let Some((previous, at)) = released_at {
                         record(&mut handover, now - at);
                         regrants += u64::from(previous == i);
@@ -192,17 +190,9 @@ impl super::Backend for Pklock {
         }
         let elapsed = start.elapsed();
         drop(conns);
-        let min = grants.iter().copied().min().unwrap_or(0);
-        let max = grants.iter().copied().max().unwrap_or(0);
-        Ok(Contended {
-            grants_per_sec: total as f64 / elapsed.as_secs_f64(),
-            handover: Latency::from_histogram(&handover),
-            min_grants: min,
-            max_grants: max,
-            fairness: min as f64 / max.max(1) as f64,
-            ping,
-            regrant_share: regrants as f64 / total.max(1) as f64,
-        })
+        Ok(Contended::from_counts(
+            &grants, regrants, &handover, ping, elapsed,
+        ))
     }
 
     fn idle_holders(&mut self, options: &BenchOptions) -> Result<IdleHolders, BenchError> {

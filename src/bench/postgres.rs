@@ -243,7 +243,6 @@ struct Contention {
     start: Instant,
     deadline: Instant,
     grants: Vec<u64>,
-    total: u64,
     regrants: u64,
     handover: Histogram<u64>,
     released_at: Option<(usize, Instant)>,
@@ -257,7 +256,6 @@ fn granted_at(s: &mut Contention, i: usize, now: Instant) -> bool {
     }
     if now >= s.start {
         s.grants[i] += 1;
-        s.total += 1;
         if let Some((previous, at)) = s.released_at {
             record(&mut s.handover, now - at);
             s.regrants += u64::from(previous == i);
@@ -376,7 +374,6 @@ impl super::Backend for Postgres {
                 start,
                 deadline,
                 grants: vec![0; lockers.len()],
-                total: 0,
                 regrants: 0,
                 handover: histogram(),
                 released_at: None,
@@ -401,17 +398,13 @@ impl super::Backend for Postgres {
                 .map_err(|_| "the contended workers did not stop".to_string())??;
             let s = shared.borrow();
             let elapsed = deadline.saturating_duration_since(start);
-            let min = s.grants.iter().copied().min().unwrap_or(0);
-            let max = s.grants.iter().copied().max().unwrap_or(0);
-            Ok(Contended {
-                grants_per_sec: s.total as f64 / elapsed.as_secs_f64().max(1e-3),
-                handover: Latency::from_histogram(&s.handover),
-                min_grants: min,
-                max_grants: max,
-                fairness: min as f64 / max.max(1) as f64,
+            Ok(Contended::from_counts(
+                &s.grants,
+                s.regrants,
+                &s.handover,
                 ping,
-                regrant_share: s.regrants as f64 / s.total.max(1) as f64,
-            })
+                elapsed,
+            ))
         })
     }
 
