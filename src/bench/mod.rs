@@ -160,6 +160,27 @@ pub struct Contended {
     pub regrant_share: f64,
 }
 
+impl Uncontended {
+    /// The summary of a run: `cycles` done in `elapsed`, lock latencies, and
+    /// the server's CPU time (ms) before and after, when it could be read.
+    pub fn from_counts(
+        cycles: u64,
+        latency: &Histogram<u64>,
+        elapsed: Duration,
+        cpu_before: Option<f64>,
+        cpu_after: Option<f64>,
+    ) -> Uncontended {
+        Uncontended {
+            cycles_per_sec: cycles as f64 / elapsed.as_secs_f64().max(1e-3),
+            lock_latency: Latency::from_histogram(latency),
+            server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| ServerCpu {
+                cpu_ms: a - b,
+                us_per_op: (a - b) * 1000.0 / cycles.max(1) as f64,
+            }),
+        }
+    }
+}
+
 impl Contended {
     /// The summary of a run: `grants` per connection, of which `regrants`
     /// went back to the connection that had just released, over `elapsed`.

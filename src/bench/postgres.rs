@@ -23,8 +23,8 @@ use tokio_postgres::{Client, Config, NoTls, Statement};
 
 use super::pklock::{raise_fd_limit, spawn_holder};
 use super::{
-    BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, ServerCpu, Uncontended,
-    histogram, proc, record,
+    BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, Uncontended, histogram,
+    proc, record,
 };
 
 /// Lock-unlock cycles the idle-holders probe times, alone and beside them.
@@ -346,14 +346,9 @@ impl super::Backend for Postgres {
             let elapsed = deadline
                 .saturating_duration_since(start)
                 .max(Duration::from_millis(1));
-            Ok(Uncontended {
-                cycles_per_sec: cycles as f64 / elapsed.as_secs_f64(),
-                lock_latency: Latency::from_histogram(&latency),
-                server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| ServerCpu {
-                    cpu_ms: a - b,
-                    us_per_op: (a - b) * 1000.0 / cycles.max(1) as f64,
-                }),
-            })
+            Ok(Uncontended::from_counts(
+                cycles, &latency, elapsed, cpu_before, cpu_after,
+            ))
         })
     }
 

@@ -16,8 +16,8 @@ use mio::{Events, Poll, Token};
 use super::conn::{self, LoadConn, io_err};
 use super::pklock::{raise_fd_limit, spawn_holder};
 use super::{
-    BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, ServerCpu, Uncontended,
-    histogram, proc, record,
+    BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, Uncontended, histogram,
+    proc, record,
 };
 
 /// Release only if the lock still holds our token: a lock that expired and
@@ -483,14 +483,9 @@ impl super::Backend for Redis {
             .max(Duration::from_millis(1));
         let cpu_after = self.pid.and_then(proc::cpu_ms);
         drop(poll);
-        Ok(Uncontended {
-            cycles_per_sec: cycles as f64 / elapsed.as_secs_f64(),
-            lock_latency: Latency::from_histogram(&latency),
-            server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| ServerCpu {
-                cpu_ms: a - b,
-                us_per_op: (a - b) * 1000.0 / cycles.max(1) as f64,
-            }),
-        })
+        Ok(Uncontended::from_counts(
+            cycles, &latency, elapsed, cpu_before, cpu_after,
+        ))
     }
 
     fn contended(&mut self, options: &BenchOptions) -> Result<Contended, BenchError> {
