@@ -699,6 +699,8 @@ pub enum ErrorCode {
     MessageTooLarge,
     /// The server is at `max_connections`; the connection is closed.
     TooManyConnections,
+    /// The peer's address is not in `allowed`; the connection is closed.
+    Denied,
     /// The server could not encode a reply.
     Internal,
 }
@@ -710,6 +712,7 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "invalidRequest",
             ErrorCode::MessageTooLarge => "messageTooLarge",
             ErrorCode::TooManyConnections => "tooManyConnections",
+            ErrorCode::Denied => "denied",
             ErrorCode::Internal => "internal",
         }
     }

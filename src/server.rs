@@ -158,6 +158,8 @@ pub struct Server {
     backlog: Vec<usize>,
     /// When to try accepting again after a failure for want of resources.
     accept_retry_at: Option<Instant>,
+    /// When the restart grace ends, until that moment is logged.
+    grace_ends: Option<Instant>,
     scratch: Vec<u8>,
     reject_log: LogLimiter,
 }
@@ -214,6 +216,7 @@ impl Server {
             stall_limit: keepalive.earliest_release(),
             backlog: Vec::new(),
             accept_retry_at: None,
+            grace_ends: None,
             scratch: vec![0; READ_CHUNK],
             reject_log: LogLimiter::new(20, Duration::from_secs(10)),
             config,
@@ -228,6 +231,7 @@ impl Server {
                 grace.as_millis()
             );
             server.core.hold_grants_until(now + grace);
+            server.grace_ends = Some(now + grace);
         }
         Ok(server)
     }
@@ -311,6 +315,7 @@ impl Server {
             }
             self.resume_backlog(now);
             self.core.expire(now, &mut self.outgoing);
+            self.note_grace_end(now);
             self.close_stalled(now);
             if let Err(e) = self.write_replies(now) {
                 break Err(e);
@@ -382,9 +387,22 @@ impl Server {
         let earliest = closing
             .chain(stalled)
             .chain(self.accept_retry_at)
+            .chain(self.grace_ends)
             .chain(self.core.next_deadline())
             .min()?;
         Some(earliest.saturating_duration_since(now))
+    }
+
+    /// Logs the moment the restart grace ends and grants resume.
+    fn note_grace_end(&mut self, now: Instant) {
+        if self.grace_ends.is_some_and(|end| end <= now) {
+            self.grace_ends = None;
+            let totals = self.core.table().totals();
+            info!(
+                "restart grace over: granting locks again ({} held, {} waiting)",
+                totals.held, totals.waiting
+            );
+        }
     }
 
     fn drain_signals(&mut self) {
@@ -471,6 +489,18 @@ impl Server {
         if !self.config.allowed.permits(peer.ip()) {
             self.core.connection_rejected();
             self.log_rejection(now, format_args!("refused {peer}: not in `allowed`"));
+            refuse(
+                stream,
+                Reply::Error {
+                    error: ErrorCode::Denied,
+                    detail: Some(format!(
+                        "{} is not in the server's `allowed` list",
+                        peer.ip()
+                    )),
+                    limit: None,
+                    id: None,
+                },
+            );
             return;
         }
         let max = self.config.max_connections;
@@ -480,16 +510,15 @@ impl Server {
                 now,
                 format_args!("refused {peer}: max_connections ({max}) reached"),
             );
-            let reply = Reply::Error {
-                error: ErrorCode::TooManyConnections,
-                detail: None,
-                limit: Some(max),
-                id: None,
-            };
-            let mut bytes = Vec::new();
-            reply.encode(&mut bytes);
-            // Best effort: a fresh socket has room for these few bytes.
-            let _ = (&stream).write(&bytes);
+            refuse(
+                stream,
+                Reply::Error {
+                    error: ErrorCode::TooManyConnections,
+                    detail: None,
+                    limit: Some(max),
+                    id: None,
+                },
+            );
             return;
         }
         let setup = stream
@@ -929,6 +958,16 @@ impl Server {
         self.conns.clear();
         self.keys.clear();
     }
+}
+
+/// Tells a peer why it is turned away, then closes. Best effort and never
+/// blocking: a fresh socket has room for these few bytes, and they reach the
+/// peer ahead of the close (also ahead of a reset, when the peer had
+/// already sent something).
+fn refuse(stream: TcpStream, reply: Reply) {
+    let mut bytes = Vec::new();
+    reply.encode(&mut bytes);
+    let _ = (&stream).write(&bytes);
 }
 
 fn is_fd_exhaustion(errno: i32) -> bool {

@@ -59,7 +59,12 @@ fn peers_outside_allowed_are_closed_and_counted_and_ipv6_peers_are_served() {
     });
     // The first listen address is the IPv4 one; a loopback IPv4 peer is not allowed.
     let mut outsider = server.peer();
-    assert_eq!(outsider.expect_closed(), Vec::<serde_json::Value>::new());
+    assert_eq!(
+        outsider.expect_closed(),
+        vec![
+            json!({"error": "denied", "detail": "127.0.0.1 is not in the server's `allowed` list"})
+        ]
+    );
     let v6: SocketAddr = server.addrs[1];
     let mut insider = Peer::connect(v6);
     insider.take("v6", 1);
@@ -81,7 +86,7 @@ fn cidr_ranges_admit_their_members() {
     let server = TestServer::with(|c| {
         c.allowed = pklock::allow_list::AllowList::parse(&["10.0.0.0/8", "::1"]).unwrap();
     });
-    assert!(server.peer().expect_closed().is_empty());
+    assert_eq!(server.peer().expect_closed()[0]["error"], "denied");
 }
 
 #[test]
