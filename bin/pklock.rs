@@ -23,6 +23,24 @@ Exit codes:
   128+N  the command was killed by signal N (or pklock was, while it waited
          for the lock)";
 
+const LOCK_EXIT_CODES: &str = "\
+Exit codes:
+  0    the lock was held until stdin closed or a signal came
+  1    the lock was not granted in time (change with --conflict-exit-code)
+  64   bad arguments
+  69   the server cannot be reached, or refused the request
+  70   the server answered something unexpected
+  75   the lock was lost while held (change with --lost-exit-code): pklock
+       printed `lost` and kept the connection until stdin closed
+  128+N  pklock was killed by signal N while it waited for the lock";
+
+const QUERY_EXIT_CODES: &str = "\
+Exit codes:
+  0    the server answered
+  64   bad arguments
+  69   the server cannot be reached, or refused the request
+  70   the server answered something unexpected";
+
 /// Take named locks on a pklock server from scripts and cron jobs.
 #[derive(Parser)]
 #[command(name = "pklock", version, after_help = EXIT_CODES)]
@@ -41,21 +59,25 @@ enum Command {
     Run {
         #[command(flatten)]
         lock: LockArgs,
-        /// Between SIGTERM and SIGKILL when the lock is lost.
-        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration::parse)]
-        kill_grace: Duration,
+        /// Between SIGTERM and SIGKILL when the lock is lost [default: 2s, or
+        /// less if that is all the server's release time allows].
+        #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+        kill_grace: Option<Duration>,
         /// The command and its arguments (after --).
         #[arg(required = true, last = true, value_name = "COMMAND")]
         command: Vec<OsString>,
     },
     /// Take a lock, print its fencing token, and hold it until stdin closes
-    /// or INT, TERM or HUP arrives.
-    #[command(after_help = EXIT_CODES)]
+    /// or INT, TERM or HUP arrives. If the lock is lost meanwhile, print
+    /// `lost` and keep it until then all the same: stop the work, then close
+    /// stdin.
+    #[command(after_help = LOCK_EXIT_CODES)]
     Lock {
         #[command(flatten)]
         lock: LockArgs,
     },
     /// List locks with their holders and waiters.
+    #[command(after_help = QUERY_EXIT_CODES)]
     Status {
         /// Only locks whose names start with this.
         prefix: Option<String>,
@@ -64,12 +86,14 @@ enum Command {
         json: bool,
     },
     /// Print the server's counters.
+    #[command(after_help = QUERY_EXIT_CODES)]
     Stats {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Exit 0 when the server answers (for health checks).
+    #[command(after_help = QUERY_EXIT_CODES)]
     Ping,
 }
 

@@ -2,7 +2,6 @@
 //! `Got lock`, holds it, prints `Offering to unlock`, unlocks, lingers, exits;
 //! prints `Did not get lock` (and exits 0) when not granted in time.
 
-use std::error::Error;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,40 +35,59 @@ struct Args {
     wait: Duration,
 }
 
+/// Exit codes, as `pklock`'s: the server cannot be reached or refused us.
+const UNAVAILABLE: u8 = 69;
+/// The server answered something unexpected.
+const SOFTWARE: u8 = 70;
+/// The lock was lost while held.
+const LOST: u8 = 75;
+
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("test_client: {e}");
-            ExitCode::FAILURE
+        Err((code, message)) => {
+            eprintln!("test_client: {message}");
+            ExitCode::from(code)
         }
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn Error>> {
-    let server = match args.host.contains(':') {
-        true => format!("[{}]:{}", args.host, args.port),
-        false => format!("{}:{}", args.host, args.port),
+fn run(args: Args) -> Result<(), (u8, String)> {
+    let host = args.host.trim_start_matches('[').trim_end_matches(']');
+    let server = match host.contains(':') {
+        true => format!("[{host}]:{}", args.port),
+        false => format!("{host}:{}", args.port),
     };
     let options = ClientOptions::named(format!("test_client pid {}", std::process::id()));
-    let client = Client::connect(&server, &options)
-        .map_err(|e| format!("{e} (is the server running? `cargo run --release --bin server`)"))?;
+    let client = Client::connect(&server, &options).map_err(|e| match e {
+        client::Error::Connect { .. } => (
+            UNAVAILABLE,
+            format!("{e} (is the server running? `cargo run --release --bin server`)"),
+        ),
+        client::Error::Denied(_) | client::Error::Refused { .. } => (UNAVAILABLE, e.to_string()),
+        _ => (SOFTWARE, e.to_string()),
+    })?;
     let guard = match client.lock(&args.lock, &LockOptions::exclusive().wait(args.wait)) {
         Ok(guard) => guard,
         Err(client::Error::NotGranted) => {
             println!("Did not get lock");
             return Ok(());
         }
-        Err(e) => return Err(e.into()),
+        Err(e @ client::Error::Protocol(_)) => return Err((SOFTWARE, e.to_string())),
+        Err(e) => return Err((UNAVAILABLE, e.to_string())),
     };
-    println!("Got lock");
-    std::io::stdout().flush()?;
+    let say = |line: &str| {
+        println!("{line}");
+        std::io::stdout()
+            .flush()
+            .map_err(|e| (SOFTWARE, format!("cannot write to stdout: {e}")))
+    };
+    say("Got lock")?;
     if let Some(reason) = guard.wait_lost(Some(args.hold)) {
-        return Err(format!("lost the lock: {reason}").into());
+        return Err((LOST, format!("lost the lock: {reason}")));
     }
-    println!("Offering to unlock");
-    std::io::stdout().flush()?;
-    guard.unlock()?;
+    say("Offering to unlock")?;
+    guard.unlock().map_err(|e| (LOST, format!("unlock: {e}")))?;
     std::thread::sleep(args.linger);
     Ok(())
 }

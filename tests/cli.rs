@@ -441,12 +441,13 @@ fn a_killed_pklock_leaves_the_lock_with_its_command_until_it_ends() {
 #[test]
 fn a_kill_grace_the_server_cannot_cover_is_refused_with_the_limit_named() {
     let server = TestServer::start();
-    for grace in ["8s", "7990ms"] {
+    for (grace, said) in [("8s", "8000 ms"), ("7001ms", "7001 ms")] {
         let output = run_output(&server, &["run", "g", "--kill-grace", grace, "--", "true"]);
         assert_eq!(output.status.code(), Some(64), "{grace}");
         let stderr = stderr_of(&output);
         assert!(
-            stderr.contains("--kill-grace") && stderr.contains("at most 7s"),
+            stderr.contains(&format!("--kill-grace {said} is too long"))
+                && stderr.contains("at most 7000 ms"),
             "{stderr}"
         );
     }
@@ -455,6 +456,182 @@ fn a_kill_grace_the_server_cannot_cover_is_refused_with_the_limit_named() {
             .status
             .success()
     );
+}
+
+#[test]
+fn the_default_kill_grace_fits_a_server_with_a_short_release_time() {
+    let dir = temp_dir("cli-short-release");
+    // earliestReleaseMs 2000: a 2 s grace would leave no room for a lease.
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let output = pklock(&server.addr)
+        .args(["run", "x", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    // Asked for explicitly, the same grace is still refused, in milliseconds.
+    let output = pklock(&server.addr)
+        .args(["run", "x", "--kill-grace", "2s", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr_of(&output).contains("use at most 1400 ms"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
+fn a_lost_lock_under_pklock_lock_is_kept_until_stdin_closes() {
+    let dir = temp_dir("cli-lock-lost");
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let mut hold = pklock(&server.addr)
+        .args(["lock", "shell"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(hold.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    line.trim().parse::<u64>().expect("the token on stdout");
+    let mut waiter = Peer::connect(server.addr);
+    waiter.ask("shell", 1);
+
+    // Frozen past the 1 s lease, thawed before the 2 s release time.
+    server.signal("STOP");
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    server.signal("CONT");
+    assert_eq!(line, "lost\n");
+    // The script may still be at work: the lock stays held until it says
+    // it is done by closing stdin.
+    waiter.expect_nothing(Duration::from_millis(700));
+    assert!(hold.try_wait().unwrap().is_none(), "pklock lock exited");
+    drop(hold.stdin.take());
+    let status = common::wait_exit(&mut hold, PATIENCE).expect("exits once stdin closes");
+    assert_eq!(status.code(), Some(75));
+    assert_eq!(waiter.recv()["result"]["status"], "ok");
+    let stderr = stderr_text(&mut hold);
+    assert!(stderr.contains("stop the work, then close"), "{stderr}");
+}
+
+#[test]
+fn a_host_outside_allowed_is_told_so_and_exits_69() {
+    let server = TestServer::with(|c| {
+        c.allowed = pklock::allow_list::AllowList::parse(&["192.0.2.1"]).unwrap();
+    });
+    for args in [&["ping"][..], &["run", "x", "--", "true"], &["lock", "x"]] {
+        let output = run_output(&server, args);
+        assert_eq!(output.status.code(), Some(69), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains("refused by the server: this host is not in its `allowed` list"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &server.addr.port().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69));
+    assert!(stderr_of(&output).contains("not in its `allowed` list"));
+}
+
+/// A server that answers hello as `real` does, then says `reply` to anything.
+fn fake_server(real: &TestServer, reply: Value) -> std::net::SocketAddr {
+    let mut hello = real.peer().rpc("hello", 0.into(), serde_json::json!({}));
+    hello["status"] = "ok".into();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut answer = serde_json::json!({"id": 0, "result": hello});
+        while let Ok(body) = pklock::frame::read_blocking(&mut stream, 1 << 20) {
+            let request: Value = serde_json::from_slice(&body).unwrap();
+            answer["id"] = request["id"].clone();
+            let _ = pklock::frame::write_blocking(&mut stream, answer.to_string().as_bytes());
+            answer["result"] = reply.clone();
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_unknown_status_is_an_unexpected_answer() {
+    let real = TestServer::start();
+    let fake = fake_server(&real, serde_json::json!({"status": "weird", "error": ""}));
+    let output = pklock(&fake)
+        .args(["run", "x", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(70), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains("weird"),
+        "{}",
+        stderr_of(&output)
+    );
+}
+
+#[test]
+fn a_port_where_nothing_answers_hello_is_not_a_pklock_server() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accepts (the kernel does, from the backlog) and never says anything.
+    let started = Instant::now();
+    let output = pklock(&addr).args(["ping"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(70), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains("does not answer as a pklock server"),
+        "{}",
+        stderr_of(&output)
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    drop(listener);
+}
+
+#[test]
+fn lock_help_does_not_mention_run_only_options() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .args(["lock", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(
+        help.contains("Exit codes") && !help.contains("kill-grace"),
+        "{help}"
+    );
+}
+
+#[test]
+fn the_restart_grace_is_told_once_with_the_time_left() {
+    let server = TestServer::with(|c| c.restart_grace_ms = Some(60_000));
+    std::thread::sleep(Duration::from_millis(1200));
+    let output = run_output(&server, &["run", "cron", "--wait", "1s", "--", "true"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = stderr_of(&output);
+    let told: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("grants locks again in"))
+        .collect();
+    assert_eq!(told.len(), 1, "{stderr}");
+    // Counted from now (under 59 s left), not the figure from start-up.
+    let seconds: f64 = told[0]
+        .split("grants locks again in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(seconds > 50.0 && seconds < 59.0, "{stderr}");
 }
 
 #[test]

@@ -241,9 +241,73 @@ fn a_stopped_server_is_detected_by_the_lease_before_it_could_release() {
         "{:?}",
         stopped_at.elapsed()
     );
-    // Having given up, the client closed its connection: the lock is free.
+    // The guard is still alive, so its work may be: the lock stays ours
+    // until it is dropped.
     let mut other = Peer::connect(server.addr);
-    other.take("x", 1);
+    other.ask("x", 1);
+    other.expect_nothing(Duration::from_millis(200));
+    drop(guard);
+    assert_eq!(other.recv()["result"]["status"], "ok");
+}
+
+#[test]
+fn a_guard_declared_lost_keeps_others_out_until_it_is_dropped() {
+    // The server freezes for longer than the lease and thaws well before it
+    // could release (2 s): the connection never broke, only confidence in it.
+    let dir = temp_dir("lost-guard");
+    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
+    let server = ServerProcess::start(&dir, config);
+    let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
+    let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    client.on_lost(move |reason| {
+        let _ = tx.send(reason.clone());
+    });
+    let mut waiter = Peer::connect(server.addr);
+    waiter.ask("x", 1);
+    waiter.expect_nothing(Duration::from_millis(100));
+
+    server.signal("STOP");
+    let reason = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("loss declared");
+    server.signal("CONT");
+    assert!(
+        matches!(reason, LossReason::LeaseExpired { .. }),
+        "{reason:?}"
+    );
+    assert!(!guard.is_held());
+    // Told to stop, the holder is still working: nobody else gets the lock.
+    waiter.expect_nothing(Duration::from_millis(1000));
+    // A lost session stays lost, even though the server answers again.
+    assert!(matches!(client.ping(), Err(Error::Lost(_))));
+    assert!(!guard.is_held());
+
+    let dropped_at = Instant::now();
+    drop(guard);
+    assert_eq!(waiter.recv()["result"]["status"], "ok");
+    println!(
+        "granted {:?} after the guard was dropped",
+        dropped_at.elapsed()
+    );
+}
+
+#[test]
+fn dropping_a_lost_client_releases_even_with_guards_left() {
+    let dir = temp_dir("lost-client");
+    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
+    let server = ServerProcess::start(&dir, config);
+    let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
+    let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
+    let mut waiter = Peer::connect(server.addr);
+    waiter.ask("x", 1);
+    server.signal("STOP");
+    assert!(guard.wait_lost(Some(Duration::from_secs(5))).is_some());
+    server.signal("CONT");
+    waiter.expect_nothing(Duration::from_millis(300));
+    drop(client);
+    assert_eq!(waiter.recv()["result"]["status"], "ok");
+    drop(guard);
 }
 
 #[test]

@@ -176,9 +176,13 @@ struct Setup {
 }
 
 fn setup(netns: &Netns, name: &str) -> Setup {
+    setup_with(netns, name, KEEPALIVE)
+}
+
+fn setup_with(netns: &Netns, name: &str, keepalive: &str) -> Setup {
     let dir = temp_dir(name);
     let config = format!(
-        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\n{KEEPALIVE}",
+        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\n{keepalive}",
         netns.host_ip, netns.ns_ip
     );
     let mut server = ServerProcess::start(&dir, &config);
@@ -208,6 +212,18 @@ fn holder(netns: &Netns, server: SocketAddr, marker: &Path) -> KillOnDrop {
         "trap 'date +%s%N > {0}.tmp && mv {0}.tmp {0}; exit 0' TERM; while :; do sleep 0.02; done",
         marker.display()
     );
+    holder_running(netns, server, marker, "300ms", &script)
+}
+
+/// `pklock run --kill-grace GRACE part -- sh -c SCRIPT` in the namespace;
+/// `marker` must appear in the script (it finds the command to clean up).
+fn holder_running(
+    netns: &Netns,
+    server: SocketAddr,
+    marker: &Path,
+    grace: &str,
+    script: &str,
+) -> KillOnDrop {
     let child = Command::new("ip")
         .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_pklock")])
         .args([
@@ -216,11 +232,11 @@ fn holder(netns: &Netns, server: SocketAddr, marker: &Path) -> KillOnDrop {
             "run",
             "part",
             "--kill-grace",
-            "300ms",
+            grace,
             "--",
             "sh",
             "-c",
-            &script,
+            script,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -332,4 +348,73 @@ fn a_partition_that_heals_before_detection_loses_nothing() {
         .status()
         .unwrap();
     assert_eq!(waiter.recv()["result"]["status"], "ok");
+}
+
+/// Keepalive that gives earliestReleaseMs 5000: with `--kill-grace 3500ms`
+/// the holder's lease is 500 ms, so a cut of 1 s outlasts the lease by far
+/// and heals long before the server could release (5 s) or the command is
+/// killed (4 s).
+const KEEPALIVE_5S: &str =
+    "[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 5\nuser_timeout_ms = 5000\n";
+
+#[test]
+fn a_healed_network_hands_the_lock_on_only_after_the_command_is_dead() {
+    let Some(netns) = netns_or_skip("healed network after the lease") else {
+        return;
+    };
+    let setup = setup_with(&netns, "healed-after-lease", KEEPALIVE_5S);
+    let hello = Peer::connect(setup.local).rpc("hello", json!(1), json!({}));
+    assert_eq!(hello["earliestReleaseMs"], 5000, "{hello}");
+    // A command that ignores SIGTERM and says every 20 ms that it still runs.
+    let alive = setup.marker.with_file_name("alive");
+    let pid_file = setup.marker.with_file_name("pid");
+    let script = format!(
+        "trap '' TERM; echo $$ > {pid}; while :; do date +%s%N > {a}.tmp && mv {a}.tmp {a}; sleep 0.02; done # {m}",
+        pid = pid_file.display(),
+        a = alive.display(),
+        m = setup.marker.display()
+    );
+    let mut run = holder_running(&netns, setup.remote, &setup.marker, "3500ms", &script);
+    eventually("the holder holds", || held(setup.local));
+    eventually("the command runs", || alive.exists());
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut waiter = Peer::connect(setup.local);
+    waiter.ask("part", 1);
+    waiter.expect_nothing(Duration::from_millis(300));
+
+    // Longer than the lease (500 ms), shorter than the release time (5 s).
+    let cut_at = now_ns();
+    netns.partition();
+    std::thread::sleep(Duration::from_millis(1000));
+    netns.heal();
+    let reply = waiter.recv();
+    let granted_at = now_ns();
+    let command_alive = Path::new(&format!("/proc/{pid}")).exists();
+    assert_eq!(reply["result"]["status"], "ok", "{reply}");
+    let last_alive: u128 = std::fs::read_to_string(&alive)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ms = |ns: u128| ns as f64 / 1e6;
+    println!(
+        "healed network: the command last ran {:.0} ms after the cut, the lock was granted to the waiter {:.0} ms after it",
+        ms(last_alive - cut_at),
+        ms(granted_at - cut_at)
+    );
+    assert!(
+        !command_alive && last_alive < granted_at,
+        "the lock was granted {:.0} ms after the cut while the command still ran (it last ran at {:.0} ms)",
+        ms(granted_at - cut_at),
+        ms(last_alive - cut_at)
+    );
+    let status = run.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "pklock run exits with the lost-lock code"
+    );
 }

@@ -118,7 +118,7 @@ fn test_client_without_a_server_fails_with_a_hint() {
         .args(["--port", &port.to_string(), "--host", "127.0.0.1"])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(69));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("cannot connect") && stderr.contains("cargo run --release --bin server"),
@@ -147,7 +147,29 @@ fn test_client_says_so_when_the_server_goes_away_while_it_holds() {
     assert_eq!(line, "Got lock\n");
     server.stop().unwrap();
     let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(75));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("lost the lock"), "{stderr}");
+}
+
+#[test]
+fn test_client_takes_an_ipv6_host_in_brackets() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback (::1)");
+        return;
+    }
+    let server = TestServer::with(|c| c.listen = vec!["[::1]:0".parse().unwrap()]);
+    for host in ["[::1]", "::1"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_test_client"))
+            .args(["--host", host, "--port", &server.addr.port().to_string()])
+            .args(["--hold", "0", "--linger", "0"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.starts_with("Got lock"),
+            "{host}: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

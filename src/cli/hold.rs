@@ -1,6 +1,9 @@
 //! `pklock lock`: takes a lock, prints its fencing token on stdout, and holds
 //! it until stdin closes or INT, TERM or HUP arrives; for interactive use and
 //! for shells that hold a lock across several commands with a coprocess.
+//! When the lock is lost it prints `lost` and keeps the connection until
+//! then all the same: the script's work may still be running, and nobody
+//! else may get the lock before it has stopped.
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
@@ -8,7 +11,7 @@ use std::sync::mpsc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use super::{Acquire, Failure, exit};
+use super::{Acquire, Failure, StopTime, exit};
 use crate::client::LossReason;
 
 enum Event {
@@ -22,7 +25,7 @@ pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
     let client = super::connect(
         &acquire.server,
         &format!("pklock lock {}", acquire.name),
-        Default::default(),
+        StopTime::Exactly(Default::default()),
     )?;
     let guard = super::take(&client, acquire)?;
 
@@ -62,10 +65,26 @@ pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
             })?;
             Ok(0)
         }
-        Ok(Event::Lost(reason)) => Err(Failure::new(
-            acquire.lost_code,
-            format!("lost the lock {:?}: {reason}", acquire.name),
-        )),
+        Ok(Event::Lost(reason)) => {
+            eprintln!(
+                "pklock: lost the lock {:?}: {reason}; stop the work, then close pklock's stdin \
+                 (nobody else gets the lock before that)",
+                acquire.name
+            );
+            // Scripts that poll stdout learn it here; the exit code says it again.
+            let _ = writeln!(stdout, "lost").and_then(|()| stdout.flush());
+            loop {
+                match events.recv() {
+                    Ok(Event::StdinClosed | Event::Signal) | Err(_) => break,
+                    Ok(Event::Lost(_)) => {}
+                }
+            }
+            drop(guard);
+            Err(Failure::new(
+                acquire.lost_code,
+                format!("lost the lock {:?}: {reason}", acquire.name),
+            ))
+        }
         Err(_) => Err(Failure::new(
             exit::SOFTWARE,
             "lost track of stdin and signals",

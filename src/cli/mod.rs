@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::client::{
-    Client, ClientOptions, Error, LockGuard, LockOptions, MAX_LEASE_SHARE, MIN_LEASE_SHARE, Mode,
+    Client, ClientOptions, Error, LockGuard, LockOptions, Mode, longest_stop_time,
 };
 use crate::protocol::MAX_CLIENT_NAME_BYTES;
 
@@ -78,37 +78,46 @@ pub struct Acquire {
     pub lost_code: u8,
 }
 
+/// How long `run` may take to stop its command after a loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopTime {
+    /// Asked for: refused if the server's release time cannot cover it.
+    Exactly(Duration),
+    /// The default: this, or less if that is all the server allows.
+    AtMost(Duration),
+}
+
 /// Connects with a client name that says who is asking, from where;
 /// `stop_time` is `run`'s kill grace (zero for the others).
-pub fn connect(server: &str, what: &str, stop_time: Duration) -> Result<Client, Failure> {
+pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, Failure> {
     let host = rustix::system::uname()
         .nodename()
         .to_string_lossy()
         .into_owned();
+    let (stop_time, fit_stop_time) = match stop_time {
+        StopTime::Exactly(d) => (d, false),
+        StopTime::AtMost(d) => (d, true),
+    };
     let options = ClientOptions {
         stop_time,
+        fit_stop_time,
         ..ClientOptions::named(client_name(what, &host))
     };
     Client::connect(server, &options).map_err(|e| match e {
         Error::UnsafeLease {
             earliest_release, ..
-        } if !stop_time.is_zero() => {
-            let most = earliest_release.mul_f64(MAX_LEASE_SHARE - MIN_LEASE_SHARE);
-            Failure::new(
-                exit::USAGE,
-                format!(
-                    "--kill-grace {} is too long for this server, which may release a silent \
-                     client's locks {} after it last heard from it; use at most {}",
-                    human(stop_time),
-                    human(earliest_release),
-                    human(Duration::from_millis(
-                        u64::try_from(most.as_millis()).unwrap_or(0)
-                    ))
-                ),
-            )
-        }
+        } if !stop_time.is_zero() => Failure::new(
+            exit::USAGE,
+            format!(
+                "--kill-grace {} ms is too long for this server, which may release a silent \
+                 client's locks {} ms after it last heard from it; use at most {} ms",
+                stop_time.as_millis(),
+                earliest_release.as_millis(),
+                longest_stop_time(earliest_release).as_millis()
+            ),
+        ),
         Error::UnsafeLease { .. } => Failure::new(exit::USAGE, e.to_string()),
-        Error::Connect { .. } | Error::Refused { .. } => {
+        Error::Connect { .. } | Error::Refused { .. } | Error::Denied(_) => {
             Failure::new(exit::UNAVAILABLE, e.to_string())
         }
         _ => Failure::new(exit::SOFTWARE, e.to_string()),
@@ -143,7 +152,7 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
     };
     client.lock(&acquire.name, &options).map_err(|e| match e {
         Error::NotGranted => {
-            let grace = Duration::from_millis(client.hello().grants_resume_in_ms);
+            let grace = client.grants_resume_in();
             let how = match acquire.wait {
                 _ if !grace.is_zero() => format!(
                     "not granted: the server restarted moments ago and grants no lock for \
@@ -163,7 +172,7 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
             exit::UNAVAILABLE,
             format!("lock {:?}: {reason}", acquire.name),
         ),
-        Error::Refused { .. } => {
+        Error::Refused { .. } | Error::Denied(_) => {
             Failure::new(exit::UNAVAILABLE, format!("lock {:?}: {e}", acquire.name))
         }
         other => Failure::new(exit::SOFTWARE, format!("lock {:?}: {other}", acquire.name)),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Failure, exit, human};
+use super::{Failure, StopTime, exit, human};
 use crate::client::{Client, Error, StatsResult, StatusFilter, StatusResult};
 
 fn query_failed(what: &str, e: Error) -> Failure {
@@ -22,7 +22,7 @@ fn json(value: &impl serde::Serialize) -> Result<String, Failure> {
 
 /// Locks whose names start with `prefix` (all without one), as a table or JSON.
 pub fn status(server: &str, prefix: Option<&str>, as_json: bool) -> Result<String, Failure> {
-    let client = super::connect(server, "pklock status", Duration::ZERO)?;
+    let client = super::connect(server, "pklock status", StopTime::Exactly(Duration::ZERO))?;
     let filter = prefix.map_or(StatusFilter::All, |p| StatusFilter::Prefix(p.to_string()));
     let status = client
         .status(&filter, Some(crate::protocol::MAX_STATUS_LIMIT))
@@ -94,7 +94,7 @@ pub fn status_table(status: &StatusResult) -> String {
 
 /// Server counters, as `key value` lines or JSON.
 pub fn stats(server: &str, as_json: bool) -> Result<String, Failure> {
-    let client = super::connect(server, "pklock stats", Duration::ZERO)?;
+    let client = super::connect(server, "pklock stats", StopTime::Exactly(Duration::ZERO))?;
     let stats = client.stats().map_err(|e| query_failed("stats", e))?;
     if as_json {
         return json(&stats);
@@ -125,7 +125,7 @@ fn stats_lines(s: &StatsResult) -> String {
 
 /// Checks that the server answers; says who answered and how fast.
 pub fn ping(server: &str) -> Result<String, Failure> {
-    let client: Client = super::connect(server, "pklock ping", Duration::ZERO)?;
+    let client: Client = super::connect(server, "pklock ping", StopTime::Exactly(Duration::ZERO))?;
     let round_trip = client.ping().map_err(|e| query_failed("ping", e))?;
     let hello = client.hello();
     Ok(format!(

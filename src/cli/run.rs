@@ -1,36 +1,54 @@
 //! `pklock run`: takes a lock, runs a command in its own process group with
 //! `PKLOCK_TOKEN` and `PKLOCK_NAME` set, releases the lock when it exits and
 //! passes its exit code on. If the lock is lost first, the command's group
-//! gets SIGTERM, then SIGKILL after the grace period. INT, TERM and HUP sent
-//! to pklock are passed on to the command.
+//! gets SIGTERM, then SIGKILL after the grace period, and the connection (so
+//! the lock) is kept until the whole group is dead and reaped. INT, TERM and
+//! HUP sent to pklock are passed on to the command.
+//!
+//! With a terminal on stdin, the command gets it (it becomes the terminal's
+//! foreground process group, as a shell does) and pklock takes it back after.
+//! Ctrl-Z stops the command and pklock with it, as one job; `fg` or `bg`
+//! resume it once the server has confirmed the lock is still held.
 
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, kill_process_group};
+use rustix::process::{Pid, Signal, WaitOptions, kill_process_group, test_kill_process_group};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use super::{Acquire, Failure, exit, human};
-use crate::client::LossReason;
+use super::{Acquire, Failure, StopTime, exit, human};
+use crate::client::{Client, LossReason};
+
+/// `--kill-grace` when none is given, unless the server's release time
+/// allows less (then that).
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How often to look whether the rest of a lost command's group has gone.
+const GROUP_POLL: Duration = Duration::from_millis(10);
 
 /// What `pklock run` was asked to do.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Which lock, and how to wait for it.
     pub acquire: Acquire,
-    /// Between SIGTERM and SIGKILL when the lock is lost.
-    pub kill_grace: Duration,
+    /// Between SIGTERM and SIGKILL when the lock is lost; `None`: the
+    /// default, shortened to what the server allows.
+    pub kill_grace: Option<Duration>,
     /// The command and its arguments.
     pub command: Vec<OsString>,
 }
 
 enum Event {
-    Exited(io::Result<ExitStatus>),
+    /// The command's leader stopped (job control) with this signal.
+    Stopped(i32),
+    /// The command's leader ended and was reaped.
+    Exited(ExitStatus),
+    WaitFailed(io::Error),
     Lost(LossReason),
     Signal(i32),
 }
@@ -43,11 +61,16 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     };
     // The lease leaves room for the grace period: the command is dead
     // before the server may release the lock (docs/SAFETY.md).
+    let stop_time = match options.kill_grace {
+        Some(grace) => StopTime::Exactly(grace),
+        None => StopTime::AtMost(DEFAULT_KILL_GRACE),
+    };
     let client = super::connect(
         &acquire.server,
         &format!("pklock run {}", acquire.name),
-        options.kill_grace,
+        stop_time,
     )?;
+    let kill_grace = client.stop_time();
     let guard = super::take(&client, acquire)?;
 
     let (tx, events) = mpsc::channel();
@@ -63,21 +86,46 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             }
         }
     });
+    // Members of the command's group that outlive their parent come to us,
+    // so that a lost command's whole group can be reaped before the lock
+    // goes (instead of lingering as zombies of a PID 1 that never reaps).
+    let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+    let terminal = Terminal::of_stdin();
 
     // The command inherits the connection: if pklock itself is killed, the
     // lock stays held until the command is done, as with flock(1).
     client
         .set_inheritable(true)
         .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot share the connection: {e}")))?;
-    let spawned = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .env("PKLOCK_TOKEN", guard.token().to_string())
-        .env("PKLOCK_NAME", &acquire.name)
-        .process_group(0)
-        .spawn();
+        .env("PKLOCK_NAME", &acquire.name);
+    let take_terminal = terminal.as_ref().is_some_and(Terminal::is_ours);
+    // SAFETY: the closure only makes async-signal-safe calls (setpgid,
+    // signal, tcsetpgrp, getpid), as required between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if take_terminal {
+                // The command's own group becomes the terminal's foreground
+                // before it can read, so it is never stopped by SIGTTIN.
+                libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+                libc::tcsetpgrp(0, libc::getpid());
+            }
+            // pklock ignores SIGTTOU to take the terminal back; the command
+            // must not inherit that.
+            libc::signal(libc::SIGTTOU, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let spawned = command.spawn();
     // Later children (none today) must not keep the lock alive.
     let _ = client.set_inheritable(false);
-    let mut child = spawned.map_err(|e| {
+    let child = spawned.map_err(|e| {
         let code = match e.kind() {
             io::ErrorKind::NotFound => exit::NOT_FOUND,
             _ => exit::CANNOT_RUN,
@@ -87,17 +135,33 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             format!("cannot run {}: {e}", program.to_string_lossy()),
         )
     })?;
-    let group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-    let exit_tx = tx.clone();
-    std::thread::spawn(move || {
-        let _ = exit_tx.send(Event::Exited(child.wait()));
-    });
+    let Some(group) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
+        return Err(Failure::new(
+            exit::SOFTWARE,
+            "the command has no process id",
+        ));
+    };
+    if let Some(terminal) = terminal.as_ref().filter(|_| take_terminal) {
+        terminal.give_to(group);
+    }
+    watch_child(group, tx.clone());
     let lost_tx = tx;
     client.on_lost(move |reason| {
         let _ = lost_tx.send(Event::Lost(reason.clone()));
     });
 
-    let outcome = supervise(&events, group, options);
+    let mut supervisor = Supervisor {
+        events: &events,
+        group,
+        name: &acquire.name,
+        kill_grace,
+        client: &client,
+        terminal: terminal.as_ref(),
+    };
+    let outcome = supervisor.supervise();
+    if let Some(terminal) = &terminal {
+        terminal.take_back();
+    }
     signal_handle.close();
     match outcome {
         Supervised::Exited(status) => {
@@ -105,6 +169,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             let _ = guard.unlock();
             Ok(exit_code(status))
         }
+        // The whole group is gone: only now may the connection close.
         Supervised::Lost => Ok(acquire.lost_code),
         Supervised::Failed(e) => Err(Failure::new(
             exit::SOFTWARE,
@@ -113,70 +178,228 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     }
 }
 
+/// Reports the command leader's stops and its end, from a thread of its own.
+fn watch_child(leader: Pid, tx: Sender<Event>) {
+    std::thread::spawn(move || {
+        loop {
+            let event = match rustix::process::waitpid(Some(leader), WaitOptions::UNTRACED) {
+                Ok(Some((_, status))) if status.stopped() => {
+                    Event::Stopped(status.stopping_signal().unwrap_or(libc::SIGSTOP))
+                }
+                Ok(Some((_, status))) => Event::Exited(ExitStatus::from_raw(status.as_raw())),
+                Ok(None) => continue,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => Event::WaitFailed(e.into()),
+            };
+            let done = !matches!(event, Event::Stopped(_));
+            if tx.send(event).is_err() || done {
+                return;
+            }
+        }
+    });
+}
+
 enum Supervised {
     Exited(ExitStatus),
     Lost,
     Failed(io::Error),
 }
 
-fn supervise(events: &Receiver<Event>, group: Option<Pid>, options: &RunOptions) -> Supervised {
-    let name = &options.acquire.name;
-    // Set once the lock is lost: when SIGKILL is due.
-    let mut kill_at: Option<Instant> = None;
-    let mut killed = false;
-    loop {
-        let event = match kill_at {
-            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(at) => events.recv_timeout(at.saturating_duration_since(Instant::now())),
-        };
-        match event {
-            Ok(Event::Exited(Ok(status))) if kill_at.is_some() => {
-                let how = if killed { "was killed" } else { "stopped" };
-                eprintln!(
-                    "pklock: the command {how} ({}) after losing the lock {name:?}",
-                    describe(status)
-                );
-                return Supervised::Lost;
-            }
-            Ok(Event::Exited(Ok(status))) => return Supervised::Exited(status),
-            Ok(Event::Exited(Err(e))) => return Supervised::Failed(e),
-            Ok(Event::Lost(reason)) if kill_at.is_none() => {
-                eprintln!(
-                    "pklock: lost the lock {name:?}: {reason}; sending SIGTERM to the command (SIGKILL in {})",
-                    human(options.kill_grace)
-                );
-                signal_group(group, Signal::TERM);
-                kill_at = Some(Instant::now() + options.kill_grace);
-            }
-            Ok(Event::Lost(_)) => {}
-            Ok(Event::Signal(number)) => {
-                if let Some(signal) = Signal::from_named_raw(number) {
-                    signal_group(group, signal);
+struct Supervisor<'a> {
+    events: &'a Receiver<Event>,
+    group: Pid,
+    name: &'a str,
+    kill_grace: Duration,
+    client: &'a Client,
+    terminal: Option<&'a Terminal>,
+}
+
+impl Supervisor<'_> {
+    fn supervise(&mut self) -> Supervised {
+        let name = self.name;
+        // Set once the lock is lost: when SIGKILL is due.
+        let mut kill_at: Option<Instant> = None;
+        let mut killed = false;
+        // Set once the leader has been reaped after a loss: the rest of its
+        // group must go too before the connection may close.
+        let mut leader_status: Option<ExitStatus> = None;
+        loop {
+            let now = Instant::now();
+            let kill_due = kill_at.filter(|_| !killed);
+            let wait = match (kill_due, leader_status) {
+                (Some(at), None) => Some(at.saturating_duration_since(now)),
+                (Some(at), Some(_)) => Some(at.saturating_duration_since(now).min(GROUP_POLL)),
+                (None, Some(_)) => Some(GROUP_POLL),
+                (None, None) => None,
+            };
+            let event = match wait {
+                Some(wait) => self.events.recv_timeout(wait),
+                None => self
+                    .events
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match event {
+                Ok(Event::Exited(status)) if kill_at.is_some() => leader_status = Some(status),
+                Ok(Event::Exited(status)) => return Supervised::Exited(status),
+                Ok(Event::WaitFailed(e)) => return Supervised::Failed(e),
+                Ok(Event::Stopped(_)) if kill_at.is_some() => {
+                    // It must run to die of SIGTERM.
+                    signal_group(self.group, Signal::CONT);
+                }
+                Ok(Event::Stopped(signal)) => {
+                    if let Err(reason) = self.suspend_with(signal) {
+                        self.report_loss(&reason);
+                        // Stopped all along: it did no work since the lease
+                        // was last confirmed, and must do none now.
+                        signal_group(self.group, Signal::KILL);
+                        signal_group(self.group, Signal::CONT);
+                        killed = true;
+                        kill_at = Some(Instant::now());
+                    }
+                }
+                Ok(Event::Lost(reason)) if kill_at.is_none() => {
+                    self.report_loss(&reason);
+                    signal_group(self.group, Signal::TERM);
+                    signal_group(self.group, Signal::CONT);
+                    kill_at = Some(Instant::now() + self.kill_grace);
+                }
+                Ok(Event::Lost(_)) => {}
+                Ok(Event::Signal(number)) => {
+                    if let Some(signal) = Signal::from_named_raw(number) {
+                        signal_group(self.group, signal);
+                        // A stopped command acts on it only once continued.
+                        signal_group(self.group, Signal::CONT);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if kill_at.is_some_and(|at| at <= Instant::now()) && !killed {
+                        eprintln!(
+                            "pklock: the command ignored SIGTERM for {}; sending SIGKILL",
+                            human(self.kill_grace)
+                        );
+                        signal_group(self.group, Signal::KILL);
+                        killed = true;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Supervised::Failed(io::Error::other("lost track of the command"));
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if !killed {
+            if let Some(status) = leader_status {
+                reap_orphans(self.group);
+                if !group_alive(self.group) {
+                    let how = if killed { "was killed" } else { "stopped" };
                     eprintln!(
-                        "pklock: the command ignored SIGTERM for {}; sending SIGKILL",
-                        human(options.kill_grace)
+                        "pklock: the command {how} ({}) after losing the lock {name:?}; \
+                         releasing it",
+                        describe(status)
                     );
-                    signal_group(group, Signal::KILL);
-                    killed = true;
+                    return Supervised::Lost;
                 }
-                // Wait for the exit without a deadline now.
-                kill_at = Some(Instant::now() + Duration::from_secs(3600));
+                if killed {
+                    // Members that were stopped, or started since.
+                    signal_group(self.group, Signal::KILL);
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Supervised::Failed(io::Error::other("lost track of the command"));
-            }
+        }
+    }
+
+    fn report_loss(&self, reason: &LossReason) {
+        eprintln!(
+            "pklock: lost the lock {:?}: {reason}; sending SIGTERM to the command (SIGKILL in \
+             {}); the lock is kept until it has stopped",
+            self.name,
+            human(self.kill_grace)
+        );
+    }
+
+    /// The command was stopped by `signal`. From a terminal, stops pklock
+    /// too, so the shell sees one stopped job; when continued, resumes the
+    /// command once the server has confirmed the connection lasted.
+    /// Without a terminal, nothing is paused: the lease goes on being kept
+    /// while the command is stopped, and whoever stopped it resumes it.
+    fn suspend_with(&mut self, signal: i32) -> Result<(), LossReason> {
+        let Some(terminal) = self.terminal else {
+            return Ok(());
+        };
+        terminal.take_back();
+        self.client.pause_lease();
+        eprintln!(
+            "pklock: the command was stopped ({}); the lock {:?} stays held",
+            signal_name(signal),
+            self.name
+        );
+        // Stops here until the shell continues us (fg, bg).
+        let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::TSTP);
+        self.client.resume_lease()?;
+        if terminal.is_ours() {
+            terminal.give_to(self.group);
+        }
+        signal_group(self.group, Signal::CONT);
+        Ok(())
+    }
+}
+
+/// The terminal on stdin, for handing its foreground to the command.
+struct Terminal {
+    stdin: rustix::fd::BorrowedFd<'static>,
+}
+
+impl Terminal {
+    fn of_stdin() -> Option<Terminal> {
+        let stdin = rustix::stdio::stdin();
+        if !rustix::termios::isatty(stdin) {
+            return None;
+        }
+        // Taking the terminal back from the command's group happens while
+        // pklock is in the background; SIGTTOU would stop it then.
+        // SAFETY: setting a signal to ignored has no handler to race with.
+        unsafe { libc::signal(libc::SIGTTOU, libc::SIG_IGN) };
+        Some(Terminal { stdin })
+    }
+
+    /// Whether pklock's own group has the terminal's foreground.
+    fn is_ours(&self) -> bool {
+        rustix::termios::tcgetpgrp(self.stdin).is_ok_and(|pg| pg == rustix::process::getpgrp())
+    }
+
+    fn give_to(&self, group: Pid) {
+        let _ = rustix::termios::tcsetpgrp(self.stdin, group);
+    }
+
+    /// Takes the foreground back for pklock's group, if the command had it.
+    fn take_back(&self) {
+        let ours = rustix::process::getpgrp();
+        if rustix::termios::tcgetpgrp(self.stdin).is_ok_and(|pg| pg != ours) {
+            let _ = rustix::termios::tcsetpgrp(self.stdin, ours);
         }
     }
 }
 
-fn signal_group(group: Option<Pid>, signal: Signal) {
-    if let Some(group) = group {
-        // The group may be gone already; nothing to do then.
-        let _ = kill_process_group(group, signal);
+/// Reaps members of the command's group that were handed to pklock as
+/// subreaper when their parent died.
+fn reap_orphans(group: Pid) {
+    while let Ok(Some(_)) = rustix::process::waitpgid(group, WaitOptions::NOHANG) {}
+}
+
+/// Whether any process (zombies included) is left in the group.
+fn group_alive(group: Pid) -> bool {
+    test_kill_process_group(group).is_ok()
+}
+
+fn signal_group(group: Pid, signal: Signal) {
+    // The group may be gone already; nothing to do then.
+    let _ = kill_process_group(group, signal);
+}
+
+fn signal_name(signal: i32) -> String {
+    match signal {
+        libc::SIGTSTP => "SIGTSTP".to_string(),
+        libc::SIGTTIN => "SIGTTIN: it read from the terminal in the background".to_string(),
+        libc::SIGTTOU => "SIGTTOU".to_string(),
+        libc::SIGSTOP => "SIGSTOP".to_string(),
+        n => format!("signal {n}"),
     }
 }
 

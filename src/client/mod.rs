@@ -4,6 +4,11 @@
 //! on one connection. A lease watchdog declares the locks lost before the
 //! server can release them (the timing argument is in docs/SAFETY.md).
 //!
+//! A loss tells the holder to stop; it does not release. The connection
+//! stays open until every guard is dropped (or the client is), so if the
+//! network heals the server hands the lock on only once the work is over:
+//! stop the work, then drop the guard.
+//!
 //! ```no_run
 //! use pklock::client::{Client, ClientOptions, LockOptions};
 //! use std::time::Duration;
@@ -33,15 +38,15 @@ use crate::frame;
 pub use crate::lock_table::Mode;
 pub use crate::protocol::{HelloResult, StatsResult, StatusFilter, StatusResult};
 
-/// The share of the server's earliest release time a lease may use at most;
-/// the rest covers clock-rate differences, scheduling delays and the time a
-/// caller needs to stop its work.
-pub const MAX_LEASE_SHARE: f64 = 0.8;
-/// The default lease, as a share of the server's earliest release time.
-pub const DEFAULT_LEASE_SHARE: f64 = 0.5;
-/// The shortest lease, as a share of the server's earliest release time:
+/// The share (in percent) of the server's earliest release time that the
+/// lease plus the time to stop may use at most; the rest covers clock-rate
+/// differences, scheduling delays and one round trip.
+pub const MAX_LEASE_PERCENT: u32 = 80;
+/// The default lease, in percent of the server's earliest release time.
+pub const DEFAULT_LEASE_PERCENT: u32 = 50;
+/// The shortest lease, in percent of the server's earliest release time:
 /// shorter ones give up on a healthy server for a late ping.
-pub const MIN_LEASE_SHARE: f64 = 0.1;
+pub const MIN_LEASE_PERCENT: u32 = 10;
 /// Pings per lease by default.
 pub const PINGS_PER_LEASE: u32 = 5;
 
@@ -54,7 +59,7 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Declare the locks lost after this long without an answer from the
     /// server. Default: half the server's `earliestReleaseMs`; refused when
-    /// it plus `stop_time` is above [`MAX_LEASE_SHARE`] of it.
+    /// it plus `stop_time` is above [`MAX_LEASE_PERCENT`] of it.
     pub lease: Option<Duration>,
     /// Ping this often. Default: a fifth of the lease.
     pub heartbeat: Option<Duration>,
@@ -62,6 +67,10 @@ pub struct ClientOptions {
     /// work the lock protects; the lease is shortened by it so that the work
     /// stops before the server may release the lock.
     pub stop_time: Duration,
+    /// Take `stop_time` as an upper bound: against a server whose release
+    /// time cannot cover it, use the longest stop time that fits instead of
+    /// refusing ([`Client::stop_time`] says which was used).
+    pub fit_stop_time: bool,
 }
 
 impl ClientOptions {
@@ -82,6 +91,7 @@ impl Default for ClientOptions {
             lease: None,
             heartbeat: None,
             stop_time: Duration::ZERO,
+            fit_stop_time: false,
         }
     }
 }
@@ -139,6 +149,9 @@ pub enum Error {
     Cancelled,
     /// This client already holds the lock through another guard.
     AlreadyHeld(String),
+    /// The server refused this host: it is not in the server's `allowed`
+    /// list.
+    Denied(String),
     /// The server refused the request (`invalid` or `tooMany`).
     Refused {
         /// The status word.
@@ -168,6 +181,16 @@ impl fmt::Display for Error {
             Error::NotGranted => f.write_str("the lock was not granted in time"),
             Error::Cancelled => f.write_str("the wait was cancelled by an unlock"),
             Error::AlreadyHeld(name) => write!(f, "this client already holds {name:?}"),
+            Error::Denied(detail) => {
+                write!(
+                    f,
+                    "refused by the server: this host is not in its `allowed` list"
+                )?;
+                match detail.is_empty() {
+                    true => Ok(()),
+                    false => write!(f, " ({detail})"),
+                }
+            }
             Error::Refused { status, error } => write!(f, "refused ({status}): {error}"),
             Error::UnsafeLease {
                 lease,
@@ -176,13 +199,11 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "a lease of {} ms plus {} ms to stop does not fit safely in the server's earliest \
-                 release time of {} ms: together they may take at most {:.0}% of it, with a lease \
-                 of at least {:.0}%",
+                 release time of {} ms: together they may take at most {MAX_LEASE_PERCENT}% of \
+                 it, with a lease of at least {MIN_LEASE_PERCENT}%",
                 lease.as_millis(),
                 stop_time.as_millis(),
                 earliest_release.as_millis(),
-                MAX_LEASE_SHARE * 100.0,
-                MIN_LEASE_SHARE * 100.0
             ),
             Error::Protocol(detail) => write!(f, "unexpected answer from the server: {detail}"),
         }
@@ -205,6 +226,11 @@ pub struct Client {
     session: Arc<Session>,
     hello: HelloResult,
     server: String,
+    stop_time: Duration,
+    /// When the server's restart grace ends, if it had not at `hello`.
+    grace_ends: Option<Instant>,
+    /// The restart grace has been mentioned on stderr.
+    grace_told: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -237,34 +263,56 @@ impl Client {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 return Err(not_pklock(e.to_string()));
             }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(not_pklock(format!(
+                    "no answer to hello within {} ms",
+                    options.connect_timeout.as_millis()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(not_pklock(
+                    "it closed the connection without answering hello".to_string(),
+                ));
+            }
             Err(e) => return Err(connect_error(e)),
         };
         stream.set_read_timeout(None).map_err(connect_error)?;
         let reply: Value = serde_json::from_slice(&body).map_err(|e| not_pklock(e.to_string()))?;
         if let Some(word) = reply.get("error").and_then(Value::as_str) {
-            // tooManyConnections, or a refused hello.
-            return Err(Error::Refused {
-                status: word.to_string(),
-                error: reply
-                    .get("detail")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
+            let detail = reply
+                .get("detail")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            // denied, tooManyConnections, or a refused hello.
+            return Err(match word {
+                "denied" => Error::Denied(detail),
+                _ => Error::Refused {
+                    status: word.to_string(),
+                    error: detail,
+                },
             });
         }
         let hello: HelloResult = result_of(reply)?;
 
         let earliest = Duration::from_millis(hello.earliest_release_ms);
-        let limit = earliest
-            .mul_f64(MAX_LEASE_SHARE)
-            .saturating_sub(options.stop_time);
+        let stop_time = match options.fit_stop_time {
+            true => options.stop_time.min(longest_stop_time(earliest)),
+            false => options.stop_time,
+        };
+        let limit = share(earliest, MAX_LEASE_PERCENT).saturating_sub(stop_time);
         let lease = options
             .lease
-            .unwrap_or(earliest.mul_f64(DEFAULT_LEASE_SHARE).min(limit));
-        if lease > limit || lease < earliest.mul_f64(MIN_LEASE_SHARE) || lease.is_zero() {
+            .unwrap_or(share(earliest, DEFAULT_LEASE_PERCENT).min(limit));
+        if lease > limit || lease < share(earliest, MIN_LEASE_PERCENT) || lease.is_zero() {
             return Err(Error::UnsafeLease {
                 lease,
-                stop_time: options.stop_time,
+                stop_time,
                 earliest_release: earliest,
             });
         }
@@ -277,11 +325,50 @@ impl Client {
         let session =
             Arc::new(Session::new(stream, lease, heartbeat, sent_at).map_err(connect_error)?);
         session.spawn_threads(reader).map_err(connect_error)?;
+        let grace = Duration::from_millis(hello.grants_resume_in_ms);
         Ok(Client {
             session,
             hello,
             server: server.to_string(),
+            stop_time,
+            grace_ends: (!grace.is_zero()).then(|| sent_at + grace),
+            grace_told: Default::default(),
         })
+    }
+
+    /// The time to stop after a loss that the lease leaves room for: the
+    /// one asked for, or with [`ClientOptions::fit_stop_time`] the longest
+    /// the server allows if that is less.
+    pub fn stop_time(&self) -> Duration {
+        self.stop_time
+    }
+
+    /// How long until the server grants locks again after its restart
+    /// (zero once it does).
+    pub fn grants_resume_in(&self) -> Duration {
+        self.grace_ends.map_or(Duration::ZERO, |end| {
+            end.saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// Says once on stderr that the server is in its restart grace, with
+    /// the time left counted from now: a caller waiting for a lock then
+    /// knows why nothing comes.
+    fn tell_grace_once(&self) {
+        let left = self.grants_resume_in();
+        if left.is_zero()
+            || self
+                .grace_told
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        eprintln!(
+            "pklock: the server at {} restarted moments ago and grants locks again in {:.1} s \
+             (restart grace)",
+            self.server,
+            left.as_secs_f64()
+        );
     }
 
     /// What the server said in `hello`.
@@ -309,6 +396,7 @@ impl Client {
         if !self.session.claim(name) {
             return Err(Error::AlreadyHeld(name.to_string()));
         }
+        self.tell_grace_once();
         let mut parameters = json!({"lockName": name, "mode": options.mode});
         if let Some(wait) = options.wait {
             parameters["timeoutMs"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
@@ -404,6 +492,16 @@ impl Client {
         self.session.set_inheritable(inheritable)
     }
 
+    /// See [`Session::pause_lease`]: only while the guarded work is stopped.
+    pub(crate) fn pause_lease(&self) {
+        self.session.pause_lease();
+    }
+
+    /// See [`Session::resume_lease`].
+    pub(crate) fn resume_lease(&self) -> Result<(), LossReason> {
+        self.session.resume_lease()
+    }
+
     /// Why the connection is gone, if it is.
     pub fn loss(&self) -> Option<LossReason> {
         self.session.loss()
@@ -416,7 +514,8 @@ impl Client {
     }
 
     /// Calls `callback` once, from a client thread, when the connection is
-    /// lost (at once if it already is).
+    /// lost (at once if it already is). The locks are not released until the
+    /// guards are dropped: stop the work, then drop them.
     pub fn on_lost(&self, callback: impl FnOnce(&LossReason) + Send + 'static) {
         self.session.on_lost(Box::new(callback));
     }
@@ -443,7 +542,7 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.session.declare_lost(LossReason::ClientClosed);
+        self.session.shut();
     }
 }
 
@@ -473,13 +572,15 @@ impl LockGuard {
     }
 
     /// Whether the lock is still ours: not unlocked, and the connection
-    /// neither closed nor past its lease.
+    /// neither closed nor past its lease. Once false, stop the work and drop
+    /// the guard: until then nobody else is granted the lock.
     pub fn is_held(&self) -> bool {
         !self.released && self.session.loss().is_none()
     }
 
     /// Waits until the lock is lost or `timeout` passes (`None`: for ever);
-    /// returns the reason if it was lost.
+    /// returns the reason if it was lost. The lock is not handed on before
+    /// this guard (and every other guard of its client) is dropped.
     pub fn wait_lost(&self, timeout: Option<Duration>) -> Option<LossReason> {
         self.session.wait_lost(timeout)
     }
@@ -539,14 +640,32 @@ fn status(result: &Value) -> &str {
     result.get("status").and_then(Value::as_str).unwrap_or("")
 }
 
+/// `earliest` times `percent`/100, exactly (no float rounding at the limits).
+fn share(earliest: Duration, percent: u32) -> Duration {
+    earliest * percent / 100
+}
+
+/// The longest time to stop that still leaves the shortest lease within the
+/// server's earliest release time.
+pub fn longest_stop_time(earliest_release: Duration) -> Duration {
+    share(earliest_release, MAX_LEASE_PERCENT - MIN_LEASE_PERCENT)
+}
+
+/// A refusal the protocol defines, or a protocol error for a status it
+/// does not.
 fn refused(result: &Value) -> Error {
-    Error::Refused {
-        status: status(result).to_string(),
-        error: result
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
+    let error = result
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match status(result) {
+        "denied" => Error::Denied(error),
+        word @ ("invalid" | "tooMany") => Error::Refused {
+            status: word.to_string(),
+            error,
+        },
+        _ => Error::Protocol(format!("unexpected answer: {result}")),
     }
 }
 

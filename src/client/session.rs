@@ -2,6 +2,11 @@
 //! requests waiting for replies (matched by id), the reader thread that owns
 //! the read side, and the watchdog thread that pings and declares the
 //! connection lost when the lease runs out.
+//!
+//! Declaring a loss is not releasing: the socket stays open, and with it any
+//! lock the server still counts as ours, until every guard is dropped or the
+//! client is. Only then can the server hand the locks on, so a holder told
+//! to stop is never running beside the next one on a network that healed.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -65,8 +70,14 @@ struct State {
     confirmed_at: Instant,
     last_ping: Instant,
     lost: Option<LossReason>,
-    /// Names this client holds through guards.
+    /// Names this client holds through guards; after a loss, the guards not
+    /// yet dropped, whose work may still be running.
     held: HashSet<String>,
+    /// While set, the caller's work is known to be stopped, so the lease may
+    /// run out without a loss (see [`Session::pause_lease`]).
+    lease_paused: bool,
+    /// The socket has been shut down: the server may release everything.
+    closed: bool,
     /// An error message the server sent without an id, kept for the loss reason.
     server_error: Option<String>,
 }
@@ -110,6 +121,8 @@ impl Session {
                 last_ping: confirmed_at,
                 lost: None,
                 held: HashSet::new(),
+                lease_paused: false,
+                closed: false,
                 server_error: None,
             }),
             changed: Condvar::new(),
@@ -261,13 +274,20 @@ impl Session {
         locked(&self.state).held.insert(name.to_string())
     }
 
-    /// Forgets that a guard holds `name`.
+    /// Forgets that a guard holds `name`. After a loss, the last guard to go
+    /// closes the connection: its work is over, the server may hand on.
     pub(crate) fn release(&self, name: &str) {
-        locked(&self.state).held.remove(name);
+        let mut state = locked(&self.state);
+        state.held.remove(name);
+        if state.lost.is_some() && state.held.is_empty() {
+            self.close(&mut state);
+        }
     }
 
     /// Marks the connection lost for `reason` (the first reason wins), fails
-    /// every waiting request, closes the socket and runs the callbacks.
+    /// every waiting request and runs the callbacks. The socket is closed
+    /// only once no guard is left (at once if there is none), so that the
+    /// server cannot grant our locks to another while our work still runs.
     pub(crate) fn declare_lost(&self, reason: LossReason) {
         {
             let mut state = locked(&self.state);
@@ -277,15 +297,66 @@ impl Session {
             state.lost = Some(reason.clone());
             // Dropping the senders wakes every waiter with an error.
             state.pending.clear();
-            state.held.clear();
+            if state.held.is_empty() {
+                self.close(&mut state);
+            }
         }
         self.changed.notify_all();
-        // The server must not think we still hold anything: close for real.
-        let _ = self.control.shutdown(Shutdown::Both);
         let callbacks = std::mem::take(&mut *locked(&self.callbacks));
         for callback in callbacks {
             callback(&reason);
         }
+    }
+
+    /// Declares the connection lost if it is not yet, and closes it whatever
+    /// guards remain: the client is gone.
+    pub(crate) fn shut(&self) {
+        self.declare_lost(LossReason::ClientClosed);
+        self.close(&mut locked(&self.state));
+    }
+
+    /// Shuts the socket down for real, also for processes that inherited it:
+    /// the server then releases everything this connection held.
+    fn close(&self, state: &mut State) {
+        if !state.closed {
+            state.closed = true;
+            let _ = self.control.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lets the lease run out without a loss, for a caller whose guarded
+    /// work is stopped (a command suspended by job control): nothing runs
+    /// that the lock protects, so nothing can overlap the next holder. The
+    /// caller must not let the work go on before [`Session::resume_lease`]
+    /// succeeds.
+    pub(crate) fn pause_lease(&self) {
+        locked(&self.state).lease_paused = true;
+        self.changed.notify_all();
+    }
+
+    /// Ends a pause once the server has answered a request sent after this
+    /// call: the connection, and so every lock on it, is then known to have
+    /// lasted through the pause. Declares the loss when no answer comes
+    /// within the lease.
+    pub(crate) fn resume_lease(&self) -> Result<(), LossReason> {
+        let asked_at = Instant::now();
+        let rx = self.send("ping", Value::Null)?;
+        let answered = rx.recv_timeout(self.lease).is_ok();
+        let mut state = locked(&self.state);
+        if let Some(reason) = &state.lost {
+            return Err(reason.clone());
+        }
+        if answered && state.confirmed_at >= asked_at {
+            state.lease_paused = false;
+            drop(state);
+            self.changed.notify_all();
+            return Ok(());
+        }
+        let silent_for = asked_at.elapsed();
+        drop(state);
+        let reason = LossReason::LeaseExpired { silent_for };
+        self.declare_lost(reason.clone());
+        Err(reason)
     }
 
     fn read_loop(&self, mut reader: TcpStream) {
@@ -343,7 +414,11 @@ impl Session {
                 return;
             }
             let now = Instant::now();
-            let lease_end = state.confirmed_at + self.lease;
+            let lease_end = match state.lease_paused {
+                // Pings go on; their answers end the pause (resume_lease).
+                true => now + self.heartbeat,
+                false => state.confirmed_at + self.lease,
+            };
             if now >= lease_end {
                 let silent_for = now - state.confirmed_at;
                 drop(state);
