@@ -314,8 +314,8 @@ impl Server {
                 break Ok(());
             }
             self.resume_backlog(now);
-            self.core.expire(now, &mut self.outgoing);
             self.note_grace_end(now);
+            self.core.expire(now, &mut self.outgoing);
             self.close_stalled(now);
             if let Err(e) = self.write_replies(now) {
                 break Err(e);
@@ -399,7 +399,7 @@ impl Server {
             self.grace_ends = None;
             let totals = self.core.table().totals();
             info!(
-                "restart grace over: granting locks again ({} held, {} waiting)",
+                "restart grace over: granting locks again ({} held, {} waiting to be served now)",
                 totals.held, totals.waiting
             );
         }

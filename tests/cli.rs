@@ -663,3 +663,60 @@ fn server_address_without_a_port_is_a_usage_error() {
     assert_eq!(output.status.code(), Some(64));
     assert!(stderr_of(&output).contains("HOST:PORT"));
 }
+
+/// The README's bash example of holding a lock across several commands.
+fn readme_hold_script() -> String {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("Holding a lock across several commands")
+        .expect("the README has the example");
+    let block = &readme[start..];
+    let body = &block[block.find("```bash\n").unwrap() + 8..];
+    body[..body.find("```").unwrap()].to_string()
+}
+
+fn run_readme_script(server: &str) -> Output {
+    let bin = Path::new(env!("CARGO_BIN_EXE_pklock")).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("bash")
+        .args(["-c", &readme_hold_script()])
+        .env("PATH", path)
+        .env("PKLOCK_SERVER", server)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_readme_script_holds_the_lock_and_fails_cleanly_without_a_server() {
+    let server = TestServer::start();
+    let output = run_readme_script(&server.addr.to_string());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", stderr_of(&output));
+    assert!(
+        stdout.starts_with("deploying with fencing token "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("lock lost"), "{stdout}");
+    assert_eq!(stats(server.addr)["locks"], 0);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for _ in 0..5 {
+        let output = run_readme_script(&format!("127.0.0.1:{port}"));
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(69), "{stderr}");
+        assert!(stderr.starts_with("pklock: cannot connect"), "{stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "only pklock's own message: {stderr}"
+        );
+    }
+}

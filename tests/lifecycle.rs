@@ -317,3 +317,16 @@ fn a_killed_server_restarts_with_the_grace_of_its_release_time() {
         Peer::connect(server.addr).rpc("lock", json!(1), json!({"lockName": "a", "timeoutMs": 0}));
     assert_eq!(result["status"], "timeout");
 }
+
+#[test]
+fn the_server_logs_when_the_restart_grace_ends_and_grants_then() {
+    let dir = temp_dir("grace-end");
+    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 700\n";
+    let mut server = ServerProcess::start(&dir, config);
+    let mut waiter = Peer::connect(server.addr);
+    waiter.ask("queued", 1);
+    let line = server.wait_for_log("restart grace over");
+    assert!(line.contains("1 waiting"), "{line}");
+    // The waiter queued during the grace is served at its end.
+    assert_eq!(waiter.recv()["result"]["status"], "ok");
+}

@@ -50,7 +50,7 @@ fn ipv6_loopback_available() -> bool {
 #[test]
 fn peers_outside_allowed_are_closed_and_counted_and_ipv6_peers_are_served() {
     if !ipv6_loopback_available() {
-        eprintln!("skipped: this machine has no IPv6 loopback (::1)");
+        common::skip("ipv6", "this machine has no IPv6 loopback (::1)");
         return;
     }
     let server = TestServer::with(|c| {

@@ -155,7 +155,7 @@ fn test_client_says_so_when_the_server_goes_away_while_it_holds() {
 #[test]
 fn test_client_takes_an_ipv6_host_in_brackets() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipped: this machine has no IPv6 loopback (::1)");
+        common::skip("ipv6", "this machine has no IPv6 loopback (::1)");
         return;
     }
     let server = TestServer::with(|c| c.listen = vec!["[::1]:0".parse().unwrap()]);
