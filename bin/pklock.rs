@@ -59,8 +59,8 @@ enum Command {
     Run {
         #[command(flatten)]
         lock: LockArgs,
-        /// Between SIGTERM and SIGKILL when the lock is lost [default: 2s, or
-        /// less if that is all the server's release time allows].
+        /// Between SIGTERM and SIGKILL when the lock is lost [default: 2s,
+        /// or 30% of the server's release time if that is less].
         #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
         kill_grace: Option<Duration>,
         /// The command and its arguments (after --).

@@ -140,13 +140,13 @@ fn the_command_reads_the_terminal_and_ctrl_c_ends_it_with_130() {
 
 #[test]
 fn ctrl_z_stops_the_job_and_fg_resumes_it_with_the_lock_kept() {
-    // earliestReleaseMs 2 s: pklock's lease is then 200 ms, far shorter
-    // than the second the job stays stopped.
+    // earliestReleaseMs 2 s: pklock's lease is then 1 s, shorter than the
+    // 2 s the job stays stopped.
     let dir = temp_dir("tty-stop");
     let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
     let server = ServerProcess::start(&dir, config);
     let script = format!(
-        "set -m; {} run job -- sh -c 'echo ready; read a; echo got:$a'; echo stopped:$?; sleep 1; fg; echo exit:$?",
+        "set -m; {} run job -- sh -c 'echo ready; read a; echo got:$a'; echo stopped:$?; sleep 2; fg; echo exit:$?",
         env!("CARGO_BIN_EXE_pklock")
     );
     let mut pty = Pty::spawn("bash", &["-c", &script], &pklock_env(server.addr));

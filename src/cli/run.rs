@@ -2,8 +2,8 @@
 //! `PKLOCK_TOKEN` and `PKLOCK_NAME` set, releases the lock when it exits and
 //! passes its exit code on. If the lock is lost first, the command's group
 //! gets SIGTERM, then SIGKILL after the grace period, and the connection (so
-//! the lock) is kept until the whole group is dead and reaped. INT, TERM and
-//! HUP sent to pklock are passed on to the command.
+//! the lock) is kept until the whole group is dead, its leader reaped. INT,
+//! TERM and HUP sent to pklock are passed on to the command.
 //!
 //! With a terminal on stdin, the command gets it (it becomes the terminal's
 //! foreground process group, as a shell does) and pklock takes it back after.
@@ -24,8 +24,8 @@ use signal_hook::iterator::Signals;
 use super::{Acquire, Failure, StopTime, exit, human};
 use crate::client::{Client, LossReason};
 
-/// `--kill-grace` when none is given, unless the server's release time
-/// allows less (then that).
+/// `--kill-grace` when none is given; less against a server whose release
+/// time leaves less room beside the default lease (half of it).
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How often to look whether the rest of a lost command's group has gone.
@@ -86,10 +86,6 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             }
         }
     });
-    // Members of the command's group that outlive their parent come to us,
-    // so that a lost command's whole group can be reaped before the lock
-    // goes (instead of lingering as zombies of a PID 1 that never reaps).
-    let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     let terminal = Terminal::of_stdin();
 
     // The command inherits the connection: if pklock itself is killed, the
@@ -287,7 +283,6 @@ impl Supervisor<'_> {
                 }
             }
             if let Some(status) = leader_status {
-                reap_orphans(self.group);
                 if !group_alive(self.group) {
                     let how = if killed { "was killed" } else { "stopped" };
                     eprintln!(
@@ -377,15 +372,32 @@ impl Terminal {
     }
 }
 
-/// Reaps members of the command's group that were handed to pklock as
-/// subreaper when their parent died.
-fn reap_orphans(group: Pid) {
-    while let Ok(Some(_)) = rustix::process::waitpgid(group, WaitOptions::NOHANG) {}
+/// Whether any process of the group still runs. Zombies do not count: they
+/// do nothing, and one whose parent never reaps (a PID 1 in a container that
+/// does not) would otherwise keep the lock for ever.
+fn group_alive(group: Pid) -> bool {
+    if test_kill_process_group(group).is_err() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read_to_string(entry.path().join("stat"))
+            .is_ok_and(|stat| runs_in_group(&stat, group.as_raw_nonzero().get()))
+    })
 }
 
-/// Whether any process (zombies included) is left in the group.
-fn group_alive(group: Pid) -> bool {
-    test_kill_process_group(group).is_ok()
+/// From a /proc/PID/stat line: whether it is a live process of `group`
+/// (`pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses).
+fn runs_in_group(stat: &str, group: i32) -> bool {
+    let Some((_, after_comm)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = after_comm.split_whitespace();
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+    pgrp == Some(group) && !matches!(state, Some("Z" | "X"))
 }
 
 fn signal_group(group: Pid, signal: Signal) {
@@ -417,5 +429,19 @@ fn describe(status: ExitStatus) -> String {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => format!("signal {signal}"),
         _ => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_in_group;
+
+    #[test]
+    fn stat_lines_are_read_past_odd_command_names() {
+        assert!(runs_in_group("42 (sh) S 1 4242 4242 0", 4242));
+        assert!(runs_in_group("42 (a (b) c) R 1 4242 4242 0", 4242));
+        assert!(!runs_in_group("42 (sh) Z 1 4242 4242 0", 4242));
+        assert!(!runs_in_group("42 (sh) S 1 4243 4243 0", 4242));
+        assert!(!runs_in_group("garbage", 4242));
     }
 }

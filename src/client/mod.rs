@@ -68,8 +68,8 @@ pub struct ClientOptions {
     /// stops before the server may release the lock.
     pub stop_time: Duration,
     /// Take `stop_time` as an upper bound: against a server whose release
-    /// time cannot cover it, use the longest stop time that fits instead of
-    /// refusing ([`Client::stop_time`] says which was used).
+    /// time cannot cover it beside the default lease, shorten it until it
+    /// can, instead of refusing ([`Client::stop_time`] says which was used).
     pub fit_stop_time: bool,
 }
 
@@ -302,7 +302,9 @@ impl Client {
 
         let earliest = Duration::from_millis(hello.earliest_release_ms);
         let stop_time = match options.fit_stop_time {
-            true => options.stop_time.min(longest_stop_time(earliest)),
+            true => options
+                .stop_time
+                .min(share(earliest, MAX_LEASE_PERCENT - DEFAULT_LEASE_PERCENT)),
             false => options.stop_time,
         };
         let limit = share(earliest, MAX_LEASE_PERCENT).saturating_sub(stop_time);
@@ -337,8 +339,8 @@ impl Client {
     }
 
     /// The time to stop after a loss that the lease leaves room for: the
-    /// one asked for, or with [`ClientOptions::fit_stop_time`] the longest
-    /// the server allows if that is less.
+    /// one asked for, or with [`ClientOptions::fit_stop_time`] what fits
+    /// beside the default lease if that is less.
     pub fn stop_time(&self) -> Duration {
         self.stop_time
     }
