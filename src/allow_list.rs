@@ -56,12 +56,22 @@ fn parse_entry(entry: &str) -> Result<IpNet, String> {
     if let Ok(ip) = trimmed.parse::<IpAddr>() {
         return Ok(IpNet::from(ip.to_canonical()));
     }
-    trimmed
-        .parse::<IpNet>()
-        .map(|net| net.trunc())
-        .map_err(|_| {
-            format!("`{entry}` is not an IP address or a CIDR range such as 10.0.0.0/8 or fd00::/8")
-        })
+    let net = trimmed.parse::<IpNet>().map_err(|_| {
+        format!("`{entry}` is not an IP address or a CIDR range such as 10.0.0.0/8 or fd00::/8")
+    })?;
+    Ok(ipv4_of_mapped(net).unwrap_or(net).trunc())
+}
+
+/// An IPv4-mapped range (`::ffff:a.b.c.d/(96+n)`) as the IPv4 range it
+/// names, since peers are matched by their IPv4 address; `None` for any
+/// other range.
+fn ipv4_of_mapped(net: IpNet) -> Option<IpNet> {
+    let IpNet::V6(v6) = net else {
+        return None;
+    };
+    let v4 = v6.addr().to_ipv4_mapped()?;
+    let prefix = v6.prefix_len().checked_sub(96)?;
+    ipnet::Ipv4Net::new(v4, prefix).ok().map(IpNet::V4)
 }
 
 impl<'de> Deserialize<'de> for AllowList {
@@ -97,6 +107,18 @@ mod tests {
         assert!(list.permits(ip("::ffff:127.0.0.1")));
         let list = AllowList::parse(&["::ffff:192.168.1.5"]).unwrap();
         assert!(list.permits(ip("192.168.1.5")));
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_match_their_ipv4_members() {
+        let list = AllowList::parse(&["::ffff:127.0.0.0/104"]).unwrap();
+        assert!(list.permits(ip("127.0.0.1")));
+        assert!(list.permits(ip("::ffff:127.9.9.9")));
+        assert!(!list.permits(ip("128.0.0.1")));
+        assert_eq!(list.to_string(), "127.0.0.0/8");
+        // Shorter than the mapped prefix: an IPv6 range like any other.
+        let list = AllowList::parse(&["::ffff:0:0/95"]).unwrap();
+        assert!(!list.permits(ip("127.0.0.1")));
     }
 
     #[test]

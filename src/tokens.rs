@@ -11,6 +11,7 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -178,7 +179,21 @@ fn write_state(path: &Path, ceiling: u64, held_nothing: bool) -> Result<(), Toke
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut file = File::create(&tmp).map_err(|e| fail("create the temporary file", e))?;
+    // A file left by a crash, or planted: removing it removes a symlink
+    // itself, never its target, and create_new refuses to follow one.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(fail("remove an old temporary file", e));
+        }
+        _ => {}
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(|e| fail("create the temporary file", e))?;
     let text = match held_nothing {
         true => format!("{ceiling}\n{HELD_NOTHING}\n"),
         false => format!("{ceiling}\n"),
@@ -199,6 +214,7 @@ fn write_state(path: &Path, ceiling: u64, held_nothing: bool) -> Result<(), Toke
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// A state file path in a fresh directory, removed when dropped.
     struct TempState(PathBuf);
@@ -305,6 +321,22 @@ mod tests {
         assert!(e.contains("2^53"), "{e}");
         fs::write(&path, format!("{MAX_TOKEN}\n")).unwrap();
         assert!(TokenStore::open(Some(&path)).is_ok());
+    }
+
+    #[test]
+    fn a_planted_symlink_at_the_temporary_path_is_not_followed() {
+        let path = temp_path("symlink");
+        let victim = temp_path("victim");
+        fs::write(&*victim, "precious\n").unwrap();
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::os::unix::fs::symlink(&*victim, &tmp).unwrap();
+        let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
+        store.cover(first + 1).unwrap();
+        assert_eq!(fs::read_to_string(&*victim).unwrap(), "precious\n");
+        assert!(stored(&path) > first);
+        let mode = fs::metadata(&*path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
