@@ -56,6 +56,7 @@ pub struct Core {
     next_client: u64,
     started: Instant,
     rejected_connections: u64,
+    frame_timeouts: u64,
     bad_messages: u64,
     bad_message_log: LogLimiter,
     effects: Vec<Effect<RequestId>>,
@@ -71,6 +72,7 @@ impl Core {
             next_client: 1,
             started: now,
             rejected_connections: 0,
+            frame_timeouts: 0,
             bad_messages: 0,
             bad_message_log: LogLimiter::new(20, Duration::from_secs(10)),
             effects: Vec::new(),
@@ -179,6 +181,11 @@ impl Core {
     /// Counts a connection refused at accept.
     pub fn connection_rejected(&mut self) {
         self.rejected_connections += 1;
+    }
+
+    /// Counts a connection closed for not sending a frame in time.
+    pub fn frame_timed_out(&mut self) {
+        self.frame_timeouts += 1;
     }
 
     /// The lock table, read-only.
@@ -340,6 +347,7 @@ impl Core {
             timeouts: totals.timeouts,
             released_by_disconnect: totals.released_by_disconnect,
             rejected_connections: self.rejected_connections,
+            frame_timeouts: self.frame_timeouts,
             bad_messages: self.bad_messages,
         };
         self.reply(from, id, Outcome::Stats(Box::new(result)), out);

@@ -36,6 +36,15 @@ pub struct Config {
     /// Locks one connection may hold plus wait for.
     #[serde(deserialize_with = "at_least_one")]
     pub max_locks_per_connection: usize,
+    /// Connections from one IP address at most (loopback is exempt); the
+    /// next one is refused at once.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_connections_per_ip: usize,
+    /// A frame must arrive whole within this long of its first byte, and a
+    /// new connection must send its first frame within this long; otherwise
+    /// the connection is closed, unless it holds or waits for a lock.
+    #[serde(deserialize_with = "frame_timeout")]
+    pub frame_timeout_ms: u64,
     /// Where the fencing-token ceiling is kept; none keeps tokens clock-based only.
     pub state_file: Option<PathBuf>,
     /// After a start, grant nothing for this long, so that clients of a
@@ -76,6 +85,8 @@ impl Default for Config {
             max_message_bytes: 65_536,
             max_output_bytes: 1_048_576,
             max_locks_per_connection: 10_000,
+            max_connections_per_ip: 1_000,
+            frame_timeout_ms: 30_000,
             state_file: None,
             restart_grace_ms: None,
             keepalive: KeepaliveConfig::default(),
@@ -173,6 +184,10 @@ impl Config {
                 .map_or("off".to_string(), |t| format!("{} ms", t.as_millis())),
             k.release_after().as_millis(),
             k.earliest_release().as_millis()
+        ));
+        lines.push(format!(
+            "per peer: max_connections_per_ip {} (loopback exempt), frame_timeout_ms {}",
+            self.max_connections_per_ip, self.frame_timeout_ms
         ));
         lines.push(format!(
             "restart grace: {} ms",
@@ -286,6 +301,11 @@ fn message_limit<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 fn output_limit<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 4096, usize::MAX, "an output size")
+}
+
+fn frame_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    // Under 100 ms a healthy client on a slow network would be cut off.
+    in_range(d, 100, 3_600_000, "a frame timeout in ms")
 }
 
 fn grace_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

@@ -59,6 +59,13 @@ pub struct Connection {
     pub stalled_since: Option<Instant>,
     /// Already listed for writing this turn.
     pub flush_listed: bool,
+    /// Since when a frame it owes has been awaited: from the accept for the
+    /// first one, from the first byte for a frame it started.
+    pub frame_due_since: Option<Instant>,
+    /// The loop turn `requests_this_turn` counts for.
+    pub budget_turn: u64,
+    /// Requests handled in that turn.
+    pub requests_this_turn: usize,
     output: Vec<u8>,
     written: usize,
     registered: Interest,
@@ -72,6 +79,7 @@ impl Connection {
         peer: SocketAddr,
         registry: &Registry,
         token: Token,
+        now: Instant,
     ) -> io::Result<Connection> {
         registry.register(&mut stream, token, Interest::READABLE)?;
         Ok(Connection {
@@ -84,6 +92,9 @@ impl Connection {
             paused: false,
             stalled_since: None,
             flush_listed: false,
+            frame_due_since: Some(now),
+            budget_turn: 0,
+            requests_this_turn: 0,
             output: Vec::new(),
             written: 0,
             registered: Interest::READABLE,
@@ -187,6 +198,7 @@ mod tests {
             addr,
             poll.registry(),
             Token(0),
+            std::time::Instant::now(),
         )
         .unwrap();
         (poll, conn, peer)

@@ -877,8 +877,12 @@ pub struct StatsResult {
     pub timeouts: u64,
     /// Locks released because their holder's connection closed.
     pub released_by_disconnect: u64,
-    /// Connections refused at accept (not allowed, or over the limit).
+    /// Connections refused at accept (not allowed, or over a limit).
     pub rejected_connections: u64,
+    /// Connections closed because a frame they started, or their first one,
+    /// did not arrive whole within `frame_timeout_ms`.
+    #[serde(default)]
+    pub frame_timeouts: u64,
     /// Messages answered with an error.
     pub bad_messages: u64,
 }

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -43,6 +43,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// Listen backlog.
 const BACKLOG: i32 = 1024;
+/// Requests one connection may have handled per loop turn; the rest wait
+/// for the next turn, so that one busy peer cannot hold everyone up.
+const REQUESTS_PER_TURN: usize = 32;
+/// At most this often, connections owing a frame past `frame_timeout_ms`
+/// are looked for.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// Why the server could not start or had to stop.
 #[derive(Debug)]
@@ -112,6 +118,7 @@ enum CloseReason {
     WriteFailed(io::Error),
     MessageTooLarge,
     NotReading { unsent: usize, stalled: Duration },
+    FrameTimeout(Duration),
 }
 
 impl fmt::Display for CloseReason {
@@ -125,6 +132,11 @@ impl fmt::Display for CloseReason {
                 f,
                 "not reading: {unsent} reply bytes unsent, over max_output_bytes, none taken for {} ms",
                 stalled.as_millis()
+            ),
+            CloseReason::FrameTimeout(limit) => write!(
+                f,
+                "no whole frame within frame_timeout_ms ({} ms), holding no lock",
+                limit.as_millis()
             ),
         }
     }
@@ -160,6 +172,14 @@ pub struct Server {
     accept_retry_at: Option<Instant>,
     /// When the restart grace ends, until that moment is logged.
     grace_ends: Option<Instant>,
+    /// Open connections per peer IP (loopback not counted).
+    per_ip: FxHashMap<IpAddr, usize>,
+    /// Loop turns so far, for the per-connection request budget.
+    turn: u64,
+    /// When to look next for connections that owe a frame for too long.
+    next_sweep: Instant,
+    /// Rate limit for the connect and close lines.
+    conn_log: LogLimiter,
     scratch: Vec<u8>,
     reject_log: LogLimiter,
 }
@@ -217,6 +237,10 @@ impl Server {
             backlog: Vec::new(),
             accept_retry_at: None,
             grace_ends: None,
+            per_ip: FxHashMap::default(),
+            turn: 0,
+            next_sweep: now + SWEEP_EVERY,
+            conn_log: LogLimiter::new(50, Duration::from_secs(10)),
             scratch: vec![0; READ_CHUNK],
             reject_log: LogLimiter::new(20, Duration::from_secs(10)),
             config,
@@ -290,6 +314,7 @@ impl Server {
                 });
             }
             let now = Instant::now();
+            self.turn += 1;
             for event in events.iter() {
                 match event.token() {
                     WAKER => {}
@@ -317,6 +342,7 @@ impl Server {
             self.note_grace_end(now);
             self.core.expire(now, &mut self.outgoing);
             self.close_stalled(now);
+            self.close_silent(now);
             if let Err(e) = self.write_replies(now) {
                 break Err(e);
             }
@@ -388,6 +414,7 @@ impl Server {
             .chain(stalled)
             .chain(self.accept_retry_at)
             .chain(self.grace_ends)
+            .chain((!self.conns.is_empty()).then_some(self.next_sweep))
             .chain(self.core.next_deadline())
             .min()?;
         Some(earliest.saturating_duration_since(now))
@@ -503,6 +530,30 @@ impl Server {
             );
             return;
         }
+        let per_ip = self.config.max_connections_per_ip;
+        let ip = peer.ip().to_canonical();
+        let counted = !ip.is_loopback();
+        if counted && self.per_ip.get(&ip).is_some_and(|&n| n >= per_ip) {
+            self.core.connection_rejected();
+            self.log_rejection(
+                now,
+                format_args!("refused {peer}: max_connections_per_ip ({per_ip}) reached"),
+            );
+            refuse(
+                stream,
+                Reply::Error {
+                    error: ErrorCode::TooManyConnections,
+                    detail: Some(format!(
+                        "{} has {per_ip} connections open, the most allowed from one address \
+                         (max_connections_per_ip)",
+                        peer.ip()
+                    )),
+                    limit: Some(per_ip),
+                    id: None,
+                },
+            );
+            return;
+        }
         let max = self.config.max_connections;
         if self.conns.len() >= max {
             self.core.connection_rejected();
@@ -531,11 +582,19 @@ impl Server {
         let client = self.core.connect(peer);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        match Connection::register(stream, client, peer, self.poll.registry(), Token(key)) {
+        match Connection::register(stream, client, peer, self.poll.registry(), Token(key), now) {
             Ok(conn) => {
                 entry.insert(conn);
                 self.keys.insert(client, key);
-                info!("{} connected", self.core.describe(client));
+                if counted {
+                    *self.per_ip.entry(ip).or_default() += 1;
+                }
+                if let Some(suppressed) = self.conn_log.admit(now) {
+                    if suppressed > 0 {
+                        info!("{suppressed} more connect and close lines were not logged");
+                    }
+                    info!("{} connected", self.core.describe(client));
+                }
             }
             Err(e) => {
                 warn!("dropped {peer}: cannot register it: {e}");
@@ -578,7 +637,9 @@ impl Server {
                 conn.unread = true;
                 break;
             }
-            if budget == 0 {
+            let spent =
+                conn.budget_turn == self.turn && conn.requests_this_turn >= REQUESTS_PER_TURN;
+            if budget == 0 || spent {
                 // Others get a go; come back next turn.
                 conn.unread = true;
                 self.backlog.push(key);
@@ -645,8 +706,14 @@ impl Server {
         };
         let input = std::mem::take(&mut conn.input);
         let client = conn.client;
+        if conn.budget_turn != self.turn {
+            conn.budget_turn = self.turn;
+            conn.requests_this_turn = 0;
+        }
+        let mut handled = conn.requests_this_turn;
         let mut offset = 0;
         let mut paused = false;
+        let mut deferred = false;
         while let Some(conn) = self.conns.get(key) {
             if conn.state != State::Open {
                 break;
@@ -656,11 +723,16 @@ impl Server {
                 paused = true;
                 break;
             }
+            if handled >= REQUESTS_PER_TURN {
+                deferred = offset < input.len();
+                break;
+            }
             match frame::decode(&input[offset..], self.config.max_message_bytes) {
                 Ok(Some(frame)) => {
                     self.core
                         .handle(client, frame.body, now, &mut self.outgoing);
                     offset += frame.consumed;
+                    handled += 1;
                     self.deliver();
                 }
                 Ok(None) => break,
@@ -675,10 +747,52 @@ impl Server {
         }
         if let Some(conn) = self.conns.get_mut(key) {
             if conn.state == State::Open {
+                conn.requests_this_turn = handled;
+                if offset > 0 {
+                    // A whole frame came: the clock restarts for the next.
+                    conn.frame_due_since = None;
+                }
                 conn.input = input;
                 conn.consume_input(offset);
+                if !conn.input.is_empty() && conn.frame_due_since.is_none() {
+                    conn.frame_due_since = Some(now);
+                }
                 conn.paused |= paused;
+                if deferred {
+                    self.backlog.push(key);
+                }
             }
+        }
+    }
+
+    /// Closes connections that have owed a frame for longer than
+    /// `frame_timeout_ms` (a started frame not completed, or no first frame
+    /// at all), unless they hold or wait for a lock: such a peer only takes
+    /// up a slot, and the promise to lock holders comes first.
+    fn close_silent(&mut self, now: Instant) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_EVERY;
+        let limit = Duration::from_millis(self.config.frame_timeout_ms);
+        let table = self.core.table();
+        let silent: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| {
+                conn.state == State::Open
+                    && !conn.paused
+                    && conn.unsent() == 0
+                    && conn
+                        .frame_due_since
+                        .is_some_and(|since| now.saturating_duration_since(since) >= limit)
+                    && table.entries_of(conn.client) == 0
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in silent {
+            self.core.frame_timed_out();
+            self.begin_close(key, CloseReason::FrameTimeout(limit), now);
         }
     }
 
@@ -755,7 +869,14 @@ impl Server {
         self.keys.remove(&client);
         self.deliver();
         if departure.released.is_empty() && departure.withdrawn == 0 {
-            info!("{label} closed: {reason}");
+            // Ordinary closes are many; those that released something are
+            // always logged.
+            if let Some(suppressed) = self.conn_log.admit(now) {
+                if suppressed > 0 {
+                    info!("{suppressed} more connect and close lines were not logged");
+                }
+                info!("{label} closed: {reason}");
+            }
         } else {
             let shown: Vec<&str> = departure
                 .released
@@ -931,6 +1052,13 @@ impl Server {
             // Every path here went through begin_close, which released the locks.
             if let Some(mut conn) = self.conns.try_remove(key) {
                 let _ = self.poll.registry().deregister(&mut conn.stream);
+                let ip = conn.peer.ip().to_canonical();
+                if let Some(n) = self.per_ip.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_ip.remove(&ip);
+                    }
+                }
             }
         }
     }

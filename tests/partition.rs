@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::netns::{Netns, netns_or_skip};
 use common::{Peer, ServerProcess, TempDir, eventually, temp_dir};
 use serde_json::json;
 
@@ -25,137 +24,6 @@ const KEEPALIVE: &str =
 const RELEASE_AFTER: Duration = Duration::from_millis(3000);
 /// Scheduling and timer slack allowed on top of RELEASE_AFTER.
 const SLACK: Duration = Duration::from_millis(1000);
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace joined to the root one by a veth pair; removed on drop.
-struct Netns {
-    name: String,
-    host_ip: Ipv4Addr,
-    ns_ip: Ipv4Addr,
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let id = std::process::id() % 100_000;
-        let name = format!("pklock-{id}-{n}");
-        let (a, b) = (format!("pk{id}x{n}a"), format!("pk{id}x{n}b"));
-        let net = [10, 200 + (n % 50) as u8, (id % 250) as u8];
-        let host_ip = Ipv4Addr::new(net[0], net[1], net[2], 1);
-        let ns_ip = Ipv4Addr::new(net[0], net[1], net[2], 2);
-        run("ip", &["netns", "add", &name])?;
-        let netns = Netns {
-            name,
-            host_ip,
-            ns_ip,
-        };
-        let ns = netns.name.as_str();
-        run(
-            "ip",
-            &["link", "add", &a, "type", "veth", "peer", "name", &b],
-        )?;
-        run("ip", &["link", "set", &b, "netns", ns])?;
-        run("ip", &["addr", "add", &format!("{host_ip}/24"), "dev", &a])?;
-        run("ip", &["link", "set", &a, "up"])?;
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "ip",
-                "addr",
-                "add",
-                &format!("{ns_ip}/24"),
-                "dev",
-                &b,
-            ],
-        )?;
-        run("ip", &["netns", "exec", ns, "ip", "link", "set", &b, "up"])?;
-        run(
-            "ip",
-            &["netns", "exec", ns, "ip", "link", "set", "lo", "up"],
-        )?;
-        // Start with everything allowed, so that healing restores this state.
-        netns.set_policy("ACCEPT")?;
-        Ok(netns)
-    }
-
-    /// Drops (or accepts) every packet in and out of the namespace, in one
-    /// atomic ruleset.
-    fn set_policy(&self, policy: &str) -> Result<(), String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "iptables-restore"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("iptables-restore: {e}"))?;
-        let rules = format!(
-            "*filter\n:INPUT {policy} [0:0]\n:FORWARD {policy} [0:0]\n:OUTPUT {policy} [0:0]\nCOMMIT\n"
-        );
-        child
-            .stdin
-            .take()
-            .ok_or("no stdin")?
-            .write_all(rules.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let output = child.wait_with_output().map_err(|e| e.to_string())?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "iptables-restore: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    }
-
-    fn partition(&self) {
-        self.set_policy("DROP").expect("cut the network");
-    }
-
-    fn heal(&self) {
-        self.set_policy("ACCEPT").expect("heal the network");
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
-        let _ = run("ip", &["netns", "del", &self.name]);
-    }
-}
-
-/// A namespace, or the reason there is none (then the test is skipped).
-fn netns_or_skip(test: &str) -> Option<Netns> {
-    match Netns::create() {
-        Ok(netns) => Some(netns),
-        Err(why) => {
-            common::skip(
-                test,
-                &format!("cannot make a network namespace (needs root, ip and iptables): {why}"),
-            );
-            None
-        }
-    }
-}
 
 fn now_ns() -> u128 {
     SystemTime::now()

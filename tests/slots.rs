@@ -1,0 +1,115 @@
+//! Connection slots: one host cannot take them all (`max_connections_per_ip`),
+//! and a connection that never completes a frame gives its slot back after
+//! `frame_timeout_ms`, unless it holds or waits for a lock.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::netns_or_skip;
+use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
+use serde_json::json;
+
+#[test]
+fn half_sent_and_never_sent_frames_free_their_slot_but_holders_keep_theirs() {
+    let server = TestServer::with(|c| c.frame_timeout_ms = 300);
+    // Three bytes of a length prefix, and nothing more.
+    let mut dribbler = server.peer();
+    dribbler.send_raw(&[0, 0, 0]);
+    // Connected, and never a byte.
+    let mut mute = server.peer();
+    // A holder that then starts a frame it never finishes.
+    let mut holder = server.peer();
+    holder.take("kept", 1);
+    holder.send_raw(&[0, 0]);
+    // A client that spoke once and is now idle between requests.
+    let mut idle = server.peer();
+    assert_eq!(
+        idle.rpc("ping", json!(1), json!({})),
+        json!({"status": "ok"})
+    );
+
+    let started = Instant::now();
+    assert!(dribbler.expect_closed().is_empty());
+    assert!(mute.expect_closed().is_empty());
+    let took = started.elapsed();
+    assert!(took < PATIENCE, "closed after {took:?}");
+    std::thread::sleep(Duration::from_millis(700));
+    let s = stats(server.addr);
+    assert_eq!(s["frameTimeouts"], 2, "{s}");
+    assert_eq!(s["locksHeld"], 1, "the holder kept its lock: {s}");
+    assert_eq!(
+        idle.rpc("ping", json!(2), json!({})),
+        json!({"status": "ok"})
+    );
+    // The holder's connection is whole: finishing its frame gets an answer.
+    let body = json!({"command": "ping", "id": 7}).to_string();
+    let mut rest = (body.len() as u32).to_be_bytes()[2..].to_vec();
+    rest.extend_from_slice(body.as_bytes());
+    holder.send_raw(&rest);
+    assert_eq!(holder.recv()["id"], 7);
+}
+
+#[test]
+fn one_host_cannot_take_every_connection_slot() {
+    let Some(netns) = netns_or_skip("per-host connection limit") else {
+        return;
+    };
+    let dir = temp_dir("per-ip");
+    let config = format!(
+        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\nmax_connections_per_ip = 3\n",
+        netns.host_ip, netns.ns_ip
+    );
+    let mut server = ServerProcess::start(&dir, &config);
+    let remote = server.addr;
+    let line = server.wait_for_log("listening on 127.0.0.1:");
+    let local: std::net::SocketAddr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let in_netns = |args: &[&str]| {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &netns.name, env!("CARGO_BIN_EXE_pklock")])
+            .args(["--server", &remote.to_string()])
+            .args(args);
+        command
+    };
+    // Three holders from the namespace's one address fill its share.
+    let mut holders: Vec<_> = (0..3)
+        .map(|i| {
+            in_netns(&["lock", &format!("h{i}")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    eventually("three holders", || stats(local)["locksHeld"] == 3);
+    let refused = in_netns(&["ping"]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("max_connections_per_ip"), "{stderr}");
+    // Other hosts (loopback here) are unaffected.
+    for i in 0..10 {
+        Peer::connect(local).take(&format!("local{i}"), 1);
+    }
+    // A slot freed is a slot to be had again.
+    drop(holders[0].stdin.take());
+    common::wait_exit(&mut holders[0], PATIENCE).expect("the holder exits");
+    let accepted = in_netns(&["ping"]).output().unwrap();
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    for holder in &mut holders {
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
+}
