@@ -29,6 +29,20 @@ pub struct Outgoing {
     pub reply: Reply,
 }
 
+/// What became of a frame handed to [`Core::handle_with_room`].
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Handled: answered, or queued as a lock request.
+    Done,
+    /// A `status` answered with a reply of about this many bytes.
+    StatusBuilt(usize),
+    /// A `status` that would not fit in the room the caller has now: nothing
+    /// was built or answered; hand the same frame again once there is room
+    /// for [`Core::status_room_needed`] bytes.
+    StatusWaits,
+}
+
 /// What the core needs from the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
@@ -107,8 +121,29 @@ impl Core {
         departure
     }
 
-    /// Handles one frame body from `from`.
+    /// Handles one frame body from `from`, with room for any reply.
     pub fn handle(&mut self, from: ClientId, body: &[u8], now: Instant, out: &mut Vec<Outgoing>) {
+        let _always_done = self.handle_with_room(from, body, now, usize::MAX, out);
+    }
+
+    /// The room a `status` needs: the most bytes its reply may take.
+    pub fn status_room_needed(&self) -> usize {
+        self.settings.status_budget_bytes
+    }
+
+    /// Handles one frame body from `from`, where a `status` reply may take
+    /// at most `status_room` bytes: the caller's output limit, and its share
+    /// of the work of this turn. A `status` is built only when the whole of
+    /// [`Core::status_room_needed`] fits, so that its cost is bounded by
+    /// what the caller can take.
+    pub fn handle_with_room(
+        &mut self,
+        from: ClientId,
+        body: &[u8],
+        now: Instant,
+        status_room: usize,
+        out: &mut Vec<Outgoing>,
+    ) -> Handled {
         match protocol::parse(body) {
             Ok(Request::Lock {
                 id,
@@ -128,8 +163,17 @@ impl Core {
             Ok(Request::Unlock { form, lock }) => self.command_unlock(from, form, &lock, now, out),
             Ok(Request::Hello { id, client }) => self.command_hello(from, id, client, now, out),
             Ok(Request::Ping { id }) => self.command_ping(from, id, out),
-            Ok(Request::Status { id, filter, limit }) => {
-                self.command_status(from, id, &filter, limit, now, out)
+            Ok(Request::Status { .. }) if status_room < self.status_room_needed() => {
+                return Handled::StatusWaits;
+            }
+            Ok(Request::Status {
+                id,
+                filter,
+                limit,
+                after,
+            }) => {
+                let built = self.command_status(from, id, &filter, limit, after, now, out);
+                return Handled::StatusBuilt(built);
             }
             Ok(Request::Stats { id }) => self.command_stats(from, id, now, out),
             Err(bad) => {
@@ -140,6 +184,7 @@ impl Core {
                 });
             }
         }
+        Handled::Done
     }
 
     /// Answers a length prefix over the limit. The caller closes the connection.
@@ -281,24 +326,30 @@ impl Core {
         self.reply(from, id, Outcome::Ok, out);
     }
 
+    /// Answers a `status`; returns about how many bytes the reply takes.
+    #[allow(clippy::too_many_arguments)]
     fn command_status(
         &mut self,
         from: ClientId,
         id: RequestId,
         filter: &StatusFilter,
         limit: usize,
+        after: Option<String>,
         now: Instant,
         out: &mut Vec<Outgoing>,
-    ) {
+    ) -> usize {
+        let after = after.unwrap_or_default();
         let views: Box<dyn Iterator<Item = LockView<'_, RequestId>>> = match filter {
-            StatusFilter::All => Box::new(self.table.iter_from("")),
+            StatusFilter::All => Box::new(self.table.iter_from(&after)),
             StatusFilter::Exact(name) => Box::new(self.table.get(name).into_iter()),
             StatusFilter::Prefix(prefix) => Box::new(
                 self.table
-                    .iter_from(prefix)
+                    .iter_from(prefix.as_str().max(after.as_str()))
                     .take_while(move |view| view.name().starts_with(prefix.as_str())),
             ),
         };
+        let after_cut = after.clone();
+        let views = views.filter(move |view| after_cut.is_empty() || view.name() > after_cut.as_str());
         // `{"id":ID,"result":{"status":"ok","locks":[],"truncated":false}}`
         let envelope = 64 + id.get().len();
         let mut budget = Budget {
@@ -327,6 +378,7 @@ impl Core {
         }
         let result = StatusResult { locks, truncated };
         self.reply(from, id, Outcome::Status(Box::new(result)), out);
+        self.settings.status_budget_bytes - budget.left
     }
 
     fn command_stats(

@@ -66,6 +66,8 @@ pub struct Connection {
     pub budget_turn: u64,
     /// Requests handled in that turn.
     pub requests_this_turn: usize,
+    /// Listed as waiting for server-wide room for a `status` reply.
+    pub waits_for_room: bool,
     output: Vec<u8>,
     written: usize,
     registered: Interest,
@@ -95,6 +97,7 @@ impl Connection {
             frame_due_since: Some(now),
             budget_turn: 0,
             requests_this_turn: 0,
+            waits_for_room: false,
             output: Vec::new(),
             written: 0,
             registered: Interest::READABLE,

@@ -72,6 +72,9 @@ pub enum Request<'a> {
         filter: StatusFilter,
         /// At most this many locks.
         limit: usize,
+        /// Only locks whose names sort after this one: the next page after
+        /// a reply cut short.
+        after: Option<String>,
     },
     /// Server counters.
     Stats {
@@ -194,6 +197,7 @@ struct Parameters<'a> {
     client: Option<&'a RawValue>,
     prefix: Option<&'a RawValue>,
     limit: Option<&'a RawValue>,
+    after: Option<&'a RawValue>,
     /// A key read here that came twice (the first value is kept).
     duplicate: Option<&'static str>,
 }
@@ -223,6 +227,7 @@ impl<'de> Visitor<'de> for ParamsVisitor {
                 "client" => (&mut params.client, "client"),
                 "prefix" => (&mut params.prefix, "prefix"),
                 "limit" => (&mut params.limit, "limit"),
+                "after" => (&mut params.after, "after"),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -368,7 +373,12 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
         "ping" => Request::Ping { id },
         "stats" => Request::Stats { id },
         _ => match status_params(&params) {
-            Ok((filter, limit)) => Request::Status { id, filter, limit },
+            Ok((filter, limit, after)) => Request::Status {
+                id,
+                filter,
+                limit,
+                after,
+            },
             Err(error) => return Err(BadRequest::Invalid { id, error }),
         },
     };
@@ -484,7 +494,9 @@ fn client_name(raw: Option<&RawValue>) -> Result<String, String> {
     Ok(name)
 }
 
-fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize), String> {
+fn status_params(
+    params: &Parameters<'_>,
+) -> Result<(StatusFilter, usize, Option<String>), String> {
     let exact = params.lock_name.filter(|raw| !is_null(raw));
     let prefix = params.prefix.filter(|raw| !is_null(raw));
     let filter = match (exact, prefix) {
@@ -513,7 +525,20 @@ fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize), Strin
             }
         },
     };
-    Ok((filter, limit))
+    let after = match params.after.filter(|raw| !is_null(raw)) {
+        None => None,
+        Some(raw) => match as_string(raw) {
+            Some(after) if after.len() <= MAX_LOCK_NAME_BYTES => Some(after),
+            _ => {
+                return Err(format!(
+                    "`after` must be a lock name (a string of at most {MAX_LOCK_NAME_BYTES} \
+                     bytes), got {}",
+                    quote(raw.get())
+                ));
+            }
+        },
+    };
+    Ok((filter, limit, after))
 }
 
 fn as_string(raw: &RawValue) -> Option<String> {

@@ -3,6 +3,7 @@
 //! core, writes the replies it returns, and reaps closed connections once per
 //! turn. No lock rules and no JSON here.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -18,7 +19,7 @@ use rustc_hash::FxHashMap;
 use slab::Slab;
 use socket2::{Domain, SockRef, Socket, Type};
 
-use crate::commands::{Core, Outgoing, Settings};
+use crate::commands::{Core, Handled, Outgoing, Settings};
 use crate::config::Config;
 use crate::connection::{Connection, State};
 use crate::frame;
@@ -46,6 +47,20 @@ const BACKLOG: i32 = 1024;
 /// Requests one connection may have handled per loop turn; the rest wait
 /// for the next turn, so that one busy peer cannot hold everyone up.
 const REQUESTS_PER_TURN: usize = 32;
+/// `status` reply bytes built per loop turn, after which a `status` waits
+/// for the next turn: a status costs CPU in proportion to its size, and
+/// nobody else is served while one is built.
+const TURN_STATUS_BUDGET: usize = 64 << 10;
+/// The most one `status` reply takes (less with a small `max_output_bytes`);
+/// a longer list is cut, marked truncated, and continued with `after`.
+const STATUS_REPLY_BYTES: usize = 64 << 10;
+/// Unsent reply bytes, over all connections, past which a `status` waits
+/// until some are taken: peers that ask for status and never read cannot
+/// make the server hold more than this for them.
+const STATUS_OUTPUT_CEILING: usize = 64 << 20;
+/// Kernel send buffer per connection: what a peer that never reads can make
+/// the kernel hold for it (Linux doubles it for its bookkeeping).
+const SEND_BUFFER_BYTES: usize = 64 << 10;
 /// At most this often, connections owing a frame past `frame_timeout_ms`
 /// are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
@@ -180,6 +195,13 @@ pub struct Server {
     next_sweep: Instant,
     /// Rate limit for the connect and close lines.
     conn_log: LogLimiter,
+    /// Reply bytes not yet written, over all connections.
+    total_unsent: usize,
+    /// `status` reply bytes that may still be built this turn.
+    turn_status_left: usize,
+    /// Connections whose `status` waits for a turn with room for it (and
+    /// for `total_unsent` to come down), first come first served.
+    status_queue: VecDeque<usize>,
     scratch: Vec<u8>,
     reject_log: LogLimiter,
 }
@@ -214,7 +236,7 @@ impl Server {
         let settings = Settings {
             max_locks_per_connection: config.max_locks_per_connection,
             keepalive,
-            status_budget_bytes: config.max_output_bytes / 2,
+            status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
         };
         let mut server = Server {
             poll,
@@ -241,6 +263,9 @@ impl Server {
             turn: 0,
             next_sweep: now + SWEEP_EVERY,
             conn_log: LogLimiter::new(50, Duration::from_secs(10)),
+            total_unsent: 0,
+            turn_status_left: TURN_STATUS_BUDGET,
+            status_queue: VecDeque::new(),
             scratch: vec![0; READ_CHUNK],
             reject_log: LogLimiter::new(20, Duration::from_secs(10)),
             config,
@@ -315,6 +340,8 @@ impl Server {
             }
             let now = Instant::now();
             self.turn += 1;
+            self.turn_status_left = TURN_STATUS_BUDGET;
+            self.wake_status_waiters();
             for event in events.iter() {
                 match event.token() {
                     WAKER => {}
@@ -394,7 +421,13 @@ impl Server {
     }
 
     fn poll_timeout(&mut self, now: Instant) -> Option<Duration> {
-        if !self.backlog.is_empty() || !self.to_reap.is_empty() || !self.to_flush.is_empty() {
+        let room_waiters_ready = !self.status_queue.is_empty()
+            && self.total_unsent + self.core.status_room_needed() <= STATUS_OUTPUT_CEILING;
+        if !self.backlog.is_empty()
+            || !self.to_reap.is_empty()
+            || !self.to_flush.is_empty()
+            || room_waiters_ready
+        {
             return Some(Duration::ZERO);
         }
         let conns = &self.conns;
@@ -574,6 +607,7 @@ impl Server {
         }
         let setup = stream
             .set_nodelay(true)
+            .and_then(|()| SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES))
             .and_then(|()| self.keepalive.apply(SockRef::from(&stream)));
         if let Err(e) = setup {
             warn!("dropped {peer}: cannot set socket options: {e}");
@@ -727,10 +761,37 @@ impl Server {
                 deferred = offset < input.len();
                 break;
             }
+            let own_room = self.config.max_output_bytes.saturating_sub(conn.unsent());
+            let shared_room = STATUS_OUTPUT_CEILING.saturating_sub(self.total_unsent);
+            let room = own_room.min(shared_room).min(self.turn_status_left);
             match frame::decode(&input[offset..], self.config.max_message_bytes) {
                 Ok(Some(frame)) => {
-                    self.core
-                        .handle(client, frame.body, now, &mut self.outgoing);
+                    let handled_now = self.core.handle_with_room(
+                        client,
+                        frame.body,
+                        now,
+                        room,
+                        &mut self.outgoing,
+                    );
+                    if let Handled::StatusBuilt(bytes) = handled_now {
+                        self.turn_status_left = self.turn_status_left.saturating_sub(bytes);
+                    }
+                    if handled_now == Handled::StatusWaits {
+                        let needed = self.core.status_room_needed();
+                        paused = true;
+                        if own_room >= needed {
+                            // Waits its turn among the status requests.
+                            if let Some(conn) = self.conns.get_mut(key) {
+                                if !conn.waits_for_room {
+                                    conn.waits_for_room = true;
+                                    self.status_queue.push_back(key);
+                                }
+                            }
+                        }
+                        // Otherwise it is resumed once its replies drain
+                        // (flush_listed).
+                        break;
+                    }
                     offset += frame.consumed;
                     handled += 1;
                     self.deliver();
@@ -762,6 +823,32 @@ impl Server {
                     self.backlog.push(key);
                 }
             }
+        }
+    }
+
+    /// Lets as many waiting `status` requests go this turn as its budget
+    /// allows, oldest first, while the server-wide ceiling leaves room.
+    fn wake_status_waiters(&mut self) {
+        let needed = self.core.status_room_needed().max(1);
+        if self.total_unsent + needed > STATUS_OUTPUT_CEILING {
+            return;
+        }
+        let mut places = TURN_STATUS_BUDGET / needed;
+        while places > 0 {
+            let Some(key) = self.status_queue.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if !conn.waits_for_room {
+                // The slot was reused by another connection.
+                continue;
+            }
+            conn.waits_for_room = false;
+            conn.paused = false;
+            self.backlog.push(key);
+            places -= 1;
         }
     }
 
@@ -829,7 +916,10 @@ impl Server {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
+            let before = conn.unsent();
             reply.encode(conn.output());
+            let grown = conn.unsent() - before;
+            self.total_unsent += grown;
             if !conn.flush_listed {
                 conn.flush_listed = true;
                 self.to_flush.push(key);
@@ -940,7 +1030,10 @@ impl Server {
                 continue;
             };
             conn.flush_listed = false;
-            let written = match conn.flush() {
+            let before = conn.unsent();
+            let flushed = conn.flush();
+            self.total_unsent -= before - conn.unsent();
+            let written = match flushed {
                 Ok(written) => written,
                 Err(e) => {
                     match conn.state {
@@ -1051,6 +1144,7 @@ impl Server {
         for key in std::mem::take(&mut self.to_reap) {
             // Every path here went through begin_close, which released the locks.
             if let Some(mut conn) = self.conns.try_remove(key) {
+                self.total_unsent -= conn.unsent();
                 let _ = self.poll.registry().deregister(&mut conn.stream);
                 let ip = conn.peer.ip().to_canonical();
                 if let Some(n) = self.per_ip.get_mut(&ip) {

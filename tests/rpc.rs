@@ -129,6 +129,60 @@ fn status_filters_by_name_or_prefix_in_name_order_and_truncates() {
 }
 
 #[test]
+fn status_pages_continue_after_the_last_name_shown() {
+    let server = TestServer::start();
+    let mut peer = server.peer();
+    for (i, name) in ["a", "b", "c", "d", "e", "job/1", "job/2"].iter().enumerate() {
+        peer.take(name, i as u64);
+    }
+    let names = |result: &serde_json::Value| -> Vec<String> {
+        result["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["lockName"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let page = peer.rpc("status", json!(1), json!({"limit": 2, "after": "b"}));
+    assert_eq!(names(&page), ["c", "d"]);
+    assert_eq!(page["truncated"], true);
+    let page = peer.rpc("status", json!(2), json!({"after": "e"}));
+    assert_eq!(names(&page), ["job/1", "job/2"]);
+    assert_eq!(page["truncated"], false);
+    // Within a prefix, before it, and past everything.
+    let page = peer.rpc("status", json!(3), json!({"prefix": "job/", "after": "job/1"}));
+    assert_eq!(names(&page), ["job/2"]);
+    let page = peer.rpc("status", json!(4), json!({"prefix": "job/", "after": "a"}));
+    assert_eq!(names(&page), ["job/1", "job/2"]);
+    let page = peer.rpc("status", json!(5), json!({"after": "zzz"}));
+    assert_eq!(page["locks"], json!([]));
+    let bad = peer.rpc("status", json!(6), json!({"after": 5}));
+    assert_eq!(bad["status"], "invalid", "{bad}");
+}
+
+#[test]
+fn a_status_reply_takes_at_most_64_kib_and_the_cli_pages_through_all() {
+    let server = TestServer::start();
+    let mut peer = server.peer();
+    for i in 0..1000 {
+        peer.ask(&format!("{i:0>200}"), i);
+    }
+    for _ in 0..1000 {
+        peer.recv();
+    }
+    peer.send(json!({"command": "status", "id": 1, "parameters": {"limit": 100000}}));
+    let body = peer.recv_body();
+    assert!(body.len() <= 64 * 1024, "status reply of {} bytes", body.len());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .args(["--server", &server.addr.to_string(), "status", "--json"])
+        .output()
+        .unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(all["locks"].as_array().map(Vec::len), Some(1000));
+    assert_eq!(all["truncated"], false);
+}
+
+#[test]
 fn status_is_cut_to_fit_the_output_limit() {
     let server = TestServer::with(|c| c.max_output_bytes = 16 * 1024);
     let mut peer = server.peer();

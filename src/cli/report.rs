@@ -24,9 +24,29 @@ fn json(value: &impl serde::Serialize) -> Result<String, Failure> {
 pub fn status(server: &str, prefix: Option<&str>, as_json: bool) -> Result<String, Failure> {
     let client = super::connect(server, "pklock status", StopTime::Exactly(Duration::ZERO))?;
     let filter = prefix.map_or(StatusFilter::All, |p| StatusFilter::Prefix(p.to_string()));
-    let status = client
-        .status(&filter, Some(crate::protocol::MAX_STATUS_LIMIT))
-        .map_err(|e| query_failed("status", e))?;
+    let mut status = StatusResult {
+        locks: Vec::new(),
+        truncated: false,
+    };
+    // Page by page: the server cuts each reply short at about 64 KiB.
+    loop {
+        let after = status.locks.last().map(|lock| lock.lock_name.clone());
+        let page = client
+            .status_after(
+                &filter,
+                after.as_deref(),
+                Some(crate::protocol::MAX_STATUS_LIMIT),
+            )
+            .map_err(|e| query_failed("status", e))?;
+        let progress = !page.locks.is_empty();
+        status.locks.extend(page.locks);
+        status.truncated = page.truncated;
+        // A lock whose holders and waiters alone fill a page is shown cut
+        // (the next page starts after it).
+        if !page.truncated || !progress {
+            break;
+        }
+    }
     if as_json {
         return json(&status);
     }

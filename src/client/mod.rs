@@ -454,10 +454,22 @@ impl Client {
         }
     }
 
-    /// Locks with their holders and waiters.
+    /// Locks with their holders and waiters: the first page (a reply is
+    /// cut at about 64 KiB and marked `truncated`; see [`Client::status_after`]).
     pub fn status(
         &self,
         filter: &StatusFilter,
+        limit: Option<usize>,
+    ) -> Result<StatusResult, Error> {
+        self.status_after(filter, None, limit)
+    }
+
+    /// Like [`Client::status`], only with locks whose names sort after
+    /// `after`: pass the last name of a page cut short to get the next one.
+    pub fn status_after(
+        &self,
+        filter: &StatusFilter,
+        after: Option<&str>,
         limit: Option<usize>,
     ) -> Result<StatusResult, Error> {
         let mut parameters = match filter {
@@ -467,6 +479,9 @@ impl Client {
         };
         if let Some(limit) = limit {
             parameters["limit"] = json!(limit);
+        }
+        if let Some(after) = after {
+            parameters["after"] = json!(after);
         }
         self.call("status", parameters).and_then(ok_result)
     }
