@@ -163,7 +163,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
-            eprintln!("pklock: {failure}");
+            cli::say(format_args!("{failure}"));
             ExitCode::from(failure.code)
         }
     }

@@ -349,7 +349,8 @@ impl Core {
             ),
         };
         let after_cut = after.clone();
-        let views = views.filter(move |view| after_cut.is_empty() || view.name() > after_cut.as_str());
+        let views =
+            views.filter(move |view| after_cut.is_empty() || view.name() > after_cut.as_str());
         // `{"id":ID,"result":{"status":"ok","locks":[],"truncated":false}}`
         let envelope = 64 + id.get().len();
         let mut budget = Budget {

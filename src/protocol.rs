@@ -494,9 +494,7 @@ fn client_name(raw: Option<&RawValue>) -> Result<String, String> {
     Ok(name)
 }
 
-fn status_params(
-    params: &Parameters<'_>,
-) -> Result<(StatusFilter, usize, Option<String>), String> {
+fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize, Option<String>), String> {
     let exact = params.lock_name.filter(|raw| !is_null(raw));
     let prefix = params.prefix.filter(|raw| !is_null(raw));
     let filter = match (exact, prefix) {

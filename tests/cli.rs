@@ -492,19 +492,17 @@ fn a_lost_lock_under_pklock_lock_is_kept_until_stdin_closes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(hold.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    line.trim().parse::<u64>().expect("the token on stdout");
+    let lines = lines_of(hold.stdout.take().unwrap());
+    let token = lines.recv_timeout(PATIENCE).expect("the token on stdout");
+    token.trim().parse::<u64>().expect("a token");
     let mut waiter = Peer::connect(server.addr);
     waiter.ask("shell", 1);
 
     // Frozen past the 1 s lease, thawed before the 2 s release time.
     server.signal("STOP");
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
+    let line = lines.recv_timeout(PATIENCE);
     server.signal("CONT");
-    assert_eq!(line, "lost\n");
+    assert_eq!(line.as_deref(), Ok("lost"));
     // The script may still be at work: the lock stays held until it says
     // it is done by closing stdin.
     waiter.expect_nothing(Duration::from_millis(700));
@@ -662,6 +660,70 @@ fn server_address_without_a_port_is_a_usage_error() {
         .unwrap();
     assert_eq!(output.status.code(), Some(64));
     assert!(stderr_of(&output).contains("HOST:PORT"));
+}
+
+/// The lines a child writes, as they come.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn a_lost_command_keeps_the_lock_until_its_whole_process_group_is_gone() {
+    let dir = temp_dir("cli-group");
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let beat = dir.join("beat");
+    // The leader ends on SIGTERM; a child it left behind ignores it and
+    // works on until SIGKILL.
+    let script = format!(
+        "trap 'exit 0' TERM; (trap '' TERM; while :; do date +%s%N > {b}.tmp && mv {b}.tmp {b}; sleep 0.02; done) & while :; do sleep 0.05; done",
+        b = beat.display()
+    );
+    let mut run = pklock(&server.addr)
+        .args(["run", "grp", "--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the child works", || beat.exists());
+    let mut waiter = Peer::connect(server.addr);
+    waiter.ask("grp", 1);
+    // Frozen past the 1 s lease; thawed before the 2 s release time, while
+    // the child still has 600 ms of grace to run.
+    server.signal("STOP");
+    std::thread::sleep(Duration::from_millis(1300));
+    server.signal("CONT");
+    let reply = waiter.recv();
+    let granted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    assert_eq!(reply["result"]["status"], "ok");
+    // A child still at work beats every 20 ms: give it the time to show.
+    std::thread::sleep(Duration::from_millis(200));
+    let last_beat: u128 = std::fs::read_to_string(&beat)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &beat.display().to_string()])
+        .status();
+    assert!(
+        last_beat < granted_at,
+        "the child still worked {} ms after the lock was granted to another",
+        (last_beat - granted_at) / 1_000_000
+    );
+    let status = common::wait_exit(&mut run, PATIENCE).expect("pklock exits");
+    assert_eq!(status.code(), Some(75));
+    let stderr = stderr_text(&mut run);
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
 }
 
 /// The README's bash example of holding a lock across several commands.

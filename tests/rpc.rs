@@ -132,7 +132,10 @@ fn status_filters_by_name_or_prefix_in_name_order_and_truncates() {
 fn status_pages_continue_after_the_last_name_shown() {
     let server = TestServer::start();
     let mut peer = server.peer();
-    for (i, name) in ["a", "b", "c", "d", "e", "job/1", "job/2"].iter().enumerate() {
+    for (i, name) in ["a", "b", "c", "d", "e", "job/1", "job/2"]
+        .iter()
+        .enumerate()
+    {
         peer.take(name, i as u64);
     }
     let names = |result: &serde_json::Value| -> Vec<String> {
@@ -150,7 +153,11 @@ fn status_pages_continue_after_the_last_name_shown() {
     assert_eq!(names(&page), ["job/1", "job/2"]);
     assert_eq!(page["truncated"], false);
     // Within a prefix, before it, and past everything.
-    let page = peer.rpc("status", json!(3), json!({"prefix": "job/", "after": "job/1"}));
+    let page = peer.rpc(
+        "status",
+        json!(3),
+        json!({"prefix": "job/", "after": "job/1"}),
+    );
     assert_eq!(names(&page), ["job/2"]);
     let page = peer.rpc("status", json!(4), json!({"prefix": "job/", "after": "a"}));
     assert_eq!(names(&page), ["job/1", "job/2"]);
@@ -172,7 +179,11 @@ fn a_status_reply_takes_at_most_64_kib_and_the_cli_pages_through_all() {
     }
     peer.send(json!({"command": "status", "id": 1, "parameters": {"limit": 100000}}));
     let body = peer.recv_body();
-    assert!(body.len() <= 64 * 1024, "status reply of {} bytes", body.len());
+    assert!(
+        body.len() <= 64 * 1024,
+        "status reply of {} bytes",
+        body.len()
+    );
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_pklock"))
         .args(["--server", &server.addr.to_string(), "status", "--json"])
         .output()

@@ -104,6 +104,10 @@ impl Pty {
 
 impl Drop for Pty {
     fn drop(&mut self) {
+        // Everything started on this terminal is in the child's session.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-s", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -152,8 +156,8 @@ fn ctrl_z_stops_the_job_and_fg_resumes_it_with_the_lock_kept() {
     let mut pty = Pty::spawn("bash", &["-c", &script], &pklock_env(server.addr));
     pty.expect("ready");
     pty.type_in("\x1a");
-    // The shell got the terminal back and sees the job stopped (128 + TSTP).
-    pty.expect("stopped:148");
+    // The shell got the terminal back and sees the job stopped (128 + STOP).
+    pty.expect("stopped:147");
     let status = Peer::connect(server.addr).rpc("status", json!(1), json!({"lockName": "job"}));
     assert_eq!(
         status["locks"][0]["holders"].as_array().map(Vec::len),
@@ -170,4 +174,52 @@ fn ctrl_z_stops_the_job_and_fg_resumes_it_with_the_lock_kept() {
         "{screen}"
     );
     assert!(!screen.contains("lost the lock"), "{screen}");
+}
+
+#[test]
+fn ctrl_z_for_a_job_whose_command_never_had_the_terminal_stops_the_command_too() {
+    let server = TestServer::start();
+    let dir = temp_dir("tty-bg-fg");
+    let beat = dir.join("beat");
+    // Started in the background, pklock gives its command no terminal; `fg`
+    // then gives the terminal to pklock's job, not to the command.
+    let script = format!(
+        "set -m; {pklock} run bgfg -- sh -c 'while :; do date +%s%N > {beat}; sleep 0.02; done' & sleep 0.5; fg; echo stopped:$?; sleep 0.5; kill %1; wait; echo done",
+        pklock = env!("CARGO_BIN_EXE_pklock"),
+        beat = beat.display()
+    );
+    let mut pty = Pty::spawn("bash", &["-c", &script], &pklock_env(server.addr));
+    common::eventually("the command beats", || beat.exists());
+    std::thread::sleep(Duration::from_millis(700));
+    pty.type_in("\x1a");
+    pty.expect("stopped:147");
+    // The command stopped with pklock: its heartbeat no longer moves.
+    let before = std::fs::read_to_string(&beat).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read_to_string(&beat).unwrap(),
+        before,
+        "the command ran on"
+    );
+    pty.expect("done");
+    assert_eq!(pty.wait(), Some(0));
+}
+
+#[test]
+fn a_background_pklock_leaves_the_terminal_to_the_shell() {
+    let server = TestServer::start();
+    let mut env = pklock_env(server.addr);
+    env.push(("PS1", "prompt> ".to_string()));
+    let mut pty = Pty::spawn("bash", &["--norc", "--noprofile", "-i"], &env);
+    pty.expect("prompt> ");
+    pty.type_in(&format!(
+        "{} run bg -- sleep 0.3 &\n",
+        env!("CARGO_BIN_EXE_pklock")
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    // The interactive shell still has the terminal: it reads what is typed.
+    pty.type_in("echo still-$((40+2))\n");
+    pty.expect("still-42");
+    pty.type_in("exit 0\n");
+    assert_eq!(pty.wait(), Some(0));
 }

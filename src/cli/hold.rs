@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use super::{Acquire, Failure, StopTime, exit};
+use super::{Acquire, Failure, StopTime, exit, say};
 use crate::client::LossReason;
 
 enum Event {
@@ -66,11 +66,17 @@ pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
             Ok(0)
         }
         Ok(Event::Lost(reason)) => {
-            eprintln!(
-                "pklock: lost the lock {:?}: {reason}; stop the work, then close pklock's stdin \
-                 (nobody else gets the lock before that)",
+            let kept = match reason {
+                LossReason::Closed(_) | LossReason::Broken(_) => "",
+                _ => {
+                    " (if the network only faltered, nobody else gets the lock before that; if \
+                     the server is really cut off, it may release the lock soon: stop now)"
+                }
+            };
+            say(format_args!(
+                "lost the lock {:?}: {reason}; stop the work, then close pklock's stdin{kept}",
                 acquire.name
-            );
+            ));
             // Scripts that poll stdout learn it here; the exit code says it again.
             let _ = writeln!(stdout, "lost").and_then(|()| stdout.flush());
             loop {

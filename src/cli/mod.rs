@@ -104,16 +104,21 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
         ..ClientOptions::named(client_name(what, &host))
     };
     Client::connect(server, &options).map_err(|e| match e {
+        // Nothing the user asked for can fit a server that says it may
+        // release at once.
+        Error::UnsafeLease {
+            earliest_release, ..
+        } if earliest_release.is_zero() => Failure::new(exit::SOFTWARE, e.to_string()),
         Error::UnsafeLease {
             earliest_release, ..
         } if !stop_time.is_zero() => Failure::new(
             exit::USAGE,
             format!(
-                "--kill-grace {} ms is too long for this server, which may release a silent \
-                 client's locks {} ms after it last heard from it; use at most {} ms",
-                stop_time.as_millis(),
-                earliest_release.as_millis(),
-                longest_stop_time(earliest_release).as_millis()
+                "--kill-grace {} is too long for this server, which may release a silent \
+                 client's locks {} after it last heard from it; use at most {}",
+                millis(stop_time),
+                millis(earliest_release),
+                millis(longest_stop_time(earliest_release))
             ),
         ),
         Error::UnsafeLease { .. } => Failure::new(exit::USAGE, e.to_string()),
@@ -179,6 +184,24 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
     })
 }
 
+/// Writes `pklock: MESSAGE` on stderr and never fails: stderr may be a
+/// closed pipe, and a panic there would drop a lock while its work runs.
+pub fn say(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "pklock: {message}");
+}
+
+/// `1400 ms`, or `1400.5 ms` when whole milliseconds would blur the limit.
+fn millis(d: Duration) -> String {
+    match d.subsec_nanos() % 1_000_000 {
+        0 => format!("{} ms", d.as_millis()),
+        _ => {
+            let ms = format!("{:.6}", d.as_secs_f64() * 1000.0);
+            format!("{} ms", ms.trim_end_matches('0').trim_end_matches('.'))
+        }
+    }
+}
+
 /// `1.5s`, `250ms`, `2m3s`.
 pub fn human(d: Duration) -> String {
     let ms = d.as_millis();
@@ -213,5 +236,15 @@ mod tests {
         assert_eq!(human(Duration::from_secs(2)), "2s");
         assert_eq!(human(Duration::from_millis(1500)), "1.5s");
         assert_eq!(human(Duration::from_secs(123)), "2m3s");
+    }
+
+    #[test]
+    fn limits_in_milliseconds_never_round_onto_each_other() {
+        assert_eq!(millis(Duration::from_millis(1400)), "1400 ms");
+        assert_eq!(millis(Duration::from_micros(1_400_500)), "1400.5 ms");
+        assert_eq!(
+            millis(Duration::from_nanos(1_400_000_001)),
+            "1400.000001 ms"
+        );
     }
 }

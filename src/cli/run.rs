@@ -12,24 +12,28 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, WaitOptions, kill_process_group, test_kill_process_group};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGTSTP};
 use signal_hook::iterator::Signals;
 
-use super::{Acquire, Failure, StopTime, exit, human};
+use super::{Acquire, Failure, StopTime, exit, human, say};
 use crate::client::{Client, LossReason};
 
 /// `--kill-grace` when none is given; less against a server whose release
 /// time leaves less room beside the default lease (half of it).
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 
-/// How often to look whether the rest of a lost command's group has gone.
+/// How soon to look again whether the rest of a lost command's group has
+/// gone; doubled each time up to GROUP_POLL_MAX.
 const GROUP_POLL: Duration = Duration::from_millis(10);
+const GROUP_POLL_MAX: Duration = Duration::from_millis(320);
 
 /// What `pklock run` was asked to do.
 #[derive(Clone, Debug)]
@@ -73,9 +77,13 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     let kill_grace = client.stop_time();
     let guard = super::take(&client, acquire)?;
 
+    // Inherited as ignored, SIGCHLD would make the kernel reap the command
+    // behind our back, and waiting for it fail.
+    // SAFETY: restoring a default disposition races with no handler.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     let (tx, events) = mpsc::channel();
     // Set up before the command starts, so no signal slips past.
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGTSTP])
         .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot handle signals: {e}")))?;
     let signal_handle = signals.handle();
     let signal_tx = tx.clone();
@@ -86,7 +94,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             }
         }
     });
-    let terminal = Terminal::of_stdin();
+    let terminal = Terminal::controlling();
 
     // The command inherits the connection: if pklock itself is killed, the
     // lock stays held until the command is done, as with flock(1).
@@ -98,7 +106,11 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
         .args(args)
         .env("PKLOCK_TOKEN", guard.token().to_string())
         .env("PKLOCK_NAME", &acquire.name);
-    let take_terminal = terminal.as_ref().is_some_and(Terminal::is_ours);
+    // The terminal goes to the command only if pklock's job has it now.
+    let terminal_fd = terminal
+        .as_ref()
+        .filter(|t| t.is_ours())
+        .map(|t| t.fd.as_raw_fd());
     // SAFETY: the closure only makes async-signal-safe calls (setpgid,
     // signal, tcsetpgrp, getpid), as required between fork and exec.
     unsafe {
@@ -106,11 +118,10 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if take_terminal {
+            if let Some(fd) = terminal_fd {
                 // The command's own group becomes the terminal's foreground
                 // before it can read, so it is never stopped by SIGTTIN.
-                libc::signal(libc::SIGTTOU, libc::SIG_IGN);
-                libc::tcsetpgrp(0, libc::getpid());
+                libc::tcsetpgrp(fd, libc::getpid());
             }
             // pklock ignores SIGTTOU to take the terminal back; the command
             // must not inherit that.
@@ -137,7 +148,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
             "the command has no process id",
         ));
     };
-    if let Some(terminal) = terminal.as_ref().filter(|_| take_terminal) {
+    if let Some(terminal) = terminal.as_ref().filter(|_| terminal_fd.is_some()) {
         terminal.give_to(group);
     }
     watch_child(group, tx.clone());
@@ -156,7 +167,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     };
     let outcome = supervisor.supervise();
     if let Some(terminal) = &terminal {
-        terminal.take_back();
+        terminal.take_back_from(group);
     }
     signal_handle.close();
     match outcome {
@@ -210,24 +221,32 @@ struct Supervisor<'a> {
     terminal: Option<&'a Terminal>,
 }
 
+/// Where the supervision of a lost command is.
+struct Stopping {
+    /// When SIGKILL is due, until it is sent.
+    kill_at: Option<Instant>,
+    /// The leader's end, once reaped: the rest of its group must go too
+    /// before the connection may close.
+    leader: Option<ExitStatus>,
+    /// How long to wait before looking at the group again.
+    poll: Duration,
+    /// Already said that part of the group cannot be signalled.
+    told_unreachable: bool,
+}
+
 impl Supervisor<'_> {
     fn supervise(&mut self) -> Supervised {
-        let name = self.name;
-        // Set once the lock is lost: when SIGKILL is due.
-        let mut kill_at: Option<Instant> = None;
-        let mut killed = false;
-        // Set once the leader has been reaped after a loss: the rest of its
-        // group must go too before the connection may close.
-        let mut leader_status: Option<ExitStatus> = None;
+        let mut stopping: Option<Stopping> = None;
         loop {
             let now = Instant::now();
-            let kill_due = kill_at.filter(|_| !killed);
-            let wait = match (kill_due, leader_status) {
-                (Some(at), None) => Some(at.saturating_duration_since(now)),
-                (Some(at), Some(_)) => Some(at.saturating_duration_since(now).min(GROUP_POLL)),
-                (None, Some(_)) => Some(GROUP_POLL),
-                (None, None) => None,
-            };
+            let wait = stopping.as_ref().and_then(|st| {
+                let kill = st.kill_at.map(|at| at.saturating_duration_since(now));
+                let poll = st.leader.map(|_| st.poll);
+                match (kill, poll) {
+                    (Some(k), Some(p)) => Some(k.min(p)),
+                    (k, p) => k.or(p),
+                }
+            });
             let event = match wait {
                 Some(wait) => self.events.recv_timeout(wait),
                 None => self
@@ -236,31 +255,52 @@ impl Supervisor<'_> {
                     .map_err(|_| RecvTimeoutError::Disconnected),
             };
             match event {
-                Ok(Event::Exited(status)) if kill_at.is_some() => leader_status = Some(status),
-                Ok(Event::Exited(status)) => return Supervised::Exited(status),
+                Ok(Event::Exited(status)) => match &mut stopping {
+                    Some(st) => st.leader = Some(status),
+                    None => match self.client.loss() {
+                        // Lost just as it ended: its group may live on.
+                        Some(reason) => {
+                            self.report_loss(
+                                &reason,
+                                "it has ended; waiting for the rest of its process group",
+                            );
+                            stopping = Some(self.stop_group(Signal::TERM));
+                            if let Some(st) = &mut stopping {
+                                st.leader = Some(status);
+                            }
+                        }
+                        None => return Supervised::Exited(status),
+                    },
+                },
                 Ok(Event::WaitFailed(e)) => return Supervised::Failed(e),
-                Ok(Event::Stopped(_)) if kill_at.is_some() => {
+                Ok(Event::Stopped(_)) if stopping.is_some() => {
                     // It must run to die of SIGTERM.
                     signal_group(self.group, Signal::CONT);
                 }
                 Ok(Event::Stopped(signal)) => {
                     if let Err(reason) = self.suspend_with(signal) {
-                        self.report_loss(&reason);
                         // Stopped all along: it did no work since the lease
                         // was last confirmed, and must do none now.
-                        signal_group(self.group, Signal::KILL);
-                        signal_group(self.group, Signal::CONT);
-                        killed = true;
-                        kill_at = Some(Instant::now());
+                        self.report_loss(&reason, "it was stopped meanwhile: sending SIGKILL");
+                        stopping = Some(self.stop_group(Signal::KILL));
                     }
                 }
-                Ok(Event::Lost(reason)) if kill_at.is_none() => {
-                    self.report_loss(&reason);
-                    signal_group(self.group, Signal::TERM);
-                    signal_group(self.group, Signal::CONT);
-                    kill_at = Some(Instant::now() + self.kill_grace);
+                Ok(Event::Lost(reason)) if stopping.is_none() => {
+                    let doing = format!(
+                        "sending SIGTERM to the command (SIGKILL in {})",
+                        human(self.kill_grace)
+                    );
+                    self.report_loss(&reason, &doing);
+                    stopping = Some(self.stop_group(Signal::TERM));
                 }
                 Ok(Event::Lost(_)) => {}
+                Ok(Event::Signal(SIGTSTP)) if stopping.is_none() => {
+                    // Ctrl-Z while pklock's job has the terminal, or a
+                    // TSTP for pklock: the command stops first, and its
+                    // stop stops pklock (Event::Stopped).
+                    signal_group(self.group, Signal::STOP);
+                }
+                Ok(Event::Signal(SIGTSTP)) => {}
                 Ok(Event::Signal(number)) => {
                     if let Some(signal) = Signal::from_named_raw(number) {
                         signal_group(self.group, signal);
@@ -268,65 +308,122 @@ impl Supervisor<'_> {
                         signal_group(self.group, Signal::CONT);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    if kill_at.is_some_and(|at| at <= Instant::now()) && !killed {
-                        eprintln!(
-                            "pklock: the command ignored SIGTERM for {}; sending SIGKILL",
-                            human(self.kill_grace)
-                        );
-                        signal_group(self.group, Signal::KILL);
-                        killed = true;
-                    }
-                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     return Supervised::Failed(io::Error::other("lost track of the command"));
                 }
             }
-            if let Some(status) = leader_status {
-                if !group_alive(self.group) {
-                    let how = if killed { "was killed" } else { "stopped" };
-                    eprintln!(
-                        "pklock: the command {how} ({}) after losing the lock {name:?}; \
-                         releasing it",
-                        describe(status)
-                    );
-                    return Supervised::Lost;
+            let Some(st) = &mut stopping else {
+                continue;
+            };
+            if st.kill_at.is_some_and(|at| at <= Instant::now()) {
+                st.kill_at = None;
+                say(format_args!(
+                    "the command ignored SIGTERM for {}; sending SIGKILL",
+                    human(self.kill_grace)
+                ));
+                signal_group(self.group, Signal::KILL);
+            }
+            if let Some(status) = st.leader {
+                match group_state(self.group) {
+                    GroupState::Gone => {
+                        say(format_args!(
+                            "the command ended ({}) after losing the lock {:?}; releasing it",
+                            describe(status),
+                            self.name
+                        ));
+                        return Supervised::Lost;
+                    }
+                    GroupState::Unreachable if !st.told_unreachable => {
+                        st.told_unreachable = true;
+                        say(format_args!(
+                            "part of the command's process group cannot be signalled by \
+                             pklock (another user's process); the lock {:?} is kept until it \
+                             ends",
+                            self.name
+                        ));
+                    }
+                    _ => {}
                 }
-                if killed {
+                if st.kill_at.is_none() {
                     // Members that were stopped, or started since.
                     signal_group(self.group, Signal::KILL);
                 }
+                st.poll = (st.poll * 2).min(GROUP_POLL_MAX);
             }
         }
     }
 
-    fn report_loss(&self, reason: &LossReason) {
-        eprintln!(
-            "pklock: lost the lock {:?}: {reason}; sending SIGTERM to the command (SIGKILL in \
-             {}); the lock is kept until it has stopped",
-            self.name,
-            human(self.kill_grace)
-        );
+    /// Starts stopping the command's group after a loss: `first` now
+    /// (SIGTERM, or SIGKILL when it must not run again), SIGKILL after the
+    /// grace.
+    fn stop_group(&self, first: Signal) -> Stopping {
+        signal_group(self.group, first);
+        signal_group(self.group, Signal::CONT);
+        Stopping {
+            kill_at: (first != Signal::KILL).then(|| Instant::now() + self.kill_grace),
+            leader: None,
+            poll: GROUP_POLL,
+            told_unreachable: false,
+        }
     }
 
-    /// The command was stopped by `signal`. From a terminal, stops pklock
-    /// too, so the shell sees one stopped job; when continued, resumes the
-    /// command once the server has confirmed the connection lasted.
-    /// Without a terminal, nothing is paused: the lease goes on being kept
-    /// while the command is stopped, and whoever stopped it resumes it.
+    /// Says the lock is lost, and what is done about it. Printed after the
+    /// signals are sent, and never failing: stderr may be a closed pipe.
+    fn report_loss(&self, reason: &LossReason, doing: &str) {
+        let kept = match reason {
+            LossReason::Closed(_) | LossReason::Broken(_) => "",
+            // The connection may be whole: nobody else gets the lock before
+            // the command is gone, unless the server itself drops it.
+            _ => "; the lock is kept until the command is gone (or the server drops it)",
+        };
+        say(format_args!(
+            "lost the lock {:?}: {reason}; {doing}{kept}",
+            self.name
+        ));
+    }
+
+    /// The command was stopped by `signal`. With a terminal, stops pklock's
+    /// job too, so the shell sees one stopped job; when continued, resumes
+    /// the command once the server has confirmed the connection lasted.
+    /// Without one, nothing is paused: the lease goes on being kept while
+    /// the command is stopped, and whoever stopped it resumes it.
     fn suspend_with(&mut self, signal: i32) -> Result<(), LossReason> {
         let Some(terminal) = self.terminal else {
+            if matches!(signal, libc::SIGTTIN | libc::SIGTTOU) {
+                say(format_args!(
+                    "the command was stopped by {} and pklock has no terminal to give it; \
+                     it holds the lock {:?} while stopped (a signal to pklock ends it)",
+                    signal_name(signal),
+                    self.name
+                ));
+            }
             return Ok(());
         };
-        terminal.take_back();
+        if let Some(reason) = self.client.loss() {
+            return Err(reason);
+        }
+        // All of it, not only the leader whose stop was seen.
+        signal_group(self.group, Signal::STOP);
         self.client.pause_lease();
-        eprintln!(
-            "pklock: the command was stopped ({}); the lock {:?} stays held",
-            signal_name(signal),
-            self.name
-        );
-        // Stops here until the shell continues us (fg, bg).
-        let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::TSTP);
+        terminal.take_back_from(self.group);
+        if rustix::process::getsid(None).ok() == Some(rustix::process::getpid()) {
+            // A session leader has no shell to return to: resume at once.
+            say(format_args!(
+                "the command was stopped ({}), but pklock has no job control to stop with it; \
+                 resuming it",
+                signal_name(signal)
+            ));
+        } else {
+            say(format_args!(
+                "the command was stopped ({}); the lock {:?} stays held",
+                signal_name(signal),
+                self.name
+            ));
+            // Stops here (with the shell or script that started pklock)
+            // until continued by fg, bg or SIGCONT.
+            signal_group(rustix::process::getpgrp(), Signal::STOP);
+        }
         self.client.resume_lease()?;
         if terminal.is_ours() {
             terminal.give_to(self.group);
@@ -336,68 +433,127 @@ impl Supervisor<'_> {
     }
 }
 
-/// The terminal on stdin, for handing its foreground to the command.
+/// The controlling terminal, for handing its foreground to the command.
 struct Terminal {
-    stdin: rustix::fd::BorrowedFd<'static>,
+    fd: OwnedFd,
 }
 
 impl Terminal {
-    fn of_stdin() -> Option<Terminal> {
-        let stdin = rustix::stdio::stdin();
-        if !rustix::termios::isatty(stdin) {
-            return None;
-        }
+    /// `/dev/tty`, if pklock has a controlling terminal.
+    fn controlling() -> Option<Terminal> {
+        let fd: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open("/dev/tty")
+            .ok()?
+            .into();
         // Taking the terminal back from the command's group happens while
         // pklock is in the background; SIGTTOU would stop it then.
         // SAFETY: setting a signal to ignored has no handler to race with.
         unsafe { libc::signal(libc::SIGTTOU, libc::SIG_IGN) };
-        Some(Terminal { stdin })
+        Some(Terminal { fd })
     }
 
     /// Whether pklock's own group has the terminal's foreground.
     fn is_ours(&self) -> bool {
-        rustix::termios::tcgetpgrp(self.stdin).is_ok_and(|pg| pg == rustix::process::getpgrp())
+        rustix::termios::tcgetpgrp(&self.fd).is_ok_and(|pg| pg == rustix::process::getpgrp())
     }
 
     fn give_to(&self, group: Pid) {
-        let _ = rustix::termios::tcsetpgrp(self.stdin, group);
+        let _ = rustix::termios::tcsetpgrp(&self.fd, group);
     }
 
-    /// Takes the foreground back for pklock's group, if the command had it.
-    fn take_back(&self) {
-        let ours = rustix::process::getpgrp();
-        if rustix::termios::tcgetpgrp(self.stdin).is_ok_and(|pg| pg != ours) {
-            let _ = rustix::termios::tcsetpgrp(self.stdin, ours);
+    /// Takes the foreground back for pklock's group, if the command's group
+    /// has it (never from the shell or anyone else).
+    fn take_back_from(&self, group: Pid) {
+        if rustix::termios::tcgetpgrp(&self.fd).is_ok_and(|pg| pg == group) {
+            let _ = rustix::termios::tcsetpgrp(&self.fd, rustix::process::getpgrp());
         }
     }
 }
 
-/// Whether any process of the group still runs. Zombies do not count: they
-/// do nothing, and one whose parent never reaps (a PID 1 in a container that
-/// does not) would otherwise keep the lock for ever.
-fn group_alive(group: Pid) -> bool {
-    if test_kill_process_group(group).is_err() {
-        return false;
+/// Whether a lost command's process group is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GroupState {
+    /// No process of it runs (zombies do nothing, and one whose parent
+    /// never reaps it would otherwise keep the lock for ever).
+    Gone,
+    /// Some process of it runs.
+    Running,
+    /// Some process of it runs that pklock may not signal.
+    Unreachable,
+}
+
+fn group_state(group: Pid) -> GroupState {
+    match test_kill_process_group(group) {
+        Err(rustix::io::Errno::SRCH) => return GroupState::Gone,
+        Err(_) if !any_running_in(group).unwrap_or(true) => return GroupState::Gone,
+        Err(_) => return GroupState::Unreachable,
+        Ok(()) => {}
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    entries.flatten().any(|entry| {
-        std::fs::read_to_string(entry.path().join("stat"))
-            .is_ok_and(|stat| runs_in_group(&stat, group.as_raw_nonzero().get()))
+    // Seen by the kernel, but nothing of it in our /proc (one of another
+    // PID namespace): assume it runs.
+    match any_running_in(group) {
+        Some(false) => GroupState::Gone,
+        _ => GroupState::Running,
+    }
+}
+
+/// Whether /proc shows a live process of `group`: `None` when it shows no
+/// process of the group at all, not even a zombie.
+fn any_running_in(group: Pid) -> Option<bool> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    let mut seen = false;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        match member_state(&stat, group.as_raw_nonzero().get()) {
+            Some(Member::Running) => return Some(true),
+            Some(Member::Zombie) => {
+                seen = true;
+                // A leader thread gone while other threads run shows as a
+                // zombie too.
+                if threads(&path).is_some_and(|n| n > 1) {
+                    return Some(true);
+                }
+            }
+            None => {}
+        }
+    }
+    seen.then_some(false)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Member {
+    Running,
+    Zombie,
+}
+
+/// From a /proc/PID/stat line, whether it is a process of `group` and in
+/// what state (`pid (comm) state ppid pgrp ...`; comm may hold spaces and
+/// parentheses).
+fn member_state(stat: &str, group: i32) -> Option<Member> {
+    let (_, after_comm) = stat.rsplit_once(')')?;
+    let mut fields = after_comm.split_whitespace();
+    let state = fields.next()?;
+    let pgrp = fields.nth(1)?.parse::<i32>().ok()?;
+    (pgrp == group).then_some(match state {
+        "Z" | "X" => Member::Zombie,
+        _ => Member::Running,
     })
 }
 
-/// From a /proc/PID/stat line: whether it is a live process of `group`
-/// (`pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses).
-fn runs_in_group(stat: &str, group: i32) -> bool {
-    let Some((_, after_comm)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let mut fields = after_comm.split_whitespace();
-    let state = fields.next();
-    let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
-    pgrp == Some(group) && !matches!(state, Some("Z" | "X"))
+fn threads(proc_dir: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(proc_dir.join("status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn signal_group(group: Pid, signal: Signal) {
@@ -434,14 +590,15 @@ fn describe(status: ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::runs_in_group;
+    use super::{Member, member_state};
 
     #[test]
     fn stat_lines_are_read_past_odd_command_names() {
-        assert!(runs_in_group("42 (sh) S 1 4242 4242 0", 4242));
-        assert!(runs_in_group("42 (a (b) c) R 1 4242 4242 0", 4242));
-        assert!(!runs_in_group("42 (sh) Z 1 4242 4242 0", 4242));
-        assert!(!runs_in_group("42 (sh) S 1 4243 4243 0", 4242));
-        assert!(!runs_in_group("garbage", 4242));
+        let of = |line: &str| member_state(line, 4242);
+        assert_eq!(of("42 (sh) S 1 4242 4242 0"), Some(Member::Running));
+        assert_eq!(of("42 (a (b) c) R 1 4242 4242 0"), Some(Member::Running));
+        assert_eq!(of("42 (sh) Z 1 4242 4242 0"), Some(Member::Zombie));
+        assert_eq!(of("42 (sh) S 1 4243 4243 0"), None);
+        assert_eq!(of("garbage"), None);
     }
 }

@@ -6,8 +6,10 @@
 //!
 //! A loss tells the holder to stop; it does not release. The connection
 //! stays open until every guard is dropped (or the client is), so if the
-//! network heals the server hands the lock on only once the work is over:
-//! stop the work, then drop the guard.
+//! network only faltered the server hands the lock on only once the work is
+//! over. If the server is really cut off it may release the lock from its
+//! earliest release time on, which the lease leaves `stop_time` before:
+//! stop the work at once, then drop the guard.
 //!
 //! ```no_run
 //! use pklock::client::{Client, ClientOptions, LockOptions};
@@ -24,7 +26,7 @@
 mod session;
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -365,7 +367,9 @@ impl Client {
         {
             return;
         }
-        eprintln!(
+        // Never a panic for a closed stderr.
+        let _ = writeln!(
+            std::io::stderr(),
             "pklock: the server at {} restarted moments ago and grants locks again in {:.1} s \
              (restart grace)",
             self.server,
@@ -530,9 +534,11 @@ impl Client {
         self.session.wait_lost(timeout)
     }
 
-    /// Calls `callback` once, from a client thread, when the connection is
-    /// lost (at once if it already is). The locks are not released until the
-    /// guards are dropped: stop the work, then drop them.
+    /// Calls `callback` once when the connection is lost (at once if it
+    /// already is), on the thread that notices: the reader, the watchdog, or
+    /// one of yours that sent a request or dropped the client. Keep it short,
+    /// and take no lock such a thread may hold. Stop the work, then drop the
+    /// guards: a connection that is still whole keeps the locks until then.
     pub fn on_lost(&self, callback: impl FnOnce(&LossReason) + Send + 'static) {
         self.session.on_lost(Box::new(callback));
     }
@@ -590,14 +596,16 @@ impl LockGuard {
 
     /// Whether the lock is still ours: not unlocked, and the connection
     /// neither closed nor past its lease. Once false, stop the work and drop
-    /// the guard: until then nobody else is granted the lock.
+    /// the guard: if the connection is still whole nobody else is granted
+    /// the lock until then, but a server that is really cut off may release
+    /// it from its earliest release time on.
     pub fn is_held(&self) -> bool {
         !self.released && self.session.loss().is_none()
     }
 
     /// Waits until the lock is lost or `timeout` passes (`None`: for ever);
-    /// returns the reason if it was lost. The lock is not handed on before
-    /// this guard (and every other guard of its client) is dropped.
+    /// returns the reason if it was lost. Over a connection still whole, the
+    /// lock is not handed on before every guard of its client is dropped.
     pub fn wait_lost(&self, timeout: Option<Duration>) -> Option<LossReason> {
         self.session.wait_lost(timeout)
     }
@@ -677,8 +685,7 @@ fn refused(result: &Value) -> Error {
         .unwrap_or("")
         .to_string();
     match status(result) {
-        "denied" => Error::Denied(error),
-        word @ ("invalid" | "tooMany") => Error::Refused {
+        word @ ("invalid" | "tooMany" | "denied") => Error::Refused {
             status: word.to_string(),
             error,
         },
