@@ -18,7 +18,7 @@ use crate::protocol::{
     self, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, Reply, Request, RequestId,
     ServerName, StatsResult, StatusFilter, StatusResult, UnlockForm, UnlockResult, WaiterStatus,
 };
-use crate::rate_limit::LogLimiter;
+use crate::rate_limit::{LogLimiter, escaped};
 
 /// A reply and the connection it goes to.
 #[derive(Debug)]
@@ -242,7 +242,7 @@ impl Core {
     pub fn describe(&self, client: ClientId) -> String {
         match self.peers.get(&client) {
             Some(peer) if peer.name.is_empty() => format!("conn {client} {}", peer.addr),
-            Some(peer) => format!("conn {client} {} ({})", peer.addr, peer.name),
+            Some(peer) => format!("conn {client} {} ({})", peer.addr, escaped(&peer.name)),
             None => format!("conn {client}"),
         }
     }
@@ -502,7 +502,11 @@ impl Core {
             if suppressed > 0 {
                 warn!("{suppressed} more bad messages were not logged");
             }
-            warn!("bad message from {}: {detail}", self.describe(from));
+            warn!(
+                "bad message from {}: {}",
+                self.describe(from),
+                escaped(detail)
+            );
         }
     }
 }

@@ -1,7 +1,27 @@
-//! Caps how many warnings a peer can make the server log: a fixed number per
-//! window, with a count of the ones left out. Takes `now`; reads no clock.
+//! What a peer can do to the server's log: caps how many lines it can cause
+//! (a fixed number per window, with a count of the ones left out), and
+//! escapes what it wrote so it cannot forge lines or drive a terminal.
+//! Takes `now`; reads no clock.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
+
+/// `text` with control characters (newlines, escapes, C1 controls) written
+/// as escapes, for a log line: a peer's client name or bad input cannot
+/// start a line of its own or send terminal commands to whoever reads it.
+pub fn escaped(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// A per-window budget of log lines.
 #[derive(Debug)]
@@ -47,6 +67,16 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escaped("backup job"), "backup job");
+        assert!(matches!(escaped("plain"), Cow::Borrowed(_)));
+        assert_eq!(
+            escaped("x\n[INFO] forged\u{1b}[2J\u{85}é"),
+            "x\\n[INFO] forged\\u{1b}[2J\\u{85}é"
+        );
+    }
 
     #[test]
     fn admits_a_budget_per_window_and_counts_the_rest() {

@@ -195,6 +195,8 @@ pub struct Server {
     next_sweep: Instant,
     /// Rate limit for the connect and close lines.
     conn_log: LogLimiter,
+    /// Rate limit for the lines of closes that released locks.
+    release_log: LogLimiter,
     /// Reply bytes not yet written, over all connections.
     total_unsent: usize,
     /// `status` reply bytes that may still be built this turn.
@@ -263,6 +265,7 @@ impl Server {
             turn: 0,
             next_sweep: now + SWEEP_EVERY,
             conn_log: LogLimiter::new(50, Duration::from_secs(10)),
+            release_log: LogLimiter::new(100, Duration::from_secs(10)),
             total_unsent: 0,
             turn_status_left: TURN_STATUS_BUDGET,
             status_queue: VecDeque::new(),
@@ -967,7 +970,12 @@ impl Server {
                 }
                 info!("{label} closed: {reason}");
             }
-        } else {
+        } else if let Some(suppressed) = self.release_log.admit(now) {
+            // Closes that released locks get a budget of their own, so that
+            // ordinary closes cannot crowd them out.
+            if suppressed > 0 {
+                info!("{suppressed} more closes that released locks were not logged");
+            }
             let shown: Vec<&str> = departure
                 .released
                 .iter()

@@ -113,3 +113,35 @@ fn one_host_cannot_take_every_connection_slot() {
         let _ = holder.wait();
     }
 }
+
+#[test]
+fn connect_and_close_storms_cannot_flood_the_log_or_forge_lines() {
+    let dir = temp_dir("log-storm");
+    let server = ServerProcess::start(&dir, "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n");
+    for i in 0..2000 {
+        let mut peer = Peer::connect(server.addr);
+        if i % 10 == 0 {
+            // A client name made to look like a log line of its own.
+            peer.rpc(
+                "hello",
+                json!(1),
+                json!({"client": "x\n[2026-01-01T00:00:00Z ERROR pklock] forged\u{1b}[2J"}),
+            );
+            peer.take("storm", 2);
+        }
+    }
+    // Let the last closes be logged, then read everything logged so far.
+    std::thread::sleep(Duration::from_millis(500));
+    let lines: Vec<String> = server.log.try_iter().collect();
+    println!("2,000 connect/close cycles wrote {} log lines", lines.len());
+    assert!(lines.len() < 400, "{} lines", lines.len());
+    // Each mention of the name is one line, with its newline spelled out.
+    let named: Vec<&String> = lines.iter().filter(|l| l.contains("forged")).collect();
+    assert!(!named.is_empty());
+    assert!(
+        named
+            .iter()
+            .all(|l| l.contains("x\\n[2026-01-01") && !l.contains('\u{1b}')),
+        "a peer forged a log line: {named:?}"
+    );
+}
