@@ -252,6 +252,22 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
         }
     };
     let name_ok = |name: &str| (1..=protocol::MAX_LOCK_NAME_BYTES).contains(&name.len());
+    let id_ok = |id: &protocol::RequestId| id.get().len() <= protocol::MAX_ID_BYTES;
+    match &request {
+        Request::Lock { id, .. }
+        | Request::Hello { id, .. }
+        | Request::Ping { id }
+        | Request::Status { id, .. }
+        | Request::Stats { id }
+        | Request::Unlock {
+            form: UnlockForm::Rpc { id },
+            ..
+        } => ensure!(id_ok(id), "id of {} bytes", id.get().len()),
+        Request::Unlock {
+            form: UnlockForm::V1 { .. },
+            ..
+        } => {}
+    }
     let reply = match request {
         Request::Lock { id, lock, .. } => {
             ensure!(name_ok(&lock), "lock name {lock:?}");
