@@ -15,6 +15,9 @@
 //! like waits that time out together. So a thousand connections each
 //! waiting on a thousand locks can leave, or time out, at the same moment
 //! without stalling the caller's event loop.
+//!
+//! The table keeps at most `max_entries` requests (held, waiting, or left by
+//! a departed connection and not yet cleared), so its memory has a ceiling.
 
 mod lane;
 
@@ -77,6 +80,12 @@ pub enum Refusal {
     /// The connection holds or waits for as many locks as it may.
     TooMany {
         /// The per-connection limit.
+        limit: usize,
+    },
+    /// The table holds or queues as many requests as it may, over all
+    /// connections.
+    TableFull {
+        /// The table's limit.
         limit: usize,
     },
 }
@@ -411,12 +420,14 @@ pub struct LockTable<T> {
     books: Books,
     next_wait_seq: u64,
     max_per_client: usize,
+    max_entries: usize,
 }
 
 impl<T> LockTable<T> {
-    /// An empty table whose first grant gets `first_token`, and where a
-    /// connection may hold or wait for at most `max_per_client` locks.
-    pub fn new(first_token: u64, max_per_client: usize) -> Self {
+    /// An empty table whose first grant gets `first_token`, where a
+    /// connection may hold or wait for at most `max_per_client` locks, and
+    /// all connections together at most `max_entries`.
+    pub fn new(first_token: u64, max_per_client: usize, max_entries: usize) -> Self {
         LockTable {
             queues: BTreeMap::new(),
             clients: Clients::default(),
@@ -428,6 +439,7 @@ impl<T> LockTable<T> {
             },
             next_wait_seq: 0,
             max_per_client,
+            max_entries,
         }
     }
 
@@ -479,6 +491,16 @@ impl<T> LockTable<T> {
                 tag,
                 reason: Refusal::TooMany {
                     limit: self.max_per_client,
+                },
+            });
+            return;
+        }
+        if !self.make_room() {
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason: Refusal::TableFull {
+                    limit: self.max_entries,
                 },
             });
             return;
@@ -788,10 +810,15 @@ impl<T> LockTable<T> {
         self.books.totals
     }
 
-    /// Requests the table keeps: held, waiting, and waits of departed
-    /// connections not cleared yet.
+    /// Requests the table keeps, at most its limit: held, waiting, and waits
+    /// of departed connections not cleared yet.
     pub fn entries(&self) -> usize {
         self.books.totals.held + self.books.totals.waiting + self.clients.dead_waits
+    }
+
+    /// The most requests the table keeps.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
     }
 
     /// Lock names with a holder or a waiter.
@@ -974,7 +1001,28 @@ impl<T> LockTable<T> {
                 totals.held, totals.waiting
             ));
         }
+        if self.entries() > self.max_entries {
+            return Err(format!(
+                "{} entries, over the limit of {}",
+                self.entries(),
+                self.max_entries
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether one more request fits, clearing a dead wait to make room if
+    /// need be (so only live requests ever count against the limit).
+    fn make_room(&mut self) -> bool {
+        // Each listed wait is taken once, so this loop's work over all calls
+        // is at most what departures listed.
+        while self.entries() >= self.max_entries
+            && self.clients.dead_waits > 0
+            && !self.clients.to_clear.is_empty()
+        {
+            self.clear_departed(1);
+        }
+        self.entries() < self.max_entries
     }
 
     /// Clears up to `budget` waits that departed connections left.
@@ -1102,7 +1150,7 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             Fixture {
-                table: LockTable::new(100, 10),
+                table: LockTable::new(100, 10, 1000),
                 now: Instant::now(),
                 out: Vec::new(),
             }
@@ -1367,7 +1415,7 @@ mod tests {
     #[test]
     fn per_connection_limit_counts_holds_and_waits() {
         let mut f = Fixture::new();
-        f.table = LockTable::new(1, 2);
+        f.table = LockTable::new(1, 2, 1000);
         f.lock(A, "x", Mode::Exclusive, None, 1);
         f.lock(B, "y", Mode::Exclusive, None, 2);
         f.lock(A, "y", Mode::Exclusive, None, 3);
@@ -1462,7 +1510,8 @@ mod tests {
             [B],
             "a departed connection's wait is shown to nobody"
         );
-        // Still in memory, and clearing it is due at once.
+        // Still in memory, so still counted against the table's limit, and
+        // clearing it is due at once.
         assert_eq!(f.table.entries(), 3);
         assert_eq!(f.table.next_deadline(), Some(f.now));
         assert!(f.advance(0).is_empty());
@@ -1505,10 +1554,38 @@ mod tests {
     }
 
     #[test]
+    fn the_table_limit_counts_every_connection_and_departed_waits_make_room() {
+        let mut f = Fixture::new();
+        f.table = LockTable::new(1, 10, 3);
+        f.lock(A, "x", Mode::Exclusive, None, 1);
+        f.lock(B, "x", Mode::Exclusive, None, 2);
+        f.lock(C, "x", Mode::Exclusive, None, 3);
+        let full = Effect::Refused {
+            client: D,
+            tag: 4,
+            reason: Refusal::TableFull { limit: 3 },
+        };
+        assert_eq!(f.lock(D, "y", Mode::Exclusive, None, 4), vec![full]);
+        assert_eq!(
+            f.lock(A, "x", Mode::Exclusive, None, 5),
+            vec![granted(A, 5, "x", 1)],
+            "asking again for a held lock takes no room"
+        );
+        // C's wait is dead but not cleared yet; a new request clears it.
+        f.disconnect(C);
+        assert_eq!(f.table.entries(), 3);
+        assert_eq!(
+            f.lock(D, "y", Mode::Exclusive, None, 6),
+            vec![granted(D, 6, "y", 2)]
+        );
+        assert_eq!(f.table.entries(), 3);
+    }
+
+    #[test]
     fn expire_answers_a_bounded_batch_and_asks_to_be_called_again() {
         let mut f = Fixture::new();
         let waits = WAITS_PER_EXPIRE as u64 + 10;
-        f.table = LockTable::new(1, 10);
+        f.table = LockTable::new(1, 10, usize::MAX);
         f.lock(A, "x", Mode::Exclusive, None, 0);
         for i in 0..waits {
             f.lock(ClientId(100 + i), "x", Mode::Exclusive, Some(100), 1);
@@ -1536,7 +1613,7 @@ mod tests {
         let now = Instant::now();
         let mut out = Vec::new();
         for timeout in [None, Some(Duration::from_secs(1))] {
-            let mut table: LockTable<u32> = LockTable::new(1, NAMES);
+            let mut table: LockTable<u32> = LockTable::new(1, NAMES, usize::MAX);
             for client in 0..=CLIENTS {
                 for (i, name) in names.iter().enumerate() {
                     let request = LockRequest {

@@ -882,6 +882,11 @@ pub struct StatsResult {
     pub locks_held: usize,
     /// Queued requests.
     pub waiters: usize,
+    /// Requests the lock table keeps, at most `max_lock_entries`: grants in
+    /// force, queued requests, and waits of closed connections not yet
+    /// cleared (a new request clears one to make room if need be).
+    #[serde(default)]
+    pub lock_entries: usize,
     /// Grants since start.
     pub grants: u64,
     /// Requests that ran out of time since start.
