@@ -4,7 +4,7 @@
 //! it decides on comes back as an [`Effect`], in the order it must be sent.
 //!
 //! Every request is filed twice: in its lock's queue, in order (holders by
-//! token, waiters by arrival, each found by binary search: see [`lane`]), and
+//! token, waiters by arrival, each found by binary search: see `lane.rs`), and
 //! in its connection's holdings, by name. So unlock, cancel, timeout and the
 //! duplicate check cost O(log n), never a walk along a queue.
 //!
