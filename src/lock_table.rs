@@ -620,7 +620,9 @@ impl<T> LockTable<T> {
             }
         };
         settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-        self.drop_if_empty(&name);
+        if queue.is_empty() {
+            self.queues.remove(&name);
+        }
         outcome
     }
 
@@ -689,7 +691,9 @@ impl<T> LockTable<T> {
                 }
             }
             settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-            self.drop_if_empty(&name);
+            if queue.is_empty() {
+                self.queues.remove(&name);
+            }
         }
         if !waits.is_empty() {
             let dead = waits.len();
@@ -752,7 +756,9 @@ impl<T> LockTable<T> {
                 tag: waiter.tag,
             });
             settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-            self.drop_if_empty(&name);
+            if queue.is_empty() {
+                self.queues.remove(&name);
+            }
         }
         // The hold ends after the waits that ran out before it.
         if !due(&self.books) && self.books.grants_from.is_some_and(|from| from <= now) {
@@ -1072,12 +1078,6 @@ impl<T> LockTable<T> {
         if let Some(waiter) = queue.waiters.remove(seq) {
             self.clients.dead_waits -= 1;
             self.books.forget_deadline(seq, &waiter);
-        }
-    }
-
-    fn drop_if_empty(&mut self, name: &str) {
-        if self.queues.get(name).is_some_and(Queue::is_empty) {
-            self.queues.remove(name);
         }
     }
 
