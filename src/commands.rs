@@ -48,6 +48,8 @@ pub enum Handled {
 pub struct Settings {
     /// Locks one connection may hold plus wait for.
     pub max_locks_per_connection: usize,
+    /// Locks all connections together may hold plus wait for.
+    pub max_lock_entries: usize,
     /// Keepalive as applied, for `hello`.
     pub keepalive: Keepalive,
     /// Roughly the most bytes one `status` reply may take; longer lists are
@@ -73,6 +75,7 @@ pub struct Core {
     frame_timeouts: u64,
     bad_messages: u64,
     bad_message_log: LogLimiter,
+    table_full_log: LogLimiter,
     effects: Vec<Effect<RequestId>>,
 }
 
@@ -80,7 +83,11 @@ impl Core {
     /// A core whose first grant carries `first_token`.
     pub fn new(settings: Settings, first_token: u64, now: Instant) -> Core {
         Core {
-            table: LockTable::new(first_token, settings.max_locks_per_connection),
+            table: LockTable::new(
+                first_token,
+                settings.max_locks_per_connection,
+                settings.max_lock_entries,
+            ),
             peers: FxHashMap::default(),
             settings,
             next_client: 1,
@@ -89,6 +96,7 @@ impl Core {
             frame_timeouts: 0,
             bad_messages: 0,
             bad_message_log: LogLimiter::new(20, Duration::from_secs(10)),
+            table_full_log: LogLimiter::new(20, Duration::from_secs(10)),
             effects: Vec::new(),
         }
     }
@@ -253,8 +261,36 @@ impl Core {
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
+        let from = request.client;
         self.table.lock(request, now, &mut self.effects);
+        let table_full = self.effects.iter().any(|effect| {
+            matches!(
+                effect,
+                Effect::Refused {
+                    reason: Refusal::TableFull { .. },
+                    ..
+                }
+            )
+        });
+        if table_full {
+            self.log_table_full(from, now);
+        }
         self.send_effects(out);
+    }
+
+    fn log_table_full(&mut self, from: ClientId, now: Instant) {
+        if let Some(suppressed) = self.table_full_log.admit(now) {
+            if suppressed > 0 {
+                warn!(
+                    "{suppressed} more lock requests refused on a full lock table were not logged"
+                );
+            }
+            warn!(
+                "lock table full: refused a lock request from {}: {} requests held or queued, the most allowed (max_lock_entries)",
+                self.describe(from),
+                self.table.max_entries()
+            );
+        }
     }
 
     fn command_unlock(
@@ -396,6 +432,7 @@ impl Core {
             locks: self.table.lock_count(),
             locks_held: totals.held,
             waiters: totals.waiting,
+            lock_entries: self.table.entries(),
             grants: totals.grants,
             timeouts: totals.timeouts,
             released_by_disconnect: totals.released_by_disconnect,
@@ -522,6 +559,9 @@ fn refusal_outcome(reason: Refusal) -> Outcome {
         )),
         Refusal::TooMany { limit } => Outcome::TooMany(format!(
             "this connection holds or waits for {limit} locks, the most allowed (max_locks_per_connection)"
+        )),
+        Refusal::TableFull { limit } => Outcome::TooMany(format!(
+            "the server holds or queues {limit} lock requests, the most allowed (max_lock_entries)"
         )),
     }
 }

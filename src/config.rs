@@ -14,6 +14,12 @@ use crate::keepalive::Keepalive;
 /// The default port, as the original pkLockServer.
 pub const DEFAULT_PORT: u16 = 20934;
 
+/// The default `max_lock_entries`: at the most an entry can cost (a held
+/// lock of its own with a 1 KiB name, about 1.5 KiB; the arithmetic is in
+/// config/settings.example.toml), a full table stays under about 750 MiB,
+/// which leaves a default server under about 1 GiB.
+pub const DEFAULT_MAX_LOCK_ENTRIES: usize = 500_000;
+
 /// Everything the server can be told. Every field has a default, so an empty
 /// file (or none) gives a working loopback-only server.
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
@@ -45,6 +51,10 @@ pub struct Config {
     /// the connection is closed, unless it holds or waits for a lock.
     #[serde(deserialize_with = "frame_timeout")]
     pub frame_timeout_ms: u64,
+    /// Locks all connections together may hold plus wait for: the lock
+    /// table's memory ceiling.
+    #[serde(deserialize_with = "at_least_one")]
+    pub max_lock_entries: usize,
     /// Where the fencing-token ceiling is kept; none keeps tokens clock-based only.
     pub state_file: Option<PathBuf>,
     /// After a start, grant nothing for this long, so that clients of a
@@ -87,6 +97,7 @@ impl Default for Config {
             max_locks_per_connection: 10_000,
             max_connections_per_ip: 1_000,
             frame_timeout_ms: 30_000,
+            max_lock_entries: DEFAULT_MAX_LOCK_ENTRIES,
             state_file: None,
             restart_grace_ms: None,
             keepalive: KeepaliveConfig::default(),
@@ -160,11 +171,12 @@ impl Config {
             ),
             format!("allowed peers: {}", self.allowed),
             format!(
-                "limits: max_connections {}, max_message_bytes {}, max_output_bytes {}, max_locks_per_connection {}",
+                "limits: max_connections {}, max_message_bytes {}, max_output_bytes {}, max_locks_per_connection {}, max_lock_entries {}",
                 self.max_connections,
                 self.max_message_bytes,
                 self.max_output_bytes,
-                self.max_locks_per_connection
+                self.max_locks_per_connection,
+                self.max_lock_entries
             ),
         ];
         let asked = &self.keepalive;
@@ -348,6 +360,7 @@ mod tests {
             max_message_bytes = 4096
             max_output_bytes = 8192
             max_locks_per_connection = 6
+            max_lock_entries = 7
             state_file = "/tmp/tokens"
             restart_grace_ms = 0
             [keepalive]
@@ -365,9 +378,10 @@ mod tests {
                 c.max_connections,
                 c.max_message_bytes,
                 c.max_output_bytes,
-                c.max_locks_per_connection
+                c.max_locks_per_connection,
+                c.max_lock_entries
             ),
-            (3, 4096, 8192, 6)
+            (3, 4096, 8192, 6, 7)
         );
         assert_eq!(c.state_file, Some(PathBuf::from("/tmp/tokens")));
         assert_eq!(c.restart_grace_ms, Some(0));
@@ -436,6 +450,7 @@ mod tests {
             "max_message_bytes = 5000000000",
             "max_output_bytes = 100",
             "max_locks_per_connection = 0",
+            "max_lock_entries = 0",
             "[keepalive]\nidle_ms = 0",
             "[keepalive]\nprobes = 128",
             "[keepalive]\nuser_timeout_ms = -1",

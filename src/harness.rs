@@ -252,6 +252,22 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
         }
     };
     let name_ok = |name: &str| (1..=protocol::MAX_LOCK_NAME_BYTES).contains(&name.len());
+    let id_ok = |id: &protocol::RequestId| id.get().len() <= protocol::MAX_ID_BYTES;
+    match &request {
+        Request::Lock { id, .. }
+        | Request::Hello { id, .. }
+        | Request::Ping { id }
+        | Request::Status { id, .. }
+        | Request::Stats { id }
+        | Request::Unlock {
+            form: UnlockForm::Rpc { id },
+            ..
+        } => ensure!(id_ok(id), "id of {} bytes", id.get().len()),
+        Request::Unlock {
+            form: UnlockForm::V1 { .. },
+            ..
+        } => {}
+    }
     let reply = match request {
         Request::Lock { id, lock, .. } => {
             ensure!(name_ok(&lock), "lock name {lock:?}");
@@ -493,7 +509,9 @@ pub struct CoreCheck {
 impl CoreCheck {
     /// A core whose first grant carries [`CORE_FIRST_TOKEN`], that grants
     /// nothing for `hold_ms` milliseconds if given (the hold after a
-    /// restart), and where a connection may hold or wait for `limit` locks.
+    /// restart), and where a connection may hold or wait for `limit` locks
+    /// and all connections together for one more (so that both limits are
+    /// met).
     pub fn new(hold_ms: Option<u64>, limit: usize) -> CoreCheck {
         let now = Instant::now();
         let keepalive = Keepalive {
@@ -504,6 +522,7 @@ impl CoreCheck {
         };
         let settings = Settings {
             max_locks_per_connection: limit,
+            max_lock_entries: limit + 1,
             keepalive,
             // Small enough that `status` is sometimes cut.
             status_budget_bytes: 250,
@@ -699,8 +718,8 @@ pub enum TableOp {
 }
 
 /// Runs `ops` on a `LockTable` and on the naive [`Model`], both with
-/// `first_token`, `limit` locks per client, and no grant for `hold_ms`
-/// milliseconds if given. After every step: the table emitted exactly the
+/// `first_token`, `limit` locks per client, `max_entries` over all clients,
+/// and no grant for `hold_ms` milliseconds if given. After every step: the table emitted exactly the
 /// model's effects and has the same next token; every request is answered
 /// once, to the client that asked; a token is never granted to two clients,
 /// and new grants get strictly increasing tokens, from `first_token` on;
@@ -713,14 +732,15 @@ pub enum TableOp {
 pub fn check_against_model(
     first_token: u64,
     limit: usize,
+    max_entries: usize,
     hold_ms: Option<u64>,
     names: &[&str],
     ops: &[TableOp],
 ) -> Result<(), String> {
     let start = Instant::now();
     let mut now = start;
-    let mut table: LockTable<u32> = LockTable::new(first_token, limit);
-    let mut model: Model<u32> = Model::new(first_token, limit);
+    let mut table: LockTable<u32> = LockTable::new(first_token, limit, max_entries);
+    let mut model: Model<u32> = Model::new(first_token, limit, max_entries);
     if let Some(ms) = hold_ms {
         let until = start + Duration::from_millis(ms);
         table.hold_grants_until(until);

@@ -34,18 +34,21 @@ pub struct Model<T> {
     next_token: u64,
     next_seq: u64,
     limit: usize,
+    max_entries: usize,
 }
 
 impl<T: Clone> Model<T> {
-    /// An empty model whose first grant gets `first_token`, and where a
-    /// client may hold or wait for at most `limit_per_client` locks.
-    pub fn new(first_token: u64, limit_per_client: usize) -> Self {
+    /// An empty model whose first grant gets `first_token`, where a client
+    /// may hold or wait for at most `limit_per_client` locks, and all clients
+    /// together at most `max_entries`.
+    pub fn new(first_token: u64, limit_per_client: usize, max_entries: usize) -> Self {
         Model {
             queues: BTreeMap::new(),
             grants_from: None,
             next_token: first_token,
             next_seq: 0,
             limit: limit_per_client,
+            max_entries,
         }
     }
 
@@ -143,6 +146,16 @@ impl<T: Clone> Model<T> {
                 client,
                 tag,
                 reason: Refusal::TooMany { limit: self.limit },
+            });
+            return out;
+        }
+        if self.queues.values().map(Vec::len).sum::<usize>() >= self.max_entries {
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason: Refusal::TableFull {
+                    limit: self.max_entries,
+                },
             });
             return out;
         }

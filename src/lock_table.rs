@@ -2,9 +2,26 @@
 //! exclusive and shared modes, wait deadlines and fencing tokens.
 //! A pure state machine: no IO and no clock (callers pass `now`); every reply
 //! it decides on comes back as an [`Effect`], in the order it must be sent.
+//!
+//! Every request is filed twice: in its lock's queue, in order (holders by
+//! token, waiters by arrival, each found by binary search: see `lane.rs`), and
+//! in its connection's holdings, by name. So unlock, cancel, timeout and the
+//! duplicate check cost O(log n), never a walk along a queue.
+//!
+//! When a connection goes, its holds, and its waits at the head of a queue
+//! that no exclusive holder blocks, are dealt with at once, since they may
+//! let others in. Its other waits can let nobody in: they are counted out at
+//! once and cleared later, a bounded batch per [`LockTable::expire`] call,
+//! like waits that time out together. So a thousand connections each
+//! waiting on a thousand locks can leave, or time out, at the same moment
+//! without stalling the caller's event loop.
+//!
+//! The table keeps at most `max_entries` requests (held, waiting, or left by
+//! a departed connection and not yet cleared), so its memory has a ceiling.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+mod lane;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -12,7 +29,15 @@ use std::time::{Duration, Instant};
 
 // Keys are small integers the server itself picks: no peer controls them,
 // so a fast non-keyed hash is safe here.
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use lane::Lane;
+
+/// The most waits one [`LockTable::expire`] call times out or clears. Each
+/// costs about a microsecond (more in a debug build), so a call stays within
+/// a few milliseconds however many waits end together; the rest are left for
+/// the next call, which [`LockTable::next_deadline`] then asks for at once.
+pub const WAITS_PER_EXPIRE: usize = 1024;
 
 /// A connection as the lock table knows it: a number never reused while the
 /// server runs (unlike socket slots).
@@ -55,6 +80,12 @@ pub enum Refusal {
     /// The connection holds or waits for as many locks as it may.
     TooMany {
         /// The per-connection limit.
+        limit: usize,
+    },
+    /// The table holds or queues as many requests as it may, over all
+    /// connections.
+    TableFull {
+        /// The table's limit.
         limit: usize,
     },
 }
@@ -157,22 +188,30 @@ pub struct Waiter<T> {
     /// When the request arrived.
     pub since: Instant,
     deadline: Option<Instant>,
-    wait_id: u64,
     tag: T,
 }
 
 #[derive(Debug)]
 struct Queue<T> {
-    /// One exclusive holder, or any number of shared ones.
-    holders: Vec<Holder>,
-    waiters: VecDeque<Waiter<T>>,
+    /// One exclusive holder, or any number of shared ones, by token (so in
+    /// grant order).
+    holders: Lane<Holder>,
+    /// Requests waiting, by arrival number. Departed connections' waits
+    /// stay until cleared, but head the queue only behind an exclusive
+    /// holder: any change that could let a waiter in clears them off the
+    /// head first.
+    waiters: Lane<Waiter<T>>,
+    /// The head waiter (arrival number, connection) unless an exclusive
+    /// holder blocks it, as filed in that connection's [`Holdings::heads`].
+    head: Option<(u64, ClientId)>,
 }
 
 impl<T> Queue<T> {
     fn new() -> Self {
         Queue {
-            holders: Vec::new(),
-            waiters: VecDeque::new(),
+            holders: Lane::new(),
+            waiters: Lane::new(),
+            head: None,
         }
     }
 
@@ -180,13 +219,67 @@ impl<T> Queue<T> {
         self.holders.is_empty() && self.waiters.is_empty()
     }
 
+    /// The head waiter (arrival number, connection), unless an exclusive
+    /// holder blocks it.
+    fn unblocked_head(&self) -> Option<(u64, ClientId)> {
+        if self
+            .holders
+            .front()
+            .is_some_and(|(_, holder)| holder.mode == Mode::Exclusive)
+        {
+            return None;
+        }
+        self.waiters
+            .front()
+            .map(|(seq, waiter)| (seq, waiter.client))
+    }
+
     /// Whether a request in `mode` may join the current holders.
     fn admits(&self, mode: Mode) -> bool {
-        match self.holders.first() {
+        match self.holders.front() {
             None => true,
-            Some(holder) => holder.mode == Mode::Shared && mode == Mode::Shared,
+            Some((_, holder)) => holder.mode == Mode::Shared && mode == Mode::Shared,
         }
     }
+}
+
+/// What one connection holds and waits for, by lock name.
+#[derive(Debug, Default)]
+struct Holdings {
+    /// Locks held: the grant's token and mode.
+    held: BTreeMap<Arc<str>, (u64, Mode)>,
+    /// Locks waited for: the wait's arrival number.
+    waits: BTreeMap<Arc<str>, u64>,
+    /// Those of the waits that head a queue without an exclusive holder.
+    /// When the connection goes, these and its holds are all that can let
+    /// anyone else in.
+    heads: BTreeSet<Arc<str>>,
+}
+
+impl Holdings {
+    fn len(&self) -> usize {
+        self.held.len() + self.waits.len()
+    }
+}
+
+/// The connections' holdings, and what departed connections left behind.
+#[derive(Debug, Default)]
+struct Clients {
+    /// Kept from a connection's first lock request to its departure, even
+    /// when empty: a connection that locks and unlocks in a loop reuses
+    /// them instead of allocating anew each time. At most one per live
+    /// connection.
+    holdings: FxHashMap<ClientId, Holdings>,
+    /// Departed connections with waits still in queues. Such a wait is dead:
+    /// counted nowhere but in `dead_waits`, shown to nobody, never granted.
+    departed: FxHashSet<ClientId>,
+    /// The dead waits to clear, by connection, in departure order (some may
+    /// be gone already: cleared at a queue's head, or timed out).
+    to_clear: VecDeque<(ClientId, BTreeMap<Arc<str>, u64>)>,
+    /// Dead waits still in queues.
+    dead_waits: usize,
+    /// Since when clearing is due, while `to_clear` is not empty.
+    clear_due: Option<Instant>,
 }
 
 /// Running totals, for `stats`.
@@ -210,11 +303,10 @@ struct Books {
     next_token: u64,
     /// No grant before this instant (after a restart); `None` once passed.
     grants_from: Option<Instant>,
-    /// Wait id -> lock name, for queued requests with a deadline.
-    timed_waits: FxHashMap<u64, Arc<str>>,
-    /// Deadlines, possibly stale (an entry whose wait id is no longer in
-    /// `timed_waits` is skipped when it comes up).
-    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Queued requests with a deadline, earliest first: (deadline, arrival
+    /// number) -> lock name. A wait that leaves takes its entry with it, so
+    /// this follows the waits down as well as up.
+    deadlines: BTreeMap<(Instant, u64), Arc<str>>,
     totals: Totals,
 }
 
@@ -223,79 +315,131 @@ impl Books {
         self.grants_from.is_some_and(|from| now < from)
     }
 
+    /// Forgets the deadline of a wait that has left its queue.
+    fn forget_deadline<T>(&mut self, seq: u64, waiter: &Waiter<T>) {
+        if let Some(at) = waiter.deadline {
+            self.deadlines.remove(&(at, seq));
+        }
+    }
+
     fn issue_token(&mut self) -> u64 {
         let token = self.next_token;
         self.next_token = self.next_token.saturating_add(1);
         token
     }
+}
 
-    /// Grants to the head of the queue for as long as the head may join the
-    /// holders: shared heads are granted together, and a shared request behind
-    /// a waiting exclusive one stays behind it.
-    fn promote<T>(
-        &mut self,
-        queue: &mut Queue<T>,
-        lock: &Arc<str>,
-        now: Instant,
-        out: &mut Vec<Effect<T>>,
-    ) {
-        if self.holding_grants(now) {
-            return;
+/// Brings `queue` to rest after a change: clears departed connections' waits
+/// off its head; grants to the head for as long as the head may join the
+/// holders (shared heads are granted together, and a shared request behind a
+/// waiting exclusive one stays behind it); files the new head in its
+/// connection's holdings, unless an exclusive holder blocks it (then its
+/// departure could let nobody in).
+fn settle<T>(
+    queue: &mut Queue<T>,
+    name: &Arc<str>,
+    books: &mut Books,
+    clients: &mut Clients,
+    now: Instant,
+    out: &mut Vec<Effect<T>>,
+) {
+    let holding = books.holding_grants(now);
+    while let Some((_, head)) = queue.waiters.front() {
+        let (client, mode) = (head.client, head.mode);
+        let departed = !clients.departed.is_empty() && clients.departed.contains(&client);
+        if departed && queue.unblocked_head().is_none() {
+            // Behind an exclusive holder it is in nobody's way: left for
+            // the batches of `LockTable::expire`.
+            break;
         }
-        while queue.waiters.front().is_some_and(|w| queue.admits(w.mode)) {
-            let Some(waiter) = queue.waiters.pop_front() else {
-                break;
-            };
-            if waiter.deadline.is_some() {
-                self.timed_waits.remove(&waiter.wait_id);
-            }
-            let token = self.issue_token();
-            queue.holders.push(Holder {
-                client: waiter.client,
-                mode: waiter.mode,
+        if !departed && (holding || !queue.admits(mode)) {
+            break;
+        }
+        let Some((seq, waiter)) = queue.waiters.pop_front() else {
+            break;
+        };
+        books.forget_deadline(seq, &waiter);
+        if departed {
+            clients.dead_waits -= 1;
+            continue;
+        }
+        let token = books.issue_token();
+        queue.holders.push_back(
+            token,
+            Holder {
+                client,
+                mode,
                 token,
                 since: now,
-            });
-            self.totals.waiting -= 1;
-            self.totals.held += 1;
-            self.totals.grants += 1;
-            out.push(Effect::Granted {
-                client: waiter.client,
-                tag: waiter.tag,
-                lock: Arc::clone(lock),
-                token,
-            });
+            },
+        );
+        if let Some(holdings) = clients.holdings.get_mut(&client) {
+            holdings.waits.remove(&**name);
+            holdings.held.insert(Arc::clone(name), (token, mode));
         }
+        books.totals.waiting -= 1;
+        books.totals.held += 1;
+        books.totals.grants += 1;
+        out.push(Effect::Granted {
+            client,
+            tag: waiter.tag,
+            lock: Arc::clone(name),
+            token,
+        });
     }
+    let head = queue.unblocked_head();
+    if head != queue.head {
+        if let Some((_, client)) = queue.head {
+            if let Some(holdings) = clients.holdings.get_mut(&client) {
+                holdings.heads.remove(&**name);
+            }
+        }
+        if let Some((_, client)) = head {
+            if let Some(holdings) = clients.holdings.get_mut(&client) {
+                holdings.heads.insert(Arc::clone(name));
+            }
+        }
+        queue.head = head;
+    }
+}
+
+/// Where a connection stands in a queue.
+#[derive(Clone, Copy)]
+enum Place {
+    /// Holds the lock, with this token.
+    Held(u64),
+    /// Waits, with this arrival number.
+    Waiting(u64),
 }
 
 /// The lock table. `T` tags each request so its reply can name it.
 #[derive(Debug)]
 pub struct LockTable<T> {
     queues: BTreeMap<Arc<str>, Queue<T>>,
-    /// The names each connection holds or waits for.
-    by_client: FxHashMap<ClientId, BTreeSet<Arc<str>>>,
+    clients: Clients,
     books: Books,
-    next_wait_id: u64,
+    next_wait_seq: u64,
     max_per_client: usize,
+    max_entries: usize,
 }
 
 impl<T> LockTable<T> {
-    /// An empty table whose first grant gets `first_token`, and where a
-    /// connection may hold or wait for at most `max_per_client` locks.
-    pub fn new(first_token: u64, max_per_client: usize) -> Self {
+    /// An empty table whose first grant gets `first_token`, where a
+    /// connection may hold or wait for at most `max_per_client` locks, and
+    /// all connections together at most `max_entries`.
+    pub fn new(first_token: u64, max_per_client: usize, max_entries: usize) -> Self {
         LockTable {
             queues: BTreeMap::new(),
-            by_client: FxHashMap::default(),
+            clients: Clients::default(),
             books: Books {
                 next_token: first_token,
                 grants_from: None,
-                timed_waits: FxHashMap::default(),
-                deadlines: BinaryHeap::new(),
+                deadlines: BTreeMap::new(),
                 totals: Totals::default(),
             },
-            next_wait_id: 0,
+            next_wait_seq: 0,
             max_per_client,
+            max_entries,
         }
     }
 
@@ -308,25 +452,31 @@ impl<T> LockTable<T> {
             timeout,
             tag,
         } = request;
-        if let Some((name, queue)) = self.queues.get_key_value(lock) {
-            if let Some(holder) = queue.holders.iter().find(|h| h.client == client) {
-                out.push(if holder.mode == mode {
+        if self.clients.departed.contains(&client) {
+            // A connection id in use again (the server never does this;
+            // tests do): what the old connection left goes first.
+            self.clear_departed_now(client);
+        }
+        let holdings = self.clients.holdings.get(&client);
+        if let Some(holdings) = holdings {
+            if let Some((name, &(token, held_mode))) = holdings.held.get_key_value(lock) {
+                out.push(if held_mode == mode {
                     Effect::Granted {
                         client,
                         tag,
                         lock: Arc::clone(name),
-                        token: holder.token,
+                        token,
                     }
                 } else {
                     Effect::Refused {
                         client,
                         tag,
-                        reason: Refusal::HeldInOtherMode(holder.mode),
+                        reason: Refusal::HeldInOtherMode(held_mode),
                     }
                 });
                 return;
             }
-            if queue.waiters.iter().any(|w| w.client == client) {
+            if holdings.waits.contains_key(lock) {
                 out.push(Effect::Refused {
                     client,
                     tag,
@@ -335,8 +485,7 @@ impl<T> LockTable<T> {
                 return;
             }
         }
-        let count = self.by_client.get(&client).map_or(0, BTreeSet::len);
-        if count >= self.max_per_client {
+        if holdings.map_or(0, Holdings::len) >= self.max_per_client {
             out.push(Effect::Refused {
                 client,
                 tag,
@@ -346,28 +495,50 @@ impl<T> LockTable<T> {
             });
             return;
         }
+        if !self.make_room() {
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason: Refusal::TableFull {
+                    limit: self.max_entries,
+                },
+            });
+            return;
+        }
 
-        let name = match self.queues.get_key_value(lock) {
-            Some((name, _)) => Arc::clone(name),
-            None => Arc::from(lock),
+        let holding = self.books.holding_grants(now);
+        let (name, free) = match self.queues.get_key_value(lock) {
+            Some((name, queue)) => (
+                Arc::clone(name),
+                !holding && queue.waiters.is_empty() && queue.admits(mode),
+            ),
+            None => (Arc::from(lock), !holding),
         };
+        // Nothing is granted below but at once: if the queue has waiters, its
+        // head cannot be granted (or it would have been), so neither can a
+        // request behind it.
+        if !free && timeout.is_some_and(|t| t.is_zero()) {
+            self.books.totals.timeouts += 1;
+            out.push(Effect::TimedOut { client, tag });
+            return;
+        }
         let queue = self
             .queues
             .entry(Arc::clone(&name))
             .or_insert_with(Queue::new);
-        self.by_client
-            .entry(client)
-            .or_default()
-            .insert(Arc::clone(&name));
-        if queue.waiters.is_empty() && queue.admits(mode) && !self.books.holding_grants(now) {
-            // Nobody to wait behind: granted at once, without queueing.
+        let holdings = self.clients.holdings.entry(client).or_default();
+        if free {
             let token = self.books.issue_token();
-            queue.holders.push(Holder {
-                client,
-                mode,
+            queue.holders.push_back(
                 token,
-                since: now,
-            });
+                Holder {
+                    client,
+                    mode,
+                    token,
+                    since: now,
+                },
+            );
+            holdings.held.insert(Arc::clone(&name), (token, mode));
             self.books.totals.held += 1;
             self.books.totals.grants += 1;
             out.push(Effect::Granted {
@@ -379,45 +550,30 @@ impl<T> LockTable<T> {
             return;
         }
 
-        let try_once = timeout.is_some_and(|t| t.is_zero());
+        let seq = self.next_wait_seq;
+        self.next_wait_seq += 1;
         // A deadline too far to represent is no deadline.
         let deadline = timeout.and_then(|t| now.checked_add(t));
-        let wait_id = self.next_wait_id;
-        self.next_wait_id += 1;
-        queue.waiters.push_back(Waiter {
-            client,
-            mode,
-            since: now,
-            deadline: None,
-            wait_id,
-            tag,
-        });
+        let first = queue.waiters.is_empty();
+        queue.waiters.push_back(
+            seq,
+            Waiter {
+                client,
+                mode,
+                since: now,
+                deadline,
+                tag,
+            },
+        );
+        holdings.waits.insert(Arc::clone(&name), seq);
         self.books.totals.waiting += 1;
-        self.books.promote(queue, &name, now, out);
-
-        let still_waiting = queue.waiters.back().is_some_and(|w| w.wait_id == wait_id);
-        if !still_waiting {
-            return;
+        if let Some(at) = deadline {
+            self.books.deadlines.insert((at, seq), Arc::clone(&name));
         }
-        if try_once {
-            // Last in line, so leaving cannot unblock anyone behind it; the
-            // queue may be empty now if grants are held back.
-            if let Some(waiter) = queue.waiters.pop_back() {
-                self.books.totals.waiting -= 1;
-                self.books.totals.timeouts += 1;
-                self.forget(client, &name);
-                self.drop_if_empty(&name);
-                out.push(Effect::TimedOut {
-                    client,
-                    tag: waiter.tag,
-                });
-            }
-        } else if let Some(at) = deadline {
-            if let Some(waiter) = queue.waiters.back_mut() {
-                waiter.deadline = Some(at);
-            }
-            self.books.timed_waits.insert(wait_id, name);
-            self.books.deadlines.push(Reverse((at, wait_id)));
+        if first && queue.unblocked_head().is_some() {
+            // The new head, and no exclusive holder blocks it.
+            queue.head = Some((seq, client));
+            holdings.heads.insert(name);
         }
     }
 
@@ -431,44 +587,49 @@ impl<T> LockTable<T> {
         now: Instant,
         out: &mut Vec<Effect<T>>,
     ) -> Unlocked {
-        let Some(name) = self
-            .queues
-            .get_key_value(lock)
-            .map(|(name, _)| Arc::clone(name))
-        else {
+        let Some(holdings) = self.clients.holdings.get_mut(&client) else {
             return Unlocked::NotFound;
         };
-        let Some(queue) = self.queues.get_mut(lock) else {
-            return Unlocked::NotFound;
-        };
-        let outcome = if let Some(pos) = queue.holders.iter().position(|h| h.client == client) {
-            queue.holders.remove(pos);
-            self.books.totals.held -= 1;
-            Unlocked::Released
-        } else if let Some(pos) = queue.waiters.iter().position(|w| w.client == client) {
-            let Some(waiter) = queue.waiters.remove(pos) else {
-                return Unlocked::NotFound;
-            };
-            self.books.totals.waiting -= 1;
-            if waiter.deadline.is_some() {
-                self.books.timed_waits.remove(&waiter.wait_id);
-            }
-            out.push(Effect::Cancelled {
-                client,
-                tag: waiter.tag,
-            });
-            Unlocked::Withdrawn
+        let (name, place) = if let Some((name, (token, _))) = holdings.held.remove_entry(lock) {
+            (name, Place::Held(token))
+        } else if let Some((name, seq)) = holdings.waits.remove_entry(lock) {
+            (name, Place::Waiting(seq))
         } else {
             return Unlocked::NotFound;
         };
-        self.books.promote(queue, &name, now, out);
-        self.drop_if_empty(&name);
-        self.forget(client, &name);
+        let Some(queue) = self.queues.get_mut(&name) else {
+            return Unlocked::NotFound;
+        };
+        let outcome = match place {
+            Place::Held(token) => {
+                if queue.holders.remove(token).is_some() {
+                    self.books.totals.held -= 1;
+                }
+                Unlocked::Released
+            }
+            Place::Waiting(seq) => {
+                if let Some(waiter) = queue.waiters.remove(seq) {
+                    self.books.totals.waiting -= 1;
+                    self.books.forget_deadline(seq, &waiter);
+                    out.push(Effect::Cancelled {
+                        client,
+                        tag: waiter.tag,
+                    });
+                }
+                Unlocked::Withdrawn
+            }
+        };
+        settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+        if queue.is_empty() {
+            self.queues.remove(&name);
+        }
         outcome
     }
 
     /// Releases every lock `client` holds and drops every wait it has (no
-    /// replies go to it), granting the next waiters in the same call.
+    /// replies go to it), granting the next waiters in the same call. Waits
+    /// that stand behind someone else's are only counted out here; their
+    /// memory is cleared by later [`LockTable::expire`] calls.
     pub fn disconnect(
         &mut self,
         client: ClientId,
@@ -476,91 +637,152 @@ impl<T> LockTable<T> {
         out: &mut Vec<Effect<T>>,
     ) -> Departure {
         let mut departure = Departure::default();
-        let Some(names) = self.by_client.remove(&client) else {
+        let Some(Holdings {
+            held,
+            mut waits,
+            heads,
+        }) = self.clients.holdings.remove(&client)
+        else {
             return departure;
         };
-        for name in names {
+        // In name order, the order of the grants this may cause: the holds,
+        // and the waits at the head of a queue that no exclusive holder
+        // blocks.
+        let mut held = held.into_iter().peekable();
+        let mut heads = heads.into_iter().peekable();
+        loop {
+            let next_is_held = match (held.peek(), heads.peek()) {
+                (Some((held_name, _)), Some(head_name)) => held_name < head_name,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let (name, place) = if next_is_held {
+                let Some((name, (token, _))) = held.next() else {
+                    break;
+                };
+                (name, Place::Held(token))
+            } else {
+                let Some(name) = heads.next() else {
+                    break;
+                };
+                let Some(seq) = waits.remove(&name) else {
+                    continue;
+                };
+                (name, Place::Waiting(seq))
+            };
             let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            let held_before = queue.holders.len();
-            queue.holders.retain(|h| h.client != client);
-            let released = held_before - queue.holders.len();
-            let waiting_before = queue.waiters.len();
-            let books = &mut self.books;
-            queue.waiters.retain(|w| {
-                let keep = w.client != client;
-                if !keep && w.deadline.is_some() {
-                    books.timed_waits.remove(&w.wait_id);
+            match place {
+                Place::Held(token) => {
+                    if queue.holders.remove(token).is_some() {
+                        self.books.totals.held -= 1;
+                        self.books.totals.released_by_disconnect += 1;
+                        departure.released.push(Arc::clone(&name));
+                    }
                 }
-                keep
-            });
-            let withdrawn = waiting_before - queue.waiters.len();
-            self.books.totals.held -= released;
-            self.books.totals.waiting -= withdrawn;
-            self.books.totals.released_by_disconnect += released as u64;
-            departure.withdrawn += withdrawn;
-            self.books.promote(queue, &name, now, out);
-            if released > 0 {
-                departure.released.push(Arc::clone(&name));
+                Place::Waiting(seq) => {
+                    if let Some(waiter) = queue.waiters.remove(seq) {
+                        self.books.totals.waiting -= 1;
+                        departure.withdrawn += 1;
+                        self.books.forget_deadline(seq, &waiter);
+                    }
+                }
             }
-            self.drop_if_empty(&name);
+            settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+            if queue.is_empty() {
+                self.queues.remove(&name);
+            }
         }
+        if !waits.is_empty() {
+            let dead = waits.len();
+            self.books.totals.waiting -= dead;
+            departure.withdrawn += dead;
+            self.clients.dead_waits += dead;
+            self.clients.departed.insert(client);
+            self.clients.to_clear.push_back((client, waits));
+            self.clients.clear_due.get_or_insert(now);
+        }
+        self.give_back_memory();
         departure
     }
 
-    /// Answers every wait whose deadline is at or before `now` with
-    /// [`Effect::TimedOut`], granting whoever that unblocks.
+    /// Answers waits whose deadline is at or before `now` with
+    /// [`Effect::TimedOut`], earliest first, granting whoever that unblocks;
+    /// ends the hold on grants when its time has come; clears waits that
+    /// departed connections left. Does at most [`WAITS_PER_EXPIRE`] waits;
+    /// [`LockTable::next_deadline`] is then already due.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<Effect<T>>) {
-        while let Some(&Reverse((at, wait_id))) = self.books.deadlines.peek() {
-            if at > now {
+        let due = |books: &Books| {
+            books
+                .deadlines
+                .first_key_value()
+                .is_some_and(|((at, _), _)| *at <= now)
+        };
+        if !due(&self.books) && self.books.grants_from.is_none() && self.clients.to_clear.is_empty()
+        {
+            return;
+        }
+        let mut budget = WAITS_PER_EXPIRE;
+        while budget > 0 {
+            let Some(entry) = self.books.deadlines.first_entry() else {
+                break;
+            };
+            if entry.key().0 > now {
                 break;
             }
-            self.books.deadlines.pop();
-            let Some(name) = self.books.timed_waits.remove(&wait_id) else {
-                continue;
-            };
+            let ((_, seq), name) = entry.remove_entry();
+            budget -= 1;
             let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            let Some(pos) = queue.waiters.iter().position(|w| w.wait_id == wait_id) else {
+            let Some(waiter) = queue.waiters.remove(seq) else {
                 continue;
             };
-            let Some(waiter) = queue.waiters.remove(pos) else {
+            if self.clients.departed.contains(&waiter.client) {
+                // Already counted out; an exclusive holder blocks whoever is
+                // behind it, so nobody else moves.
+                self.clients.dead_waits -= 1;
                 continue;
-            };
+            }
             self.books.totals.waiting -= 1;
             self.books.totals.timeouts += 1;
+            if let Some(holdings) = self.clients.holdings.get_mut(&waiter.client) {
+                holdings.waits.remove(&name);
+            }
             out.push(Effect::TimedOut {
                 client: waiter.client,
                 tag: waiter.tag,
             });
-            self.books.promote(queue, &name, now, out);
-            self.drop_if_empty(&name);
-            self.forget(waiter.client, &name);
+            settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+            if queue.is_empty() {
+                self.queues.remove(&name);
+            }
         }
-        if self.books.grants_from.is_some_and(|from| from <= now) {
+        // The hold ends after the waits that ran out before it.
+        if !due(&self.books) && self.books.grants_from.is_some_and(|from| from <= now) {
             self.books.grants_from = None;
             for (name, queue) in self.queues.iter_mut() {
-                self.books.promote(queue, name, now, out);
+                settle(queue, name, &mut self.books, &mut self.clients, now, out);
             }
         }
-        self.compact_deadlines();
+        self.clear_departed(budget);
     }
 
-    /// The earliest wait deadline, if any wait has one.
-    pub fn next_deadline(&mut self) -> Option<Instant> {
-        let mut wait_deadline = None;
-        while let Some(&Reverse((at, wait_id))) = self.books.deadlines.peek() {
-            if self.books.timed_waits.contains_key(&wait_id) {
-                wait_deadline = Some(at);
-                break;
-            }
-            self.books.deadlines.pop();
-        }
+    /// The earliest instant [`LockTable::expire`] has work: a wait's
+    /// deadline, the end of the hold on grants, or (already passed) waits to
+    /// clear.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let wait_deadline = self
+            .books
+            .deadlines
+            .first_key_value()
+            .map(|((at, _), _)| *at);
         wait_deadline
             .into_iter()
             .chain(self.books.grants_from)
+            .chain(self.clients.clear_due)
             .min()
     }
 
@@ -594,6 +816,17 @@ impl<T> LockTable<T> {
         self.books.totals
     }
 
+    /// Requests the table keeps, at most its limit: held, waiting, and waits
+    /// of departed connections not cleared yet.
+    pub fn entries(&self) -> usize {
+        self.books.totals.held + self.books.totals.waiting + self.clients.dead_waits
+    }
+
+    /// The most requests the table keeps.
+    pub fn max_entries(&self) -> usize {
+        self.max_entries
+    }
+
     /// Lock names with a holder or a waiter.
     pub fn lock_count(&self) -> usize {
         self.queues.len()
@@ -601,104 +834,170 @@ impl<T> LockTable<T> {
 
     /// How many locks `client` holds or waits for.
     pub fn entries_of(&self, client: ClientId) -> usize {
-        self.by_client.get(&client).map_or(0, BTreeSet::len)
+        self.clients.holdings.get(&client).map_or(0, Holdings::len)
     }
 
     /// The lock named `lock`, if anyone holds or waits for it.
     pub fn get(&self, lock: &str) -> Option<LockView<'_, T>> {
         self.queues
             .get_key_value(lock)
-            .map(|(name, queue)| LockView { name, queue })
+            .map(|(name, queue)| LockView {
+                name,
+                queue,
+                departed: &self.clients.departed,
+            })
     }
 
     /// Locks in name order, starting at the first name `>= from`.
     pub fn iter_from<'a>(&'a self, from: &'a str) -> impl Iterator<Item = LockView<'a, T>> + 'a {
+        let departed = &self.clients.departed;
         self.queues
             .range::<str, _>((Bound::Included(from), Bound::Unbounded))
-            .map(|(name, queue)| LockView { name, queue })
+            .map(move |(name, queue)| LockView {
+                name,
+                queue,
+                departed,
+            })
     }
 
     /// Checks every structural promise of the table; `Err` names the first
     /// broken one. For tests and fuzzing.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut held = 0;
-        let mut waiting = 0;
-        let mut timed = 0;
+        let clients = &self.clients;
+        let (mut held, mut waiting, mut dead, mut timed) = (0, 0, 0, 0);
         for (name, queue) in &self.queues {
+            queue
+                .holders
+                .check()
+                .and(queue.waiters.check())
+                .map_err(|e| format!("{name:?}: {e}"))?;
             if queue.is_empty() {
                 return Err(format!("empty queue for {name:?} was kept"));
             }
-            if queue.holders.len() > 1 && queue.holders.iter().any(|h| h.mode == Mode::Exclusive) {
+            if queue.holders.len() > 1
+                && queue.holders.iter().any(|(_, h)| h.mode == Mode::Exclusive)
+            {
                 return Err(format!(
                     "{name:?}: an exclusive holder beside another holder"
                 ));
             }
-            if let Some(head) = queue
+            let head = queue.unblocked_head();
+            if head != queue.head {
+                return Err(format!("{name:?}: the head on file is not the head"));
+            }
+            if head.is_some_and(|(_, client)| clients.departed.contains(&client)) {
+                return Err(format!(
+                    "{name:?}: a departed connection's wait heads, and no exclusive holder"
+                ));
+            }
+            let first_live = queue
                 .waiters
-                .front()
-                .filter(|_| self.books.grants_from.is_none())
-            {
-                if queue.admits(head.mode) {
+                .iter()
+                .find(|(_, w)| !clients.departed.contains(&w.client));
+            if let Some((_, w)) = first_live {
+                if self.books.grants_from.is_none() && queue.admits(w.mode) {
                     return Err(format!("{name:?}: head waiter could be granted but waits"));
                 }
             }
             let mut seen = BTreeSet::new();
-            let clients = queue
-                .holders
-                .iter()
-                .map(|h| h.client)
-                .chain(queue.waiters.iter().map(|w| w.client));
-            for client in clients {
-                if !seen.insert(client) {
-                    return Err(format!("{name:?}: client {client} appears twice"));
+            for (token, h) in queue.holders.iter() {
+                if token != h.token || token >= self.books.next_token {
+                    return Err(format!("{name:?}: holder token {} out of place", h.token));
                 }
-                if !self
-                    .by_client
-                    .get(&client)
-                    .is_some_and(|s| s.contains(name))
-                {
-                    return Err(format!("{name:?}: client {client} missing from its index"));
+                if !seen.insert(h.client) {
+                    return Err(format!("{name:?}: client {} appears twice", h.client));
                 }
+                let filed = clients
+                    .holdings
+                    .get(&h.client)
+                    .and_then(|s| s.held.get(name));
+                if filed != Some(&(token, h.mode)) {
+                    return Err(format!("{name:?}: holder {} not in its holdings", h.client));
+                }
+                held += 1;
             }
-            if let Some(h) = queue
-                .holders
-                .iter()
-                .find(|h| h.token >= self.books.next_token)
-            {
-                return Err(format!(
-                    "{name:?}: token {} not below the next token",
-                    h.token
-                ));
-            }
-            for waiter in &queue.waiters {
-                if waiter.deadline.is_some() {
+            for (seq, w) in queue.waiters.iter() {
+                if let Some(at) = w.deadline {
                     timed += 1;
-                    if self.books.timed_waits.get(&waiter.wait_id) != Some(name) {
+                    if self.books.deadlines.get(&(at, seq)) != Some(name) {
                         return Err(format!("{name:?}: a deadline is not tracked"));
                     }
                 }
+                if clients.departed.contains(&w.client) {
+                    let listed = clients
+                        .to_clear
+                        .iter()
+                        .any(|(c, waits)| *c == w.client && waits.get(name) == Some(&seq));
+                    if !listed {
+                        return Err(format!("{name:?}: a dead wait is not listed to clear"));
+                    }
+                    dead += 1;
+                    continue;
+                }
+                if !seen.insert(w.client) {
+                    return Err(format!("{name:?}: client {} appears twice", w.client));
+                }
+                let Some(holdings) = clients.holdings.get(&w.client) else {
+                    return Err(format!("{name:?}: waiter {} has no holdings", w.client));
+                };
+                if holdings.waits.get(name) != Some(&seq) {
+                    return Err(format!("{name:?}: waiter {} not in its holdings", w.client));
+                }
+                if holdings.heads.contains(name) != (head.map(|(s, _)| s) == Some(seq)) {
+                    return Err(format!("{name:?}: waiter {} misfiled as head", w.client));
+                }
+                waiting += 1;
             }
-            held += queue.holders.len();
-            waiting += queue.waiters.len();
         }
-        for (client, names) in &self.by_client {
-            if names.is_empty() {
-                return Err(format!("client {client} kept with no locks"));
+        for (client, holdings) in &clients.holdings {
+            if clients.departed.contains(client) {
+                return Err(format!("departed client {client} has holdings"));
             }
-            if names.len() > self.max_per_client {
+            if holdings.len() > self.max_per_client {
                 return Err(format!("client {client} is over the per-connection limit"));
             }
-            for name in names {
-                let present = self.queues.get(name).is_some_and(|q| {
-                    q.holders.iter().any(|h| h.client == *client)
-                        || q.waiters.iter().any(|w| w.client == *client)
-                });
+            for (name, &(token, _)) in &holdings.held {
+                let present = self
+                    .queues
+                    .get(name)
+                    .and_then(|q| q.holders.get(token))
+                    .is_some_and(|h| h.client == *client);
                 if !present {
-                    return Err(format!("client {client} indexed under {name:?} but absent"));
+                    return Err(format!("client {client} filed as holding {name:?}"));
                 }
             }
+            for (name, &seq) in &holdings.waits {
+                let present = self
+                    .queues
+                    .get(name)
+                    .and_then(|q| q.waiters.get(seq))
+                    .is_some_and(|w| w.client == *client);
+                if !present {
+                    return Err(format!("client {client} filed as waiting for {name:?}"));
+                }
+            }
+            if let Some(name) = holdings
+                .heads
+                .iter()
+                .find(|n| !holdings.waits.contains_key(*n))
+            {
+                return Err(format!("client {client} filed as heading {name:?}"));
+            }
         }
-        if timed != self.books.timed_waits.len() {
+        let listed: FxHashSet<ClientId> = clients.to_clear.iter().map(|(c, _)| *c).collect();
+        if listed != clients.departed || listed.len() != clients.to_clear.len() {
+            return Err("departed clients and the clearing list disagree".to_string());
+        }
+        if clients.to_clear.is_empty() != clients.clear_due.is_none() {
+            return Err("clearing due, or not, wrongly".to_string());
+        }
+        if dead != clients.dead_waits {
+            return Err(format!(
+                "{} dead waits counted, {dead} in queues",
+                clients.dead_waits
+            ));
+        }
+        if timed != self.books.deadlines.len() {
             return Err("a tracked deadline has no waiter".to_string());
         }
         let totals = self.books.totals;
@@ -708,34 +1007,98 @@ impl<T> LockTable<T> {
                 totals.held, totals.waiting
             ));
         }
+        if self.entries() > self.max_entries {
+            return Err(format!(
+                "{} entries, over the limit of {}",
+                self.entries(),
+                self.max_entries
+            ));
+        }
         Ok(())
     }
 
-    /// Removes `name` from `client`'s index after it left that queue.
-    fn forget(&mut self, client: ClientId, name: &str) {
-        if let Some(names) = self.by_client.get_mut(&client) {
-            names.remove(name);
-            if names.is_empty() {
-                self.by_client.remove(&client);
+    /// Whether one more request fits, clearing a dead wait to make room if
+    /// need be (so only live requests ever count against the limit).
+    fn make_room(&mut self) -> bool {
+        // Each listed wait is taken once, so this loop's work over all calls
+        // is at most what departures listed.
+        while self.entries() >= self.max_entries
+            && self.clients.dead_waits > 0
+            && !self.clients.to_clear.is_empty()
+        {
+            self.clear_departed(1);
+        }
+        self.entries() < self.max_entries
+    }
+
+    /// Clears up to `budget` waits that departed connections left.
+    fn clear_departed(&mut self, mut budget: usize) {
+        while budget > 0 {
+            let Some((client, waits)) = self.clients.to_clear.front_mut() else {
+                break;
+            };
+            let Some((name, seq)) = waits.pop_first() else {
+                let client = *client;
+                self.clients.departed.remove(&client);
+                self.clients.to_clear.pop_front();
+                continue;
+            };
+            budget -= 1;
+            self.clear_dead_wait(&name, seq);
+        }
+        if self.clients.to_clear.is_empty() {
+            self.clients.clear_due = None;
+        }
+        self.give_back_memory();
+    }
+
+    /// Clears at once every wait `client` left when it departed.
+    fn clear_departed_now(&mut self, client: ClientId) {
+        let Some(index) = self.clients.to_clear.iter().position(|(c, _)| *c == client) else {
+            return;
+        };
+        if let Some((_, waits)) = self.clients.to_clear.remove(index) {
+            for (name, seq) in waits {
+                self.clear_dead_wait(&name, seq);
             }
         }
-    }
-
-    fn drop_if_empty(&mut self, name: &str) {
-        if self.queues.get(name).is_some_and(Queue::is_empty) {
-            self.queues.remove(name);
+        self.clients.departed.remove(&client);
+        if self.clients.to_clear.is_empty() {
+            self.clients.clear_due = None;
         }
     }
 
-    /// Stale deadline entries pile up when waits end early; rebuild the heap
-    /// once they outnumber the live ones, so memory follows live waits.
-    fn compact_deadlines(&mut self) {
-        let books = &mut self.books;
-        if books.deadlines.len() > 64 + 2 * books.timed_waits.len() {
-            let live = &books.timed_waits;
-            books
-                .deadlines
-                .retain(|Reverse((_, wait_id))| live.contains_key(wait_id));
+    /// Takes a departed connection's wait out of its queue, if it is still
+    /// there. At the head it could only be behind an exclusive holder, so
+    /// nobody else moves.
+    fn clear_dead_wait(&mut self, name: &str, seq: u64) {
+        let Some(queue) = self.queues.get_mut(name) else {
+            return;
+        };
+        if let Some(waiter) = queue.waiters.remove(seq) {
+            self.clients.dead_waits -= 1;
+            self.books.forget_deadline(seq, &waiter);
+        }
+    }
+
+    /// Hash tables and deques keep their largest size; once three quarters
+    /// of one is unused, halve what it keeps, so that memory taken in a burst
+    /// goes back. Each shrink costs a pass over what is left, paid for by the
+    /// removals that made room; these are per connection, so small. (The
+    /// B-trees and lanes give memory back by themselves.)
+    fn give_back_memory(&mut self) {
+        fn roomy(capacity: usize, len: usize) -> bool {
+            capacity > 1024 && capacity > 4 * len
+        }
+        let clients = &mut self.clients;
+        if roomy(clients.holdings.capacity(), clients.holdings.len()) {
+            clients.holdings.shrink_to(2 * clients.holdings.len());
+        }
+        if roomy(clients.to_clear.capacity(), clients.to_clear.len()) {
+            clients.to_clear.shrink_to(2 * clients.to_clear.len());
+        }
+        if roomy(clients.departed.capacity(), clients.departed.len()) {
+            clients.departed.shrink_to(2 * clients.departed.len());
         }
     }
 }
@@ -744,6 +1107,7 @@ impl<T> LockTable<T> {
 pub struct LockView<'a, T> {
     name: &'a Arc<str>,
     queue: &'a Queue<T>,
+    departed: &'a FxHashSet<ClientId>,
 }
 
 impl<'a, T> LockView<'a, T> {
@@ -753,13 +1117,18 @@ impl<'a, T> LockView<'a, T> {
     }
 
     /// Current holders, in grant order.
-    pub fn holders(&self) -> &'a [Holder] {
-        &self.queue.holders
+    pub fn holders(&self) -> impl Iterator<Item = &'a Holder> + 'a {
+        self.queue.holders.iter().map(|(_, holder)| holder)
     }
 
-    /// Queued requests, head first.
+    /// Queued requests, head first (departed connections' left out).
     pub fn waiters(&self) -> impl Iterator<Item = &'a Waiter<T>> + 'a {
-        self.queue.waiters.iter()
+        let departed = self.departed;
+        self.queue
+            .waiters
+            .iter()
+            .map(|(_, waiter)| waiter)
+            .filter(move |waiter| !departed.contains(&waiter.client))
     }
 }
 
@@ -781,7 +1150,7 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             Fixture {
-                table: LockTable::new(100, 10),
+                table: LockTable::new(100, 10, 1000),
                 now: Instant::now(),
                 out: Vec::new(),
             }
@@ -916,7 +1285,7 @@ mod tests {
         assert_eq!(f.unlock(A, "x").0, Unlocked::NotFound);
         f.lock(B, "x", Mode::Exclusive, None, 1);
         assert_eq!(f.unlock(A, "x").0, Unlocked::NotFound);
-        assert_eq!(f.table.get("x").map(|v| v.holders().len()), Some(1));
+        assert_eq!(f.table.get("x").map(|v| v.holders().count()), Some(1));
     }
 
     #[test]
@@ -1046,7 +1415,7 @@ mod tests {
     #[test]
     fn per_connection_limit_counts_holds_and_waits() {
         let mut f = Fixture::new();
-        f.table = LockTable::new(1, 2);
+        f.table = LockTable::new(1, 2, 1000);
         f.lock(A, "x", Mode::Exclusive, None, 1);
         f.lock(B, "y", Mode::Exclusive, None, 2);
         f.lock(A, "y", Mode::Exclusive, None, 3);
@@ -1066,15 +1435,15 @@ mod tests {
     }
 
     #[test]
-    fn stale_deadlines_do_not_pile_up() {
+    fn cancelled_waits_leave_no_deadlines_behind() {
         let mut f = Fixture::new();
         f.lock(A, "x", Mode::Exclusive, None, 0);
         for i in 0..1000 {
             f.lock(B, "x", Mode::Exclusive, Some(60_000), i);
             f.unlock(B, "x");
         }
-        f.advance(1);
-        assert!(f.table.books.deadlines.len() <= 64);
+        assert!(f.table.books.deadlines.is_empty());
+        assert_eq!(f.table.next_deadline(), None);
     }
 
     #[test]
@@ -1116,5 +1485,184 @@ mod tests {
             .map(|v| v.name().to_string())
             .collect();
         assert_eq!(names, ["a/1", "a/2", "b", "c"]);
+    }
+
+    #[test]
+    fn departed_waits_behind_others_are_counted_out_at_once_and_cleared_later() {
+        let mut f = Fixture::new();
+        f.lock(A, "x", Mode::Exclusive, None, 1);
+        f.lock(B, "x", Mode::Exclusive, None, 2);
+        f.lock(C, "x", Mode::Exclusive, Some(1000), 3);
+        f.lock(C, "y", Mode::Exclusive, None, 4);
+        let (departure, effects) = f.disconnect(C);
+        assert_eq!((departure.withdrawn, effects), (1, vec![]));
+        assert_eq!(departure.released, vec![Arc::<str>::from("y")]);
+        assert_eq!(f.table.totals().waiting, 1);
+        let waiters: Vec<ClientId> = f
+            .table
+            .get("x")
+            .unwrap()
+            .waiters()
+            .map(|w| w.client)
+            .collect();
+        assert_eq!(
+            waiters,
+            [B],
+            "a departed connection's wait is shown to nobody"
+        );
+        // Still in memory, so still counted against the table's limit, and
+        // clearing it is due at once.
+        assert_eq!(f.table.entries(), 3);
+        assert_eq!(f.table.next_deadline(), Some(f.now));
+        assert!(f.advance(0).is_empty());
+        assert_eq!(f.table.entries(), 2);
+        assert_eq!(f.table.next_deadline(), None, "its deadline went with it");
+        let (_, effects) = f.unlock(A, "x");
+        assert_eq!(effects, vec![granted(B, 2, "x", 102)]);
+    }
+
+    #[test]
+    fn a_departed_wait_reaching_the_head_is_passed_over() {
+        let mut f = Fixture::new();
+        f.lock(A, "x", Mode::Exclusive, None, 1);
+        f.lock(B, "x", Mode::Exclusive, None, 2);
+        f.lock(C, "x", Mode::Exclusive, None, 3);
+        f.lock(D, "x", Mode::Exclusive, None, 4);
+        f.disconnect(C);
+        let (_, effects) = f.unlock(A, "x");
+        assert_eq!(effects, vec![granted(B, 2, "x", 101)]);
+        let (_, effects) = f.unlock(B, "x");
+        assert_eq!(effects, vec![granted(D, 4, "x", 102)]);
+        f.unlock(D, "x");
+        assert!(f.table.get("x").is_none(), "empty queue must be freed");
+        assert_eq!(f.table.entries(), 0);
+    }
+
+    #[test]
+    fn a_departing_head_waiter_lets_the_shared_waiters_behind_it_in_at_once() {
+        let mut f = Fixture::new();
+        f.lock(A, "x", Mode::Shared, None, 1);
+        f.lock(B, "x", Mode::Exclusive, None, 2);
+        f.lock(C, "x", Mode::Shared, None, 3);
+        f.lock(D, "x", Mode::Shared, None, 4);
+        let (departure, effects) = f.disconnect(B);
+        assert_eq!(departure.withdrawn, 1);
+        assert_eq!(
+            effects,
+            vec![granted(C, 3, "x", 101), granted(D, 4, "x", 102)]
+        );
+    }
+
+    #[test]
+    fn the_table_limit_counts_every_connection_and_departed_waits_make_room() {
+        let mut f = Fixture::new();
+        f.table = LockTable::new(1, 10, 3);
+        f.lock(A, "x", Mode::Exclusive, None, 1);
+        f.lock(B, "x", Mode::Exclusive, None, 2);
+        f.lock(C, "x", Mode::Exclusive, None, 3);
+        let full = Effect::Refused {
+            client: D,
+            tag: 4,
+            reason: Refusal::TableFull { limit: 3 },
+        };
+        assert_eq!(f.lock(D, "y", Mode::Exclusive, None, 4), vec![full]);
+        assert_eq!(
+            f.lock(A, "x", Mode::Exclusive, None, 5),
+            vec![granted(A, 5, "x", 1)],
+            "asking again for a held lock takes no room"
+        );
+        // C's wait is dead but not cleared yet; a new request clears it.
+        f.disconnect(C);
+        assert_eq!(f.table.entries(), 3);
+        assert_eq!(
+            f.lock(D, "y", Mode::Exclusive, None, 6),
+            vec![granted(D, 6, "y", 2)]
+        );
+        assert_eq!(f.table.entries(), 3);
+    }
+
+    #[test]
+    fn expire_answers_a_bounded_batch_and_asks_to_be_called_again() {
+        let mut f = Fixture::new();
+        let waits = WAITS_PER_EXPIRE as u64 + 10;
+        f.table = LockTable::new(1, 10, usize::MAX);
+        f.lock(A, "x", Mode::Exclusive, None, 0);
+        for i in 0..waits {
+            f.lock(ClientId(100 + i), "x", Mode::Exclusive, Some(100), 1);
+        }
+        assert_eq!(f.advance(100).len(), WAITS_PER_EXPIRE);
+        assert_eq!(f.table.next_deadline(), Some(f.now), "the rest are due");
+        assert_eq!(f.advance(0).len(), 10);
+        assert_eq!(f.table.next_deadline(), None);
+        assert_eq!(f.table.totals().timeouts, waits);
+    }
+
+    /// A thousand connections each waiting on the same thousand locks all
+    /// leave, then the same waits all time out: what the event loop would
+    /// spend on it in one turn (every departure, and one `expire` call) is
+    /// timed, and the longest `expire` call. A table that walks a queue per
+    /// departed wait spends seconds on this in a release build (minutes in a
+    /// debug one); this one spends milliseconds. The bound is wide enough
+    /// for a debug build on a loaded machine.
+    #[test]
+    fn a_thousand_by_a_thousand_waits_leave_or_time_out_in_short_steps() {
+        const CLIENTS: u64 = 1000;
+        const NAMES: usize = 1000;
+        const BOUND: Duration = Duration::from_millis(250);
+        let names: Vec<String> = (0..NAMES).map(|i| format!("wanted/{i}")).collect();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for timeout in [None, Some(Duration::from_secs(1))] {
+            let mut table: LockTable<u32> = LockTable::new(1, NAMES, usize::MAX);
+            for client in 0..=CLIENTS {
+                for (i, name) in names.iter().enumerate() {
+                    let request = LockRequest {
+                        client: ClientId(client),
+                        lock: name,
+                        mode: Mode::Exclusive,
+                        timeout: timeout.filter(|_| client > 0),
+                        tag: i as u32,
+                    };
+                    table.lock(request, now, &mut out);
+                }
+            }
+            assert_eq!(table.totals().waiting, CLIENTS as usize * NAMES);
+            out.clear();
+            let started = Instant::now();
+            let mut later = now;
+            if timeout.is_none() {
+                for client in 1..=CLIENTS {
+                    table.disconnect(ClientId(client), now, &mut out);
+                }
+            } else {
+                later += Duration::from_secs(1);
+            }
+            let mut longest_expire = Duration::ZERO;
+            let mut first_turn = None;
+            let mut calls = 0;
+            while table.entries() > NAMES {
+                let call = Instant::now();
+                table.expire(later, &mut out);
+                longest_expire = longest_expire.max(call.elapsed());
+                first_turn.get_or_insert(started.elapsed());
+                calls += 1;
+                assert!(calls < 10 * CLIENTS * NAMES as u64 / WAITS_PER_EXPIRE as u64);
+            }
+            let first_turn = first_turn.unwrap_or_default();
+            println!(
+                "{CLIENTS} x {NAMES} waits {}: first loop turn {first_turn:?}, longest expire call {longest_expire:?}, {calls} calls, {:?} in all",
+                if timeout.is_none() {
+                    "departing"
+                } else {
+                    "timing out"
+                },
+                started.elapsed()
+            );
+            table.check_invariants().unwrap();
+            assert_eq!(table.totals().waiting, 0);
+            assert_eq!(table.totals().held, NAMES);
+            assert!(first_turn < BOUND, "first loop turn {first_turn:?}");
+            assert!(longest_expire < BOUND, "longest expire {longest_expire:?}");
+        }
     }
 }

@@ -17,6 +17,11 @@ use crate::lock_table::Mode;
 pub const MAX_LOCK_NAME_BYTES: usize = 1024;
 /// The longest client name given in `hello`, in bytes of UTF-8.
 pub const MAX_CLIENT_NAME_BYTES: usize = 256;
+/// The longest `id`, in bytes of its JSON text as sent (quotes and escapes
+/// included). A waiting request keeps its id until it is answered, so this
+/// bounds what each wait can make the server store; clients send small
+/// numbers or short strings.
+pub const MAX_ID_BYTES: usize = 256;
 /// Locks listed by `status` when no `limit` is given.
 pub const DEFAULT_STATUS_LIMIT: usize = 1000;
 /// The largest `limit` `status` takes.
@@ -292,6 +297,15 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
 
     let id = match envelope.id.filter(|raw| !is_null(raw)) {
         None => None,
+        Some(raw) if raw.get().len() > MAX_ID_BYTES => {
+            return Err(BadRequest::InvalidRequest {
+                id: None,
+                detail: format!(
+                    "id is {} bytes of JSON, the limit is {MAX_ID_BYTES}",
+                    raw.get().len()
+                ),
+            });
+        }
         Some(raw) if is_scalar(raw) => Some(raw.to_owned()),
         Some(raw) => {
             return Err(BadRequest::InvalidRequest {
@@ -894,6 +908,11 @@ pub struct StatsResult {
     pub locks_held: usize,
     /// Queued requests.
     pub waiters: usize,
+    /// Requests the lock table keeps, at most `max_lock_entries`: grants in
+    /// force, queued requests, and waits of closed connections not yet
+    /// cleared (a new request clears one to make room if need be).
+    #[serde(default)]
+    pub lock_entries: usize,
     /// Grants since start.
     pub grants: u64,
     /// Requests that ran out of time since start.
@@ -1106,6 +1125,29 @@ mod tests {
             reply_to(r#"{"command":"ping","id":[1]}"#),
             r#"{"error":"invalidRequest","detail":"id must be a string, number or boolean, got `[1]`"}"#
         );
+    }
+
+    #[test]
+    fn ids_longer_than_the_limit_are_invalid_requests() {
+        // 256 bytes of JSON text, quotes included, is the most taken.
+        let longest = format!("\"{}\"", "i".repeat(MAX_ID_BYTES - 2));
+        let body = format!(r#"{{"command":"ping","id":{longest}}}"#);
+        match parse(body.as_bytes()).unwrap() {
+            Request::Ping { id } => assert_eq!(id.get(), longest),
+            other => panic!("{other:?}"),
+        }
+        let number = "1".repeat(MAX_ID_BYTES + 1);
+        let escaped = format!("\"{}\"", "\\n".repeat(128));
+        for id in [number.as_str(), &escaped] {
+            let body = format!(r#"{{"command":"lock","id":{id},"parameters":{{"lockName":"a"}}}}"#);
+            assert_eq!(
+                reply_to(&body),
+                format!(
+                    r#"{{"error":"invalidRequest","detail":"id is {} bytes of JSON, the limit is 256"}}"#,
+                    id.len()
+                )
+            );
+        }
     }
 
     #[test]

@@ -237,6 +237,7 @@ impl Server {
         let grace = config.restart_grace();
         let settings = Settings {
             max_locks_per_connection: config.max_locks_per_connection,
+            max_lock_entries: config.max_lock_entries,
             keepalive,
             status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
         };

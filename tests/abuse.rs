@@ -1,19 +1,25 @@
-//! Abusive peers: slowloris connections that dribble one byte a second, and
-//! ten thousand connections each holding a lock. The server must stay up and
-//! correct and keep serving everybody else. (Connections over
-//! `max_connections`, peers outside `allowed` and peers that never read are
-//! in tests/limits.rs and tests/bad_input.rs.)
+//! Abusive peers: slowloris connections that dribble one byte a second, ten
+//! thousand connections each holding a lock, requests with huge ids, peers
+//! filling the lock table, and a thousand clients each waiting on a thousand
+//! locks that all leave at once, by closing or by timing out. The server
+//! must stay up and correct, keep its memory under a ceiling, and keep
+//! serving everybody else: a bystander that holds a lock and pings through
+//! each attack is never stalled for long and never loses its lock.
+//! (Connections over `max_connections`, peers outside `allowed` and peers
+//! that never read are in tests/limits.rs and tests/bad_input.rs.)
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
-use serde_json::json;
+use pklock::frame;
+use serde_json::{Value, json};
 
 /// Lock/unlock round trips of a well-behaved client, in microseconds, sorted.
 fn cycle_latencies(peer: &mut Peer, cycles: usize) -> Vec<u128> {
@@ -167,4 +173,486 @@ fn ten_thousand_connections_each_holding_a_lock() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Attacks on memory and on the event loop's time
+// ---------------------------------------------------------------------------
+
+/// The lock the bystander holds through every attack.
+const BYSTANDER_LOCK: &str = "bystander/held";
+
+/// The longest a bystander's ping may take during an attack. A normal round
+/// trip takes well under a millisecond, even in a debug build; a server that
+/// does an attack's work in one go stalls for seconds, so this bound is a
+/// wide-margin correctness check, not a speed target.
+const STALL_BOUND: Duration = Duration::from_millis(100);
+
+/// A well-behaved client beside an attack: it holds a lock of its own
+/// throughout and, on its own thread, pings the server in a loop, keeping the
+/// longest round trip.
+struct Bystander {
+    addr: SocketAddr,
+    token: u64,
+    stop: Arc<AtomicBool>,
+    pinger: JoinHandle<(Peer, Duration, u64)>,
+}
+
+impl Bystander {
+    fn start(addr: SocketAddr) -> Bystander {
+        let mut peer = Peer::connect(addr);
+        // A stalled server is to be measured, not given up on.
+        peer.stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let token = peer.take(BYSTANDER_LOCK, 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let pinger = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut longest = Duration::ZERO;
+                let mut pings = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let sent = Instant::now();
+                    let result = peer.rpc("ping", json!(pings), json!({}));
+                    assert_eq!(result["status"], "ok", "ping: {result}");
+                    longest = longest.max(sent.elapsed());
+                    pings += 1;
+                    // Not a busy loop: the attack and the server need the CPUs.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                (peer, longest, pings)
+            })
+        };
+        Bystander {
+            addr,
+            token,
+            stop,
+            pinger,
+        }
+    }
+
+    /// Stops pinging, checks that the bystander still holds its lock (asked
+    /// again, it answers with the same token; a rival trying once times
+    /// out), and returns the longest ping round trip.
+    fn finish(self) -> Duration {
+        self.stop.store(true, Ordering::SeqCst);
+        let (mut peer, longest, pings) = self.pinger.join().expect("the pinger ran");
+        assert!(pings > 0, "the bystander never pinged");
+        let again = peer.lock(BYSTANDER_LOCK, 1);
+        assert_eq!(again["status"], "ok", "{again}");
+        assert_eq!(again["token"], self.token, "the bystander's grant changed");
+        let rival = Peer::connect(self.addr).rpc(
+            "lock",
+            json!(1),
+            json!({"lockName": BYSTANDER_LOCK, "timeoutMs": 0}),
+        );
+        assert_eq!(rival["status"], "timeout", "{rival}");
+        longest
+    }
+}
+
+/// The server process's resident memory, from /proc.
+fn rss_bytes(server: &ServerProcess) -> u64 {
+    let path = format!("/proc/{}/status", server.child.id());
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {path}"));
+    kib * 1024
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A server process on a free port with these settings added.
+fn server_with(dir: &std::path::Path, settings: &str) -> ServerProcess {
+    ServerProcess::start(
+        dir,
+        &format!("listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n{settings}"),
+    )
+}
+
+/// Polls `stats` until `done` holds; panics after `patience`.
+fn wait_for_stats(
+    addr: SocketAddr,
+    what: &str,
+    patience: Duration,
+    mut done: impl FnMut(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    let mut observer = Peer::connect(addr);
+    observer
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(600)))
+        .unwrap();
+    loop {
+        let s = observer.rpc("stats", json!("s"), json!({}));
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < patience,
+            "timed out waiting for {what}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `lock` requests for `names`, framed back to back for one write; the ids
+/// are the names' indexes.
+fn lock_frames(names: &[String], timeout_ms: Option<u64>) -> Vec<u8> {
+    let timeout = timeout_ms.map_or(String::new(), |ms| format!(r#","timeoutMs":{ms}"#));
+    let mut frames = Vec::new();
+    for (id, name) in names.iter().enumerate() {
+        let body = format!(
+            r#"{{"command":"lock","id":{id},"parameters":{{"lockName":"{name}"{timeout}}}}}"#
+        );
+        frame::encode(body.as_bytes(), &mut frames).unwrap();
+    }
+    frames
+}
+
+/// A connection that takes every lock in `names` and keeps them.
+fn hold_all(addr: SocketAddr, names: &[String]) -> Peer {
+    let mut holder = Peer::connect(addr);
+    holder.send_raw(&lock_frames(names, None));
+    for i in 0..names.len() {
+        let reply = holder.recv();
+        assert_eq!(reply["id"], i, "{reply}");
+        assert_eq!(reply["result"]["status"], "ok", "{reply}");
+    }
+    holder
+}
+
+#[test]
+fn ten_thousand_waits_with_huge_ids_are_refused_and_take_no_memory() {
+    const WAITS: usize = 10_000;
+    const ID_BYTES: usize = 60_000;
+    // The server's start, its buffers and the holder's ten thousand locks
+    // take about 12 MiB; the ids, if they were kept, 600 MB.
+    const CEILING: u64 = 64 << 20;
+    let dir = temp_dir("huge-ids");
+    let server = server_with(&dir, "");
+    let names: Vec<String> = (0..WAITS).map(|i| format!("held/{i}")).collect();
+    let _holder = hold_all(server.addr, &names);
+    let bystander = Bystander::start(server.addr);
+    let rss_before = rss_bytes(&server);
+
+    let mut attacker = Peer::connect(server.addr);
+    let mut writer = attacker.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let id = format!("\"{}\"", "i".repeat(ID_BYTES - 2));
+        for name in &names {
+            let body =
+                format!(r#"{{"command":"lock","id":{id},"parameters":{{"lockName":"{name}"}}}}"#);
+            frame::write_blocking(&mut writer, body.as_bytes()).unwrap();
+        }
+    });
+    let refused = json!({
+        "error": "invalidRequest",
+        "detail": format!("id is {ID_BYTES} bytes of JSON, the limit is 256"),
+    });
+    for _ in 0..WAITS {
+        assert_eq!(attacker.recv(), refused);
+    }
+    sender.join().unwrap();
+    let rss_after = rss_bytes(&server);
+    let stall = bystander.finish();
+    println!(
+        "huge ids: {WAITS} lock requests with {ID_BYTES}-byte ids: server RSS {:.1} MiB before, {:.1} MiB after; bystander's longest ping {stall:?}",
+        mib(rss_before),
+        mib(rss_after)
+    );
+    let s = stats(server.addr);
+    assert_eq!(s["waiters"], 0, "{s}");
+    assert!(
+        rss_after < CEILING,
+        "server RSS {:.1} MiB after the attack, ceiling {:.1} MiB",
+        mib(rss_after),
+        mib(CEILING)
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+}
+
+#[test]
+fn peers_filling_the_lock_table_get_too_many_at_max_lock_entries() {
+    const LIMIT: usize = 3_000;
+    const CONNECTIONS: usize = 20;
+    const PER_CONNECTION: usize = 2_500;
+    // Requests each attacker keeps in flight. This attack is on memory; a
+    // flood that makes one loop turn long is another matter (per-turn
+    // fairness), so the requests come as fast as the server answers them,
+    // but not all at once.
+    const IN_FLIGHT: usize = 32;
+    // What one entry may cost with a 1 KiB name, with room to spare (see
+    // max_lock_entries in config/settings.example.toml), on top of the
+    // server's start, its connections' buffers and allocator slack.
+    const PER_ENTRY: u64 = 4096;
+    let dir = temp_dir("table-full");
+    let server = server_with(&dir, &format!("max_lock_entries = {LIMIT}\n"));
+    let bystander = Bystander::start(server.addr);
+    let rss_before = rss_bytes(&server);
+    let ceiling = rss_before + LIMIT as u64 * PER_ENTRY + (16 << 20);
+
+    // The attackers write and read raw bytes: twenty threads building and
+    // parsing JSON would take the CPU from the server and the bystander.
+    let attackers: Vec<JoinHandle<(Peer, usize, usize)>> = (0..CONNECTIONS)
+        .map(|c| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let mut peer = Peer::connect(addr);
+                let send = |peer: &mut Peer, i: usize| {
+                    let name = format!("{:x<1024}", format!("fill/{c}/{i}/"));
+                    let body =
+                        format!(r#"{{"command":"lock","id":{i},"parameters":{{"lockName":"{name}"}}}}"#);
+                    peer.send_body(body.as_bytes());
+                };
+                for i in 0..IN_FLIGHT {
+                    send(&mut peer, i);
+                }
+                let (mut granted, mut refused) = (0, 0);
+                for i in 0..PER_CONNECTION {
+                    let reply = String::from_utf8(peer.recv_body()).unwrap();
+                    if i + IN_FLIGHT < PER_CONNECTION {
+                        send(&mut peer, i + IN_FLIGHT);
+                    }
+                    if reply.contains(r#""status":"ok""#) {
+                        granted += 1;
+                    } else {
+                        let limit = format!(
+                            "the server holds or queues {LIMIT} lock requests, the most allowed (max_lock_entries)"
+                        );
+                        assert!(
+                            reply.contains(r#""status":"tooMany""#) && reply.contains(&limit),
+                            "a refusal naming the limit: {reply}"
+                        );
+                        refused += 1;
+                    }
+                }
+                (peer, granted, refused)
+            })
+        })
+        .collect();
+    let mut kept = Vec::new();
+    let (mut granted, mut refused) = (0, 0);
+    for attacker in attackers {
+        let (peer, g, r) = attacker.join().unwrap();
+        kept.push(peer);
+        granted += g;
+        refused += r;
+    }
+    let rss_full = rss_bytes(&server);
+    println!(
+        "table full: {granted} granted, {refused} refused at max_lock_entries {LIMIT}: server RSS {:.1} MiB before, {:.1} MiB full",
+        mib(rss_before),
+        mib(rss_full)
+    );
+    let s = stats(server.addr);
+    // The bystander's lock is one of the entries.
+    assert_eq!(granted, LIMIT - 1, "{s}");
+    assert_eq!(refused, CONNECTIONS * PER_CONNECTION - granted);
+    assert_eq!(s["locksHeld"], LIMIT, "{s}");
+    drop(kept);
+    wait_for_stats(
+        server.addr,
+        "the attackers' locks released",
+        PATIENCE,
+        |s| s["locksHeld"] == 1,
+    );
+    let rss_released = rss_bytes(&server);
+    let stall = bystander.finish();
+    println!(
+        "table full: server RSS {:.1} MiB after release; bystander's longest ping {stall:?}",
+        mib(rss_released)
+    );
+    let peak = rss_full.max(rss_released);
+    assert!(
+        peak < ceiling,
+        "server RSS {:.1} MiB with the table full, ceiling {:.1} MiB",
+        mib(peak),
+        mib(ceiling)
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+}
+
+/// The setting for the mass departure and mass expiry attacks: `CLIENTS`
+/// connections each waiting on the same `NAMES` locks, which one more
+/// connection holds. At full size the attack is 1,000 x 1,000, but queueing
+/// a million waits takes a debug build half a minute; this size takes a few
+/// seconds. The full size is measured in docs/SAFETY.md, and for the lock
+/// table alone in `lock_table::tests`.
+const CLIENTS: usize = 300;
+const NAMES: usize = 300;
+
+/// What one queued wait may cost (a short name, a small id), with room to
+/// spare, on top of the server's start and its connections' buffers.
+const PER_WAIT: u64 = 512;
+
+/// Sends every waiter's lock requests (built by `frames_for`, called just
+/// before each connection's write) and waits until the server has queued
+/// them all; with `in_step`, each connection's before the next one's are
+/// built, so that the server reads every request as soon as it is built.
+fn queue_waits(
+    server: &ServerProcess,
+    in_step: bool,
+    frames_for: impl Fn() -> Vec<u8>,
+) -> (Vec<TcpStream>, Duration) {
+    assert!(
+        raise_own_fd_limit((CLIENTS + 512) as u64),
+        "cannot raise the open-file limit"
+    );
+    let started = Instant::now();
+    let mut observer = Peer::connect(server.addr);
+    let mut queued_up_to = |waits: usize| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while observer.rpc("stats", json!("s"), json!({}))["waiters"] != waits {
+            assert!(Instant::now() < deadline, "{waits} waits never queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let mut waiters = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream.write_all(&frames_for()).unwrap();
+        waiters.push(stream);
+        if in_step {
+            queued_up_to((i + 1) * NAMES);
+        }
+    }
+    queued_up_to(CLIENTS * NAMES);
+    (waiters, started.elapsed())
+}
+
+/// Waits for the table to hold only the holder's and the bystander's locks:
+/// every departed wait cleared (`lockEntries` counts waits still being
+/// cleared).
+fn wait_for_waits_cleared(addr: SocketAddr) -> Value {
+    wait_for_stats(addr, "the waits cleared", Duration::from_secs(600), |s| {
+        s["waiters"] == 0 && s["lockEntries"] == NAMES + 1
+    })
+}
+
+fn wanted_names() -> Vec<String> {
+    (0..NAMES).map(|i| format!("wanted/{i}")).collect()
+}
+
+#[test]
+fn hundreds_of_clients_waiting_on_the_same_locks_all_close_at_once() {
+    let dir = temp_dir("mass-departure");
+    let server = server_with(
+        &dir,
+        &format!("max_lock_entries = {}\n", 2 * CLIENTS * NAMES),
+    );
+    let names = wanted_names();
+    let _holder = hold_all(server.addr, &names);
+    let rss_before = rss_bytes(&server);
+    let frames = lock_frames(&names, None);
+    let (waiters, queued_in) = queue_waits(&server, false, || frames.clone());
+    let rss_loaded = rss_bytes(&server);
+    let bystander = Bystander::start(server.addr);
+    // Some pings before the attack, to compare with.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let closing = Instant::now();
+    drop(waiters);
+    wait_for_waits_cleared(server.addr);
+    let cleared_in = closing.elapsed();
+    let rss_after = rss_bytes(&server);
+    let stall = bystander.finish();
+    println!(
+        "mass departure: {CLIENTS} clients x {NAMES} waits queued in {queued_in:?}, all closed, cleared in {cleared_in:?}: server RSS {:.1} MiB before, {:.1} MiB loaded, {:.1} MiB after; bystander's longest ping {stall:?}",
+        mib(rss_before),
+        mib(rss_loaded),
+        mib(rss_after)
+    );
+    let ceiling = rss_before + (CLIENTS * NAMES) as u64 * PER_WAIT;
+    let peak = rss_loaded.max(rss_after);
+    assert!(
+        peak < ceiling,
+        "server RSS {:.1} MiB, ceiling {:.1} MiB",
+        mib(peak),
+        mib(ceiling)
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+}
+
+#[test]
+fn hundreds_of_clients_waiting_on_the_same_locks_all_time_out_at_once() {
+    let dir = temp_dir("mass-expiry");
+    let server = server_with(
+        &dir,
+        &format!("max_lock_entries = {}\n", 2 * CLIENTS * NAMES),
+    );
+    let names = wanted_names();
+    // Every wait is to time out at the same instant, after all are queued.
+    // How long queueing takes depends on the build and the machine: time
+    // the holder's requests (the same work per request, and some more) and
+    // allow twice that for the waits, and a second.
+    let measuring = Instant::now();
+    let _holder = hold_all(server.addr, &names);
+    let per_request = measuring.elapsed() / NAMES as u32;
+    let expiry =
+        Instant::now() + per_request * (2 * CLIENTS * NAMES) as u32 + Duration::from_secs(1);
+    let rss_before = rss_bytes(&server);
+    let (mut waiters, queued_in) = queue_waits(&server, true, || {
+        let left = expiry.saturating_duration_since(Instant::now());
+        lock_frames(&names, Some(left.as_millis() as u64))
+    });
+    let s = stats(server.addr);
+    let slack = expiry.saturating_duration_since(Instant::now());
+    assert!(
+        !slack.is_zero() && s["timeouts"] == 0,
+        "queueing the waits took {queued_in:?}, past the instant they were to time out: {s}"
+    );
+    let rss_loaded = rss_bytes(&server);
+    let bystander = Bystander::start(server.addr);
+
+    let total = CLIENTS * NAMES;
+    wait_for_stats(
+        server.addr,
+        "every wait timed out",
+        Duration::from_secs(600),
+        |s| s["timeouts"] == total,
+    );
+    wait_for_waits_cleared(server.addr);
+    let rss_after = rss_bytes(&server);
+    let stall = bystander.finish();
+    // Every waiter was told, once per request.
+    for waiter in &mut waiters[..3] {
+        let mut peer = Peer {
+            stream: waiter.try_clone().unwrap(),
+        };
+        for _ in 0..NAMES {
+            let reply = peer.recv();
+            assert_eq!(reply["result"]["status"], "timeout", "{reply}");
+        }
+    }
+    println!(
+        "mass expiry: {CLIENTS} clients x {NAMES} waits queued in {queued_in:?} ({slack:?} before they ran out), all timed out at once: server RSS {:.1} MiB before, {:.1} MiB loaded, {:.1} MiB after; bystander's longest ping {stall:?}",
+        mib(rss_before),
+        mib(rss_loaded),
+        mib(rss_after)
+    );
+    let ceiling = rss_before + total as u64 * PER_WAIT;
+    let peak = rss_loaded.max(rss_after);
+    assert!(
+        peak < ceiling,
+        "server RSS {:.1} MiB, ceiling {:.1} MiB",
+        mib(peak),
+        mib(ceiling)
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    let mut byte = [0u8; 1];
+    waiters[0]
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(
+        waiters[0].read(&mut byte).is_err(),
+        "nothing more after the timeouts"
+    );
 }

@@ -31,8 +31,9 @@ fn op() -> impl Strategy<Value = TableOp> {
 }
 
 /// The checks of `pklock::harness::check_against_model`, as a test case.
-fn run(hold_ms: Option<u64>, ops: &[TableOp]) -> Result<(), TestCaseError> {
-    check_against_model(FIRST_TOKEN, LIMIT, hold_ms, &NAMES, ops).map_err(TestCaseError::fail)
+fn run(max_entries: usize, hold_ms: Option<u64>, ops: &[TableOp]) -> Result<(), TestCaseError> {
+    check_against_model(FIRST_TOKEN, LIMIT, max_entries, hold_ms, &NAMES, ops)
+        .map_err(TestCaseError::fail)
 }
 
 proptest! {
@@ -40,10 +41,12 @@ proptest! {
 
     #[test]
     fn lock_table_matches_the_model(
+        // Four clients with two locks each can ask for up to eight.
+        max_entries in prop_oneof![3 => Just(usize::MAX), 1 => 1..8usize],
         hold_ms in prop_oneof![3 => Just(None), 1 => (0..60u64).prop_map(Some)],
         ops in proptest::collection::vec(op(), 1..80),
     ) {
-        run(hold_ms, &ops)?;
+        run(max_entries, hold_ms, &ops)?;
     }
 }
 
@@ -72,6 +75,7 @@ fn model_agrees_on_a_hand_written_mix() {
         },
         lock(3, Mode::Exclusive, Some(0)),
     ];
-    run(None, &ops).unwrap();
-    run(Some(15), &ops).unwrap();
+    run(usize::MAX, None, &ops).unwrap();
+    run(usize::MAX, Some(15), &ops).unwrap();
+    run(2, None, &ops).unwrap();
 }

@@ -235,6 +235,7 @@ fn stats_count_what_happened() {
     assert_eq!(s["locks"], 1);
     assert_eq!(s["locksHeld"], 1);
     assert_eq!(s["waiters"], 0);
+    assert_eq!(s["lockEntries"], 1);
     assert_eq!(s["grants"], 2);
     assert_eq!(s["timeouts"], 1);
     assert_eq!(s["releasedByDisconnect"], 1);

@@ -87,6 +87,8 @@ struct Input {
     first_token: u32,
     /// Per-client limit, 1 to 4.
     limit: u8,
+    /// Limit over all clients, 1 to 8; none if absent.
+    max_entries: Option<u8>,
     hold_ms: Option<u8>,
     ops: Vec<Op>,
 }
@@ -95,7 +97,10 @@ fuzz_target!(|input: Input| {
     let ops: Vec<TableOp> = input.ops.iter().map(Op::table_op).collect();
     let first_token = u64::from(input.first_token);
     let limit = usize::from(input.limit % 4) + 1;
+    let max_entries = input
+        .max_entries
+        .map_or(usize::MAX, |n| usize::from(n % 8) + 1);
     let hold_ms = input.hold_ms.map(u64::from);
-    check_against_model(first_token, limit, hold_ms, &NAMES, &ops)
+    check_against_model(first_token, limit, max_entries, hold_ms, &NAMES, &ops)
         .unwrap_or_else(|broken| panic!("{broken}"));
 });
