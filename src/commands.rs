@@ -19,6 +19,7 @@ use crate::protocol::{
     ServerName, StatsResult, StatusFilter, StatusResult, UnlockForm, UnlockResult, WaiterStatus,
 };
 use crate::rate_limit::{LogLimiter, escaped};
+use crate::tokens;
 
 /// A reply and the connection it goes to.
 #[derive(Debug)]
@@ -82,12 +83,16 @@ pub struct Core {
 impl Core {
     /// A core whose first grant carries `first_token`.
     pub fn new(settings: Settings, first_token: u64, now: Instant) -> Core {
+        let mut table = LockTable::new(
+            first_token,
+            settings.max_locks_per_connection,
+            settings.max_lock_entries,
+        );
+        // The ceiling a grant makes the state file store (its token plus a
+        // reservation) must stay within what the next start accepts.
+        table.stop_granting_after(tokens::MAX_TOKEN - tokens::RESERVATION - 1);
         Core {
-            table: LockTable::new(
-                first_token,
-                settings.max_locks_per_connection,
-                settings.max_lock_entries,
-            ),
+            table,
             peers: FxHashMap::default(),
             settings,
             next_client: 1,

@@ -301,6 +301,8 @@ pub struct Totals {
 #[derive(Debug)]
 struct Books {
     next_token: u64,
+    /// The last token that may be granted: past it nothing is granted.
+    last_token: u64,
     /// No grant before this instant (after a restart); `None` once passed.
     grants_from: Option<Instant>,
     /// Queued requests with a deadline, earliest first: (deadline, arrival
@@ -312,7 +314,7 @@ struct Books {
 
 impl Books {
     fn holding_grants(&self, now: Instant) -> bool {
-        self.grants_from.is_some_and(|from| now < from)
+        self.grants_from.is_some_and(|from| now < from) || self.next_token > self.last_token
     }
 
     /// Forgets the deadline of a wait that has left its queue.
@@ -433,6 +435,7 @@ impl<T> LockTable<T> {
             clients: Clients::default(),
             books: Books {
                 next_token: first_token,
+                last_token: u64::MAX,
                 grants_from: None,
                 deadlines: BTreeMap::new(),
                 totals: Totals::default(),
@@ -804,6 +807,18 @@ impl<T> LockTable<T> {
         self.books
             .grants_from
             .map_or(Duration::ZERO, |from| from.saturating_duration_since(now))
+    }
+
+    /// Grants nothing once `last` has been granted: tokens past it would
+    /// not survive a restart, or not read back exactly in JSON clients.
+    /// Requests queue and time out as during a restart grace.
+    pub fn stop_granting_after(&mut self, last: u64) {
+        self.books.last_token = last;
+    }
+
+    /// Whether every token up to the last allowed has been granted.
+    pub fn tokens_exhausted(&self) -> bool {
+        self.books.next_token > self.books.last_token
     }
 
     /// The token the next grant will carry.

@@ -197,6 +197,8 @@ pub struct Server {
     conn_log: LogLimiter,
     /// Rate limit for the lines of closes that released locks.
     release_log: LogLimiter,
+    /// The end of the token space has been logged.
+    told_tokens_exhausted: bool,
     /// Reply bytes not yet written, over all connections.
     total_unsent: usize,
     /// `status` reply bytes that may still be built this turn.
@@ -267,6 +269,7 @@ impl Server {
             next_sweep: now + SWEEP_EVERY,
             conn_log: LogLimiter::new(50, Duration::from_secs(10)),
             release_log: LogLimiter::new(100, Duration::from_secs(10)),
+            told_tokens_exhausted: false,
             total_unsent: 0,
             turn_status_left: TURN_STATUS_BUDGET,
             status_queue: VecDeque::new(),
@@ -372,6 +375,7 @@ impl Server {
             self.resume_backlog(now);
             self.note_grace_end(now);
             self.core.expire(now, &mut self.outgoing);
+            self.note_tokens_exhausted();
             self.close_stalled(now);
             self.close_silent(now);
             if let Err(e) = self.write_replies(now) {
@@ -455,6 +459,20 @@ impl Server {
             .chain(self.core.next_deadline())
             .min()?;
         Some(earliest.saturating_duration_since(now))
+    }
+
+    /// Logs, once, that no lock can be granted any more for want of tokens.
+    fn note_tokens_exhausted(&mut self) {
+        if !self.told_tokens_exhausted && self.core.table().tokens_exhausted() {
+            self.told_tokens_exhausted = true;
+            error!(
+                "fencing tokens have reached {}, the last one under 2^53 that a restart can \
+                 continue after: no lock is granted any more. Tokens restart from the clock \
+                 only with a new state file (and every protected resource must then forget \
+                 the tokens it has seen)",
+                self.core.next_token() - 1
+            );
+        }
     }
 
     /// Logs the moment the restart grace ends and grants resume.

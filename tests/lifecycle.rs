@@ -330,3 +330,26 @@ fn the_server_logs_when_the_restart_grace_ends_and_grants_then() {
     // The waiter queued during the grace is served at its end.
     assert_eq!(waiter.recv()["result"]["status"], "ok");
 }
+
+#[test]
+fn tokens_stop_before_2_pow_53_and_the_server_still_restarts() {
+    let dir = temp_dir("token-end");
+    let state = dir.join("tokens");
+    let last = pklock::tokens::MAX_TOKEN - pklock::tokens::RESERVATION - 1;
+    std::fs::write(&state, format!("{}\n", last - 1)).unwrap();
+    let mut server = ServerProcess::start(&dir, &binary_config(&dir));
+    let mut peer = Peer::connect(server.addr);
+    assert_eq!(peer.take("a", 1), last - 1);
+    assert_eq!(peer.take("b", 2), last);
+    let refused = peer.rpc("lock", json!(3), json!({"lockName": "c", "timeoutMs": 300}));
+    assert_eq!(refused["status"], "timeout", "{refused}");
+    server.wait_for_log("no lock is granted any more");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(), Some(0));
+    // The state file stayed within what a start accepts.
+    let mut server = ServerProcess::start(&dir, &binary_config(&dir));
+    let again =
+        Peer::connect(server.addr).rpc("lock", json!(1), json!({"lockName": "d", "timeoutMs": 0}));
+    assert_eq!(again["status"], "timeout", "{again}");
+    server.wait_for_log("no lock is granted any more");
+}
