@@ -61,6 +61,8 @@ const STATUS_OUTPUT_CEILING: usize = 64 << 20;
 /// Kernel send buffer per connection: what a peer that never reads can make
 /// the kernel hold for it (Linux doubles it for its bookkeeping).
 const SEND_BUFFER_BYTES: usize = 64 << 10;
+/// Lock-table entries from which a shrink to a quarter hands memory back.
+const TRIM_AFTER_ENTRIES: usize = 50_000;
 /// At most this often, connections owing a frame past `frame_timeout_ms`
 /// are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
@@ -197,6 +199,8 @@ pub struct Server {
     conn_log: LogLimiter,
     /// Rate limit for the lines of closes that released locks.
     release_log: LogLimiter,
+    /// The most lock-table entries since memory was last handed back.
+    entries_peak: usize,
     /// The end of the token space has been logged.
     told_tokens_exhausted: bool,
     /// Reply bytes not yet written, over all connections.
@@ -269,6 +273,7 @@ impl Server {
             next_sweep: now + SWEEP_EVERY,
             conn_log: LogLimiter::new(50, Duration::from_secs(10)),
             release_log: LogLimiter::new(100, Duration::from_secs(10)),
+            entries_peak: 0,
             told_tokens_exhausted: false,
             total_unsent: 0,
             turn_status_left: TURN_STATUS_BUDGET,
@@ -874,6 +879,24 @@ impl Server {
         }
     }
 
+    /// Hands memory back to the system once the lock table has shrunk to a
+    /// quarter of a large peak: the allocator keeps freed memory for reuse,
+    /// so a server that once held a million locks would otherwise keep the
+    /// memory they took for ever.
+    fn return_freed_memory(&mut self) {
+        let entries = self.core.table().entries();
+        self.entries_peak = self.entries_peak.max(entries);
+        if self.entries_peak >= TRIM_AFTER_ENTRIES && entries < self.entries_peak / 4 {
+            self.entries_peak = entries;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free heap pages; it takes no
+            // pointer and is safe to call at any time.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
     /// Closes connections that have owed a frame for longer than
     /// `frame_timeout_ms` (a started frame not completed, or no first frame
     /// at all), unless they hold or wait for a lock: such a peer only takes
@@ -883,6 +906,7 @@ impl Server {
             return;
         }
         self.next_sweep = now + SWEEP_EVERY;
+        self.return_freed_memory();
         let limit = Duration::from_millis(self.config.frame_timeout_ms);
         let table = self.core.table();
         let silent: Vec<usize> = self

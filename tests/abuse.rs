@@ -656,3 +656,97 @@ fn hundreds_of_clients_waiting_on_the_same_locks_all_time_out_at_once() {
         "nothing more after the timeouts"
     );
 }
+
+#[test]
+fn status_floods_from_peers_that_never_read_neither_bloat_nor_stall_the_server() {
+    const ATTACKERS: usize = 1000;
+    if !raise_own_fd_limit(ATTACKERS as u64 + 512) {
+        common::skip("status flood", "cannot raise the open-file limit");
+        return;
+    }
+    let dir = temp_dir("status-flood");
+    let server = server_with(&dir, "");
+    // 4,000 held locks on 200-byte names: a full list is far over what one
+    // status reply may take, so every status is as costly as it can be.
+    let names: Vec<String> = (0..4000).map(|i| format!("{i:0>200}")).collect();
+    let _holder = hold_all(server.addr, &names);
+    let rss_before = rss_bytes(&server);
+    let bystander = Bystander::start(server.addr);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Each attacker asks for eight full status lists in one write, and
+    // never reads a byte of the answers.
+    let mut eight = Vec::new();
+    for id in 0..8 {
+        let body = format!(r#"{{"command":"status","id":{id},"parameters":{{"limit":100000}}}}"#);
+        frame::encode(body.as_bytes(), &mut eight).unwrap();
+    }
+    let attackers: Vec<TcpStream> = (0..ATTACKERS)
+        .map(|_| {
+            let mut stream = TcpStream::connect(server.addr).unwrap();
+            stream.write_all(&eight).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let rss_after = rss_bytes(&server);
+    let stall = bystander.finish();
+    let s = stats(server.addr);
+    println!(
+        "status flood: {ATTACKERS} connections x 8 status requests, never read: server RSS {:.1} MiB before, {:.1} MiB after 4 s; bystander's longest ping {stall:?}",
+        mib(rss_before),
+        mib(rss_after)
+    );
+    // Replies held for them: at most the 64 MiB ceiling of unsent status
+    // replies, plus what every connection costs anyway.
+    let ceiling = rss_before + (64 << 20) + (ATTACKERS as u64) * (64 << 10);
+    assert!(
+        rss_after < ceiling,
+        "server RSS {:.1} MiB, ceiling {:.1} MiB",
+        mib(rss_after),
+        mib(ceiling)
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    // The attackers are slow readers, not closed for it (yet).
+    assert_eq!(s["connections"], ATTACKERS + 2, "{s}");
+    drop(attackers);
+}
+
+#[test]
+fn memory_taken_by_many_locks_is_handed_back_once_they_are_released() {
+    let dir = temp_dir("memory-back");
+    let server = server_with(&dir, "");
+    let rss_before = rss_bytes(&server);
+    // 60 connections x 1,000 locks on names of 1 KiB.
+    let holders: Vec<Peer> = (0..60)
+        .map(|c| {
+            let names: Vec<String> = (0..1000).map(|i| format!("{c}-{i:0>1000}")).collect();
+            hold_all(server.addr, &names)
+        })
+        .collect();
+    let rss_loaded = rss_bytes(&server);
+    drop(holders);
+    wait_for_stats(server.addr, "every lock released", PATIENCE, |s| {
+        s["lockEntries"] == 0
+    });
+    // The next sweep (every 250 ms) hands the memory back.
+    std::thread::sleep(Duration::from_millis(600));
+    let rss_after = rss_bytes(&server);
+    println!(
+        "60,000 locks on 1 KiB names: server RSS {:.1} MiB before, {:.1} MiB loaded, {:.1} MiB after release",
+        mib(rss_before),
+        mib(rss_loaded),
+        mib(rss_after)
+    );
+    let taken = rss_loaded - rss_before;
+    assert!(
+        taken > 40 << 20,
+        "the locks took only {:.1} MiB",
+        mib(taken)
+    );
+    assert!(
+        rss_after < rss_before + taken / 4,
+        "still {:.1} MiB after the release",
+        mib(rss_after)
+    );
+}
