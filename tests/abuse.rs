@@ -183,10 +183,13 @@ fn ten_thousand_connections_each_holding_a_lock() {
 const BYSTANDER_LOCK: &str = "bystander/held";
 
 /// The longest a bystander's ping may take during an attack. A normal round
-/// trip takes well under a millisecond, even in a debug build; a server that
-/// does an attack's work in one go stalls for seconds, so this bound is a
-/// wide-margin correctness check, not a speed target.
-const STALL_BOUND: Duration = Duration::from_millis(100);
+/// trip takes well under a millisecond, even in a debug build, and these
+/// attacks stay under 100 ms here (docs/SAFETY.md has the figures); a server
+/// that does an attack's work in one go stalls for 0.65 s to minutes. The
+/// bound sits between the two, wide of both, because the test machines are
+/// shared (half their CPU time can be stolen by the host): a correctness
+/// check, not a speed target.
+const STALL_BOUND: Duration = Duration::from_millis(250);
 
 /// A well-behaved client beside an attack: it holds a lock of its own
 /// throughout and, on its own thread, pings the server in a loop, keeping the
@@ -749,4 +752,41 @@ fn memory_taken_by_many_locks_is_handed_back_once_they_are_released() {
         "still {:.1} MiB after the release",
         mib(rss_after)
     );
+}
+
+#[test]
+fn floods_of_pipelined_requests_do_not_hold_everyone_else_up() {
+    let dir = temp_dir("flood");
+    let server = server_with(&dir, "");
+    let bystander = Bystander::start(server.addr);
+    std::thread::sleep(Duration::from_millis(200));
+    // 50 connections each write 2,000 pings in one go, then read them all.
+    let mut pings = Vec::new();
+    for id in 0..2000 {
+        frame::encode(
+            format!(r#"{{"command":"ping","id":{id}}}"#).as_bytes(),
+            &mut pings,
+        )
+        .unwrap();
+    }
+    let flooders: Vec<_> = (0..50)
+        .map(|_| {
+            let addr = server.addr;
+            let pings = pings.clone();
+            std::thread::spawn(move || {
+                let mut peer = Peer::connect(addr);
+                peer.send_raw(&pings);
+                // Not parsed: the test's own CPU must go to the bystander.
+                for _ in 0..2000 {
+                    peer.recv_body();
+                }
+            })
+        })
+        .collect();
+    for flooder in flooders {
+        flooder.join().unwrap();
+    }
+    let stall = bystander.finish();
+    println!("50 connections x 2,000 pipelined pings: bystander's longest ping {stall:?}");
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
 }
