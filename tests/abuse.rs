@@ -255,6 +255,18 @@ impl Bystander {
     }
 }
 
+/// The two promises of every attack test: the server's memory stayed under
+/// `ceiling`, and the bystander was never held up past the bound.
+fn assert_bounded(rss: u64, ceiling: u64, stall: Duration) {
+    assert!(
+        rss < ceiling,
+        "server RSS {:.1} MiB, ceiling {:.1} MiB",
+        mib(rss),
+        mib(ceiling)
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+}
+
 /// The server process's resident memory, from /proc.
 fn rss_bytes(server: &ServerProcess) -> u64 {
     let path = format!("/proc/{}/status", server.child.id());
@@ -373,13 +385,7 @@ fn ten_thousand_waits_with_huge_ids_are_refused_and_take_no_memory() {
     );
     let s = stats(server.addr);
     assert_eq!(s["waiters"], 0, "{s}");
-    assert!(
-        rss_after < CEILING,
-        "server RSS {:.1} MiB after the attack, ceiling {:.1} MiB",
-        mib(rss_after),
-        mib(CEILING)
-    );
-    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    assert_bounded(rss_after, CEILING, stall);
 }
 
 #[test]
@@ -474,13 +480,7 @@ fn peers_filling_the_lock_table_get_too_many_at_max_lock_entries() {
         mib(rss_released)
     );
     let peak = rss_full.max(rss_released);
-    assert!(
-        peak < ceiling,
-        "server RSS {:.1} MiB with the table full, ceiling {:.1} MiB",
-        mib(peak),
-        mib(ceiling)
-    );
-    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    assert_bounded(peak, ceiling, stall);
 }
 
 /// The setting for the mass departure and mass expiry attacks: `CLIENTS`
@@ -575,13 +575,7 @@ fn hundreds_of_clients_waiting_on_the_same_locks_all_close_at_once() {
     );
     let ceiling = rss_before + (CLIENTS * NAMES) as u64 * PER_WAIT;
     let peak = rss_loaded.max(rss_after);
-    assert!(
-        peak < ceiling,
-        "server RSS {:.1} MiB, ceiling {:.1} MiB",
-        mib(peak),
-        mib(ceiling)
-    );
-    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    assert_bounded(peak, ceiling, stall);
 }
 
 #[test]
@@ -643,13 +637,7 @@ fn hundreds_of_clients_waiting_on_the_same_locks_all_time_out_at_once() {
     );
     let ceiling = rss_before + total as u64 * PER_WAIT;
     let peak = rss_loaded.max(rss_after);
-    assert!(
-        peak < ceiling,
-        "server RSS {:.1} MiB, ceiling {:.1} MiB",
-        mib(peak),
-        mib(ceiling)
-    );
-    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    assert_bounded(peak, ceiling, stall);
     let mut byte = [0u8; 1];
     waiters[0]
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -703,13 +691,7 @@ fn status_floods_from_peers_that_never_read_neither_bloat_nor_stall_the_server()
     // Replies held for them: at most the 64 MiB ceiling of unsent status
     // replies, plus what every connection costs anyway.
     let ceiling = rss_before + (64 << 20) + (ATTACKERS as u64) * (64 << 10);
-    assert!(
-        rss_after < ceiling,
-        "server RSS {:.1} MiB, ceiling {:.1} MiB",
-        mib(rss_after),
-        mib(ceiling)
-    );
-    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    assert_bounded(rss_after, ceiling, stall);
     // The attackers are slow readers, not closed for it (yet).
     assert_eq!(s["connections"], ATTACKERS + 2, "{s}");
     drop(attackers);

@@ -13,6 +13,9 @@ use pklock::client::{Client, ClientOptions, Error, LockOptions, LossReason, Mode
 use pklock::frame;
 use serde_json::json;
 
+/// earliestReleaseMs 2000: a lease of 1 s.
+const SHORT_RELEASE: &str = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
+
 fn connect(server: &TestServer, name: &str) -> Client {
     Client::connect(&server.addr.to_string(), &ClientOptions::named(name)).expect("connect")
 }
@@ -222,8 +225,7 @@ fn silence_from_the_server_expires_the_lease() {
 #[test]
 fn a_stopped_server_is_detected_by_the_lease_before_it_could_release() {
     let dir = temp_dir("sigstop");
-    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
-    let server = ServerProcess::start(&dir, config);
+    let server = ServerProcess::start(&dir, SHORT_RELEASE);
     let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     assert_eq!(client.hello().earliest_release_ms, 2000);
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
@@ -255,8 +257,7 @@ fn a_guard_declared_lost_keeps_others_out_until_it_is_dropped() {
     // The server freezes for longer than the lease and thaws well before it
     // could release (2 s): the connection never broke, only confidence in it.
     let dir = temp_dir("lost-guard");
-    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
-    let server = ServerProcess::start(&dir, config);
+    let server = ServerProcess::start(&dir, SHORT_RELEASE);
     let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
     let (tx, rx) = mpsc::channel();
@@ -295,8 +296,7 @@ fn a_guard_declared_lost_keeps_others_out_until_it_is_dropped() {
 #[test]
 fn dropping_a_lost_client_releases_even_with_guards_left() {
     let dir = temp_dir("lost-client");
-    let config = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
-    let server = ServerProcess::start(&dir, config);
+    let server = ServerProcess::start(&dir, SHORT_RELEASE);
     let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
     let mut waiter = Peer::connect(server.addr);

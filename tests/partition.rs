@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::netns::{Netns, netns_or_skip};
+use common::netns::{Netns, netns_or_skip, server_for};
 use common::{Peer, ServerProcess, TempDir, eventually, temp_dir};
 use serde_json::json;
 
@@ -47,20 +47,7 @@ fn setup(netns: &Netns, name: &str) -> Setup {
 
 fn setup_with(netns: &Netns, name: &str, keepalive: &str) -> Setup {
     let dir = temp_dir(name);
-    let config = format!(
-        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\n{keepalive}",
-        netns.host_ip, netns.ns_ip
-    );
-    let mut server = ServerProcess::start(&dir, &config);
-    let remote = server.addr;
-    let line = server.wait_for_log("listening on 127.0.0.1:");
-    let local: SocketAddr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (server, remote, local) = server_for(netns, &dir, keepalive);
     let marker = dir.join("stopped-at");
     Setup {
         _dir: dir,

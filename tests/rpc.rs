@@ -95,6 +95,16 @@ fn status_lists_holders_and_waiters_with_names_and_times() {
     assert!(w["waitingMs"].as_u64().unwrap() >= 30, "{w}");
 }
 
+/// The lock names of a `status` result, in order.
+fn names(result: &serde_json::Value) -> Vec<String> {
+    result["locks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lockName"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn status_filters_by_name_or_prefix_in_name_order_and_truncates() {
     let server = TestServer::start();
@@ -105,14 +115,6 @@ fn status_filters_by_name_or_prefix_in_name_order_and_truncates() {
     {
         peer.take(name, i as u64);
     }
-    let names = |result: &serde_json::Value| -> Vec<String> {
-        result["locks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["lockName"].as_str().unwrap().to_string())
-            .collect()
-    };
     let all = peer.rpc("status", json!(1), json!({}));
     assert_eq!(names(&all), ["job/a", "job/b", "job/c", "jobs", "other"]);
     let prefixed = peer.rpc("status", json!(2), json!({"prefix": "job/"}));
@@ -138,14 +140,6 @@ fn status_pages_continue_after_the_last_name_shown() {
     {
         peer.take(name, i as u64);
     }
-    let names = |result: &serde_json::Value| -> Vec<String> {
-        result["locks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["lockName"].as_str().unwrap().to_string())
-            .collect()
-    };
     let page = peer.rpc("status", json!(1), json!({"limit": 2, "after": "b"}));
     assert_eq!(names(&page), ["c", "d"]);
     assert_eq!(page["truncated"], true);

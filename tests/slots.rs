@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::netns_or_skip;
+use common::netns::{netns_or_skip, server_for};
 use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
 use serde_json::json;
 
@@ -57,20 +57,7 @@ fn one_host_cannot_take_every_connection_slot() {
         return;
     };
     let dir = temp_dir("per-ip");
-    let config = format!(
-        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\nmax_connections_per_ip = 3\n",
-        netns.host_ip, netns.ns_ip
-    );
-    let mut server = ServerProcess::start(&dir, &config);
-    let remote = server.addr;
-    let line = server.wait_for_log("listening on 127.0.0.1:");
-    let local: std::net::SocketAddr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (_server, remote, local) = server_for(&netns, &dir, "max_connections_per_ip = 3\n");
     let in_netns = |args: &[&str]| {
         let mut command = Command::new("ip");
         command

@@ -138,3 +138,30 @@ pub fn netns_or_skip(test: &str) -> Option<Netns> {
         }
     }
 }
+
+/// A server process listening on the namespace's side of the veth pair
+/// (`remote`, for clients in the namespace) and on loopback (`local`),
+/// allowing both; `extra` is added to its config.
+pub fn server_for(
+    netns: &Netns,
+    dir: &std::path::Path,
+    extra: &str,
+) -> (
+    super::ServerProcess,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let config = format!(
+        "listen = [\"{}:0\", \"127.0.0.1:0\"]\nallowed = [\"{}\", \"127.0.0.1\"]\nrestart_grace_ms = 0\n{extra}",
+        netns.host_ip, netns.ns_ip
+    );
+    let mut server = super::ServerProcess::start(dir, &config);
+    let remote = server.addr;
+    let line = server.wait_for_log("listening on 127.0.0.1:");
+    let local = line
+        .rsplit("listening on ")
+        .next()
+        .and_then(|addr| addr.trim().parse().ok())
+        .expect("the loopback address in the log");
+    (server, remote, local)
+}
