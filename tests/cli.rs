@@ -782,3 +782,28 @@ fn the_readme_script_holds_the_lock_and_fails_cleanly_without_a_server() {
         );
     }
 }
+
+#[test]
+fn a_closed_stderr_does_not_stop_pklock_from_stopping_its_command() {
+    let dir = temp_dir("cli-stderr-closed");
+    let server = ServerProcess::start(&dir, short_keepalive_config());
+    let marker = dir.join("got-term");
+    // The command's own stderr stays writable: only pklock's is cut.
+    let script = format!(
+        "exec 2>/dev/null; {}",
+        busy_script(&format!("echo TERM > {}; exit 0", marker.display()))
+    );
+    let mut run = pklock(&server.addr)
+        .args(["run", "p", "--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("held", || one_held(server.addr));
+    // Nobody reads pklock's stderr any more: writing there fails (EPIPE).
+    drop(run.stderr.take());
+    server.signal("STOP");
+    let status = common::wait_exit(&mut run, PATIENCE);
+    server.signal("CONT");
+    assert_eq!(wait_for_file(&marker), "TERM\n");
+    assert_eq!(status.and_then(|s| s.code()), Some(75));
+}

@@ -260,14 +260,13 @@ impl Supervisor<'_> {
                     None => match self.client.loss() {
                         // Lost just as it ended: its group may live on.
                         Some(reason) => {
+                            let mut st = self.stop_group(Signal::TERM);
+                            st.leader = Some(status);
+                            stopping = Some(st);
                             self.report_loss(
                                 &reason,
                                 "it has ended; waiting for the rest of its process group",
                             );
-                            stopping = Some(self.stop_group(Signal::TERM));
-                            if let Some(st) = &mut stopping {
-                                st.leader = Some(status);
-                            }
                         }
                         None => return Supervised::Exited(status),
                     },
@@ -281,17 +280,18 @@ impl Supervisor<'_> {
                     if let Err(reason) = self.suspend_with(signal) {
                         // Stopped all along: it did no work since the lease
                         // was last confirmed, and must do none now.
-                        self.report_loss(&reason, "it was stopped meanwhile: sending SIGKILL");
                         stopping = Some(self.stop_group(Signal::KILL));
+                        self.report_loss(&reason, "it was stopped meanwhile: sent SIGKILL");
                     }
                 }
                 Ok(Event::Lost(reason)) if stopping.is_none() => {
+                    // Signals first: nothing may come between the loss and them.
+                    stopping = Some(self.stop_group(Signal::TERM));
                     let doing = format!(
-                        "sending SIGTERM to the command (SIGKILL in {})",
+                        "sent SIGTERM to the command (SIGKILL in {})",
                         human(self.kill_grace)
                     );
                     self.report_loss(&reason, &doing);
-                    stopping = Some(self.stop_group(Signal::TERM));
                 }
                 Ok(Event::Lost(_)) => {}
                 Ok(Event::Signal(SIGTSTP)) if stopping.is_none() => {
