@@ -67,10 +67,11 @@ enum Command {
         #[arg(required = true, last = true, value_name = "COMMAND")]
         command: Vec<OsString>,
     },
-    /// Take a lock, print its fencing token, and hold it until stdin closes
-    /// or INT, TERM or HUP arrives. If the lock is lost meanwhile, print
-    /// `lost` and keep it until then all the same: stop the work, then close
-    /// stdin.
+    /// Take a lock, print its token, hold it until stdin closes.
+    ///
+    /// Holds the lock until stdin closes or INT, TERM or HUP arrives. If the
+    /// lock is lost meanwhile, prints `lost` and keeps it all the same until
+    /// then: stop the work, then close stdin.
     #[command(after_help = LOCK_EXIT_CODES)]
     Lock {
         #[command(flatten)]

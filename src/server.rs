@@ -460,7 +460,12 @@ impl Server {
             .chain(stalled)
             .chain(self.accept_retry_at)
             .chain(self.grace_ends)
-            .chain((!self.conns.is_empty()).then_some(self.next_sweep))
+            // Sweeps look for silent connections, and hand memory back
+            // after a mass release, also once the last connection is gone.
+            .chain(
+                (!self.conns.is_empty() || self.entries_peak >= TRIM_AFTER_ENTRIES)
+                    .then_some(self.next_sweep),
+            )
             .chain(self.core.next_deadline())
             .min()?;
         Some(earliest.saturating_duration_since(now))

@@ -646,7 +646,7 @@ fn no_wait_during_the_restart_grace_says_why() {
     let output = run_output(&server, &["run", "cron", "--no-wait", "--", "true"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
-        stderr_of(&output).contains("restarted"),
+        stderr_of(&output).contains("restart grace"),
         "{}",
         stderr_of(&output)
     );

@@ -159,11 +159,9 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
         Error::NotGranted => {
             let grace = client.grants_resume_in();
             let how = match acquire.wait {
-                _ if !grace.is_zero() => format!(
-                    "not granted: the server restarted moments ago and grants no lock for \
-                     another {} (restart_grace_ms)",
-                    human(grace)
-                ),
+                _ if !grace.is_zero() => "not granted: the server is still in its restart \
+                                          grace (restart_grace_ms)"
+                    .to_string(),
                 Some(wait) if wait.is_zero() => "it is held elsewhere".to_string(),
                 Some(wait) => format!("not granted within {}", human(wait)),
                 None => "not granted".to_string(),
