@@ -246,21 +246,44 @@ impl<T> Queue<T> {
 /// What one connection holds and waits for, by lock name.
 #[derive(Debug, Default)]
 struct Holdings {
-    /// Locks held: the grant's token and mode.
-    held: BTreeMap<Arc<str>, (u64, Mode)>,
+    /// Locks held: the grant's token and mode. (Hash maps: a lock and an
+    /// unlock touch one name each, and a map that empties keeps its room
+    /// for the next; only a departure needs name order, and sorts.)
+    held: FxHashMap<Arc<str>, (u64, Mode)>,
     /// Locks waited for: the wait's arrival number.
-    waits: BTreeMap<Arc<str>, u64>,
+    waits: FxHashMap<Arc<str>, u64>,
     /// Those of the waits that head a queue without an exclusive holder.
     /// When the connection goes, these and its holds are all that can let
     /// anyone else in.
-    heads: BTreeSet<Arc<str>>,
+    heads: FxHashSet<Arc<str>>,
 }
 
 impl Holdings {
     fn len(&self) -> usize {
         self.held.len() + self.waits.len()
     }
+
+    /// Halves what a map keeps once three quarters of it are unused, so that
+    /// a connection that held thousands of locks gives their room back.
+    fn give_back_memory(&mut self) {
+        fn roomy(capacity: usize, len: usize) -> bool {
+            capacity > 64 && capacity > 4 * len
+        }
+        if roomy(self.held.capacity(), self.held.len()) {
+            self.held.shrink_to(2 * self.held.len());
+        }
+        if roomy(self.waits.capacity(), self.waits.len()) {
+            self.waits.shrink_to(2 * self.waits.len());
+        }
+        if roomy(self.heads.capacity(), self.heads.len()) {
+            self.heads.shrink_to(2 * self.heads.len());
+        }
+    }
 }
+
+/// A departed connection's waits still in queues: the lock name and the
+/// wait's arrival number, in no particular order.
+type DeadWaits = Vec<(Arc<str>, u64)>;
 
 /// The connections' holdings, and what departed connections left behind.
 #[derive(Debug, Default)]
@@ -275,7 +298,7 @@ struct Clients {
     departed: FxHashSet<ClientId>,
     /// The dead waits to clear, by connection, in departure order (some may
     /// be gone already: cleared at a queue's head, or timed out).
-    to_clear: VecDeque<(ClientId, BTreeMap<Arc<str>, u64>)>,
+    to_clear: VecDeque<(ClientId, DeadWaits)>,
     /// Dead waits still in queues.
     dead_waits: usize,
     /// Since when clearing is due, while `to_clear` is not empty.
@@ -600,6 +623,7 @@ impl<T> LockTable<T> {
         } else {
             return Unlocked::NotFound;
         };
+        holdings.give_back_memory();
         let Some(queue) = self.queues.get_mut(&name) else {
             return Unlocked::NotFound;
         };
@@ -651,6 +675,10 @@ impl<T> LockTable<T> {
         // In name order, the order of the grants this may cause: the holds,
         // and the waits at the head of a queue that no exclusive holder
         // blocks.
+        let mut held: Vec<_> = held.into_iter().collect();
+        held.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut heads: Vec<_> = heads.into_iter().collect();
+        heads.sort_unstable();
         let mut held = held.into_iter().peekable();
         let mut heads = heads.into_iter().peekable();
         loop {
@@ -704,7 +732,9 @@ impl<T> LockTable<T> {
             departure.withdrawn += dead;
             self.clients.dead_waits += dead;
             self.clients.departed.insert(client);
-            self.clients.to_clear.push_back((client, waits));
+            self.clients
+                .to_clear
+                .push_back((client, waits.into_iter().collect()));
             self.clients.clear_due.get_or_insert(now);
         }
         self.give_back_memory();
@@ -880,6 +910,11 @@ impl<T> LockTable<T> {
     pub fn check_invariants(&self) -> Result<(), String> {
         let clients = &self.clients;
         let (mut held, mut waiting, mut dead, mut timed) = (0, 0, 0, 0);
+        let listed_dead: FxHashSet<(ClientId, &str, u64)> = clients
+            .to_clear
+            .iter()
+            .flat_map(|(c, waits)| waits.iter().map(move |(n, s)| (*c, &**n, *s)))
+            .collect();
         for (name, queue) in &self.queues {
             queue
                 .holders
@@ -939,11 +974,7 @@ impl<T> LockTable<T> {
                     }
                 }
                 if clients.departed.contains(&w.client) {
-                    let listed = clients
-                        .to_clear
-                        .iter()
-                        .any(|(c, waits)| *c == w.client && waits.get(name) == Some(&seq));
-                    if !listed {
+                    if !listed_dead.contains(&(w.client, &**name, seq)) {
                         return Err(format!("{name:?}: a dead wait is not listed to clear"));
                     }
                     dead += 1;
@@ -1052,7 +1083,7 @@ impl<T> LockTable<T> {
             let Some((client, waits)) = self.clients.to_clear.front_mut() else {
                 break;
             };
-            let Some((name, seq)) = waits.pop_first() else {
+            let Some((name, seq)) = waits.pop() else {
                 let client = *client;
                 self.clients.departed.remove(&client);
                 self.clients.to_clear.pop_front();
