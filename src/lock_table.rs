@@ -1131,7 +1131,8 @@ impl<T> LockTable<T> {
     /// of one is unused, halve what it keeps, so that memory taken in a burst
     /// goes back. Each shrink costs a pass over what is left, paid for by the
     /// removals that made room; these are per connection, so small. (The
-    /// B-trees and lanes give memory back by themselves.)
+    /// B-trees and lanes give memory back by themselves, and a connection's
+    /// own maps in [`Holdings::give_back_memory`].)
     fn give_back_memory(&mut self) {
         fn roomy(capacity: usize, len: usize) -> bool {
             capacity > 1024 && capacity > 4 * len
