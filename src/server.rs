@@ -434,12 +434,11 @@ impl Server {
     }
 
     fn poll_timeout(&mut self, now: Instant) -> Option<Duration> {
-        let room_waiters_ready = !self.status_queue.is_empty()
-            && self.total_unsent + self.core.status_room_needed() <= STATUS_OUTPUT_CEILING;
+        let status_waiters_ready = !self.status_queue.is_empty() && self.status_room_free();
         if !self.backlog.is_empty()
             || !self.to_reap.is_empty()
             || !self.to_flush.is_empty()
-            || room_waiters_ready
+            || status_waiters_ready
         {
             return Some(Duration::ZERO);
         }
@@ -583,15 +582,12 @@ impl Server {
             self.log_rejection(now, format_args!("refused {peer}: not in `allowed`"));
             refuse(
                 stream,
-                Reply::Error {
-                    error: ErrorCode::Denied,
-                    detail: Some(format!(
-                        "{} is not in the server's `allowed` list",
-                        peer.ip()
-                    )),
-                    limit: None,
-                    id: None,
-                },
+                ErrorCode::Denied,
+                Some(format!(
+                    "{} is not in the server's `allowed` list",
+                    peer.ip()
+                )),
+                None,
             );
             return;
         }
@@ -606,16 +602,13 @@ impl Server {
             );
             refuse(
                 stream,
-                Reply::Error {
-                    error: ErrorCode::TooManyConnections,
-                    detail: Some(format!(
-                        "{} has {per_ip} connections open, the most allowed from one address \
+                ErrorCode::TooManyConnections,
+                Some(format!(
+                    "{} has {per_ip} connections open, the most allowed from one address \
                          (max_connections_per_ip)",
-                        peer.ip()
-                    )),
-                    limit: Some(per_ip),
-                    id: None,
-                },
+                    peer.ip()
+                )),
+                Some(per_ip),
             );
             return;
         }
@@ -626,15 +619,7 @@ impl Server {
                 now,
                 format_args!("refused {peer}: max_connections ({max}) reached"),
             );
-            refuse(
-                stream,
-                Reply::Error {
-                    error: ErrorCode::TooManyConnections,
-                    detail: None,
-                    limit: Some(max),
-                    id: None,
-                },
-            );
+            refuse(stream, ErrorCode::TooManyConnections, None, Some(max));
             return;
         }
         let setup = stream
@@ -858,14 +843,19 @@ impl Server {
         }
     }
 
+    /// Whether a whole `status` reply fits under the server-wide ceiling of
+    /// unsent replies.
+    fn status_room_free(&self) -> bool {
+        self.total_unsent + self.core.status_room_needed() <= STATUS_OUTPUT_CEILING
+    }
+
     /// Lets as many waiting `status` requests go this turn as its budget
     /// allows, oldest first, while the server-wide ceiling leaves room.
     fn wake_status_waiters(&mut self) {
-        let needed = self.core.status_room_needed().max(1);
-        if self.total_unsent + needed > STATUS_OUTPUT_CEILING {
+        if !self.status_room_free() {
             return;
         }
-        let mut places = TURN_STATUS_BUDGET / needed;
+        let mut places = TURN_STATUS_BUDGET / self.core.status_room_needed().max(1);
         while places > 0 {
             let Some(key) = self.status_queue.pop_front() else {
                 break;
@@ -1242,7 +1232,13 @@ impl Server {
 /// blocking: a fresh socket has room for these few bytes, and they reach the
 /// peer ahead of the close (also ahead of a reset, when the peer had
 /// already sent something).
-fn refuse(stream: TcpStream, reply: Reply) {
+fn refuse(stream: TcpStream, error: ErrorCode, detail: Option<String>, limit: Option<usize>) {
+    let reply = Reply::Error {
+        error,
+        detail,
+        limit,
+        id: None,
+    };
     let mut bytes = Vec::new();
     reply.encode(&mut bytes);
     let _ = (&stream).write(&bytes);
