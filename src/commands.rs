@@ -6,20 +6,24 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, error, info, warn};
 use rustc_hash::FxHashMap;
 
 use crate::frame::TooLarge;
 use crate::keepalive::Keepalive;
 use crate::lock_table::{
-    ClientId, Departure, Effect, LockRequest, LockTable, LockView, Refusal, Unlocked,
+    ClientId, Departure, Effect, LockRequest, LockTable, LockView, Mode, Reclaim, Refusal, Unlocked,
 };
+use crate::proof::ProofKey;
 use crate::protocol::{
-    self, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, Reply, Request, RequestId,
-    ServerName, StatsResult, StatusFilter, StatusResult, UnlockForm, UnlockResult, WaiterStatus,
+    self, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, ReclaimClaim, Reply,
+    Request, RequestId, ServerName, StatsResult, StatusFilter, StatusResult, UnlockForm,
+    UnlockResult, WaiterStatus,
 };
 use crate::rate_limit::{LogLimiter, escaped};
+use crate::recovery::Recovery;
 use crate::tokens;
+use crate::tokens::PreviousRun;
 
 /// A reply and the connection it goes to.
 #[derive(Debug)]
@@ -62,6 +66,9 @@ pub struct Settings {
 struct Peer {
     addr: SocketAddr,
     name: String,
+    /// Said `hello`, so it can use the proofs of its grants (the original
+    /// v1 client never does, and gets the replies it always got).
+    proofs: bool,
 }
 
 /// The lock service without its sockets.
@@ -78,6 +85,13 @@ pub struct Core {
     bad_message_log: LogLimiter,
     table_full_log: LogLimiter,
     effects: Vec<Effect<RequestId>>,
+    recovery: Recovery,
+    reclaims_refused: u64,
+    reclaim_conflicts: u64,
+    reclaim_log: LogLimiter,
+    /// The grants listed at the last clean stop have all been reclaimed
+    /// (and this was logged).
+    told_all_reclaimed: bool,
 }
 
 impl Core {
@@ -103,7 +117,41 @@ impl Core {
             bad_message_log: LogLimiter::new(20, Duration::from_secs(10)),
             table_full_log: LogLimiter::new(20, Duration::from_secs(10)),
             effects: Vec::new(),
+            recovery: Recovery::new(
+                ProofKey::ephemeral(),
+                first_token,
+                &PreviousRun::None,
+                now,
+                Duration::ZERO,
+            ),
+            reclaims_refused: 0,
+            reclaim_conflicts: 0,
+            reclaim_log: LogLimiter::new(50, Duration::from_secs(10)),
+            told_all_reclaimed: false,
         }
+    }
+
+    /// Sets the rules for reclaims after a restart, and holds back what
+    /// they need: after a crash every grant until the window closes; after
+    /// a clean stop only the locks held then, until their holders have
+    /// reclaimed them or the window closes. Call before any request.
+    pub fn recover(&mut self, recovery: Recovery, previous: &PreviousRun) {
+        if let Some(until) = recovery.closes_at() {
+            match previous {
+                PreviousRun::Stopped(held) => self
+                    .table
+                    .reserve_until(held.iter().map(|lock| lock.lock_name.as_str()), until),
+                PreviousRun::Unknown | PreviousRun::None => self.table.hold_grants_until(until),
+            }
+        }
+        self.recovery = recovery;
+    }
+
+    /// Ends the window for reclaims once its time has come; returns what
+    /// the clean stop listed and nobody reclaimed, when that call ended it.
+    pub fn close_reclaims_if_due(&mut self, now: Instant) -> Option<Option<usize>> {
+        let left = self.recovery.listed_left();
+        self.recovery.close_if_due(now).then_some(left)
     }
 
     /// Registers a new connection from `addr`.
@@ -115,6 +163,7 @@ impl Core {
             Peer {
                 addr,
                 name: String::new(),
+                proofs: false,
             },
         );
         client
@@ -161,8 +210,16 @@ impl Core {
             Ok(Request::Lock {
                 id,
                 lock,
+                mode,
+                reclaim: Some(claim),
+                ..
+            }) => self.command_reclaim(from, id, &lock, mode, claim, now, out),
+            Ok(Request::Lock {
+                id,
+                lock,
                 timeout,
                 mode,
+                reclaim: None,
             }) => {
                 let request = LockRequest {
                     client: from,
@@ -221,9 +278,13 @@ impl Core {
         self.send_effects(out);
     }
 
-    /// When [`Core::expire`] next has work.
+    /// When [`Core::expire`] or [`Core::close_reclaims_if_due`] next has work.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        self.table.next_deadline()
+        self.table
+            .next_deadline()
+            .into_iter()
+            .chain(self.recovery.closes_at())
+            .min()
     }
 
     /// The token the next grant will carry.
@@ -279,6 +340,88 @@ impl Core {
         });
         if table_full {
             self.log_table_full(from, now);
+        }
+        self.send_effects(out);
+    }
+
+    /// A lock request that claims a grant of the previous run back: given
+    /// back at once if the rules allow and it excludes nobody, else refused.
+    #[allow(clippy::too_many_arguments)]
+    fn command_reclaim(
+        &mut self,
+        from: ClientId,
+        id: RequestId,
+        lock: &str,
+        mode: Mode,
+        claim: ReclaimClaim,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let ReclaimClaim { token, proof } = claim;
+        if let Err(why) = self.recovery.check(lock, mode, token, &proof, now) {
+            self.reclaims_refused += 1;
+            if let Some(suppressed) = self.reclaim_log.admit(now) {
+                if suppressed > 0 {
+                    warn!("{suppressed} more reclaim lines were not logged");
+                }
+                warn!(
+                    "refused {}'s reclaim of {} (token {token}): {why}",
+                    self.describe(from),
+                    quoted(lock)
+                );
+            }
+            self.reply(from, id, Outcome::Refused(why.to_string()), out);
+            return;
+        }
+        let request = Reclaim {
+            client: from,
+            lock,
+            mode,
+            token,
+            tag: id,
+        };
+        self.table.reclaim(request, now, &mut self.effects);
+        let mut honoured = false;
+        for effect in &self.effects {
+            match effect {
+                Effect::Granted { client, .. } if *client == from => honoured = true,
+                Effect::Refused { reason, .. } => {
+                    self.reclaims_refused += 1;
+                    if let Refusal::ReclaimConflict { holder, .. } = reason {
+                        self.reclaim_conflicts += 1;
+                        // Two clients believe they hold this lock: one of
+                        // them is not what it claims, or ran past its lease.
+                        error!(
+                            "reclaim conflict on {}: {} claims token {token} while {} holds it; \
+                             refused",
+                            quoted(lock),
+                            self.describe(from),
+                            self.describe(*holder)
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        if honoured {
+            self.recovery.honoured(token);
+            if let Some(suppressed) = self.reclaim_log.admit(now) {
+                if suppressed > 0 {
+                    info!("{suppressed} more reclaim lines were not logged");
+                }
+                info!(
+                    "{} reclaimed {} (token {token})",
+                    self.describe(from),
+                    quoted(lock)
+                );
+            }
+            if !self.told_all_reclaimed && self.recovery.listed_left() == Some(0) {
+                self.told_all_reclaimed = true;
+                info!(
+                    "every lock held at the last stop has been reclaimed, {} ms after the start",
+                    millis(now.saturating_duration_since(self.started))
+                );
+            }
         }
         self.send_effects(out);
     }
@@ -341,6 +484,7 @@ impl Core {
     ) {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.name = client;
+            peer.proofs = true;
         }
         let keepalive = self.settings.keepalive;
         let result = HelloResult {
@@ -359,6 +503,7 @@ impl Core {
             release_after_ms: millis(keepalive.release_after()),
             earliest_release_ms: millis(keepalive.earliest_release()),
             grants_resume_in_ms: millis(self.table.grants_resume_in(now)),
+            reclaim_for_ms: millis(self.recovery.open_for(now)),
         };
         self.reply(from, id, Outcome::Hello(Box::new(result)), out);
     }
@@ -444,6 +589,9 @@ impl Core {
             rejected_connections: self.rejected_connections,
             frame_timeouts: self.frame_timeouts,
             bad_messages: self.bad_messages,
+            reclaims: totals.reclaims,
+            reclaims_refused: self.reclaims_refused,
+            reclaim_conflicts: self.reclaim_conflicts,
         };
         self.reply(from, id, Outcome::Stats(Box::new(result)), out);
     }
@@ -518,10 +666,16 @@ impl Core {
                     client,
                     tag,
                     lock,
+                    mode,
                     token,
                 } => {
                     debug!("granted {lock:?} to conn {client}, token {token}");
-                    (client, tag, Outcome::Granted { token })
+                    let proof = self
+                        .peers
+                        .get(&client)
+                        .is_some_and(|peer| peer.proofs)
+                        .then(|| self.recovery.key().sign(&lock, mode, token));
+                    (client, tag, Outcome::Granted { token, proof })
                 }
                 Effect::TimedOut { client, tag } => (client, tag, Outcome::Timeout),
                 Effect::Cancelled { client, tag } => (client, tag, Outcome::Cancelled),
@@ -568,7 +722,17 @@ fn refusal_outcome(reason: Refusal) -> Outcome {
         Refusal::TableFull { limit } => Outcome::TooMany(format!(
             "the server holds or queues {limit} lock requests, the most allowed (max_lock_entries)"
         )),
+        Refusal::ReclaimConflict { holder, mode, .. } => Outcome::Refused(format!(
+            "conn {holder} holds this lock in {} mode: two clients believe they hold it, and \
+             the one that reclaimed first keeps it",
+            mode.as_str()
+        )),
     }
+}
+
+/// A lock name for a log line: quoted, control characters escaped.
+fn quoted(lock: &str) -> String {
+    format!("\"{}\"", escaped(lock))
 }
 
 fn millis(d: Duration) -> u64 {

@@ -273,7 +273,10 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
             ensure!(name_ok(&lock), "lock name {lock:?}");
             Reply::Rpc {
                 id,
-                result: Outcome::Granted { token: 1 },
+                result: Outcome::Granted {
+                    token: 1,
+                    proof: None,
+                },
             }
         }
         Request::Unlock { form, lock } => {
@@ -610,7 +613,7 @@ impl CoreCheck {
             let json: Value =
                 serde_json::from_slice(&body).map_err(|e| format!("{reply:?}: {e}"))?;
             let Reply::Rpc {
-                result: Outcome::Granted { token },
+                result: Outcome::Granted { token, proof },
                 ..
             } = reply
             else {
@@ -618,6 +621,12 @@ impl CoreCheck {
             };
             let sent = json.get("result").and_then(|r| r.get("token"));
             ensure_eq!(sent.and_then(Value::as_u64), Some(token), "{json:?}");
+            let sent_proof = json.get("result").and_then(|r| r.get("proof"));
+            ensure_eq!(
+                sent_proof.and_then(Value::as_str),
+                proof.as_deref(),
+                "{json:?}"
+            );
             ensure!(
                 token < self.core.next_token(),
                 "token {token} not issued yet"

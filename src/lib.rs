@@ -36,8 +36,10 @@ pub mod keepalive;
 #[cfg(feature = "model")]
 pub mod lock_model;
 pub mod lock_table;
+pub mod proof;
 pub mod protocol;
 pub mod rate_limit;
+pub mod recovery;
 pub mod server;
 pub mod tokens;
 

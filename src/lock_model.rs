@@ -87,6 +87,7 @@ impl<T: Clone> Model<T> {
                     client: queue[i].client,
                     tag: queue[i].tag.clone(),
                     lock: Arc::from(name),
+                    mode: queue[i].mode,
                     token,
                 });
             }
@@ -126,6 +127,7 @@ impl<T: Clone> Model<T> {
                     client,
                     tag,
                     lock: Arc::from(name),
+                    mode,
                     token,
                 },
                 Some(_) => Effect::Refused {

@@ -21,7 +21,7 @@
 
 mod lane;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -88,6 +88,16 @@ pub enum Refusal {
         /// The table's limit.
         limit: usize,
     },
+    /// A reclaim of a lock someone holds in a way that excludes it (two
+    /// clients both believe they hold it: one of them is wrong).
+    ReclaimConflict {
+        /// Who holds it.
+        holder: ClientId,
+        /// How.
+        mode: Mode,
+        /// With what token.
+        token: u64,
+    },
 }
 
 /// A reply the table decided on. `T` is the caller's tag for the request
@@ -102,6 +112,8 @@ pub enum Effect<T> {
         tag: T,
         /// The lock's name.
         lock: Arc<str>,
+        /// How it is granted.
+        mode: Mode,
         /// The fencing token of this grant.
         token: u64,
     },
@@ -141,6 +153,23 @@ pub struct LockRequest<'a, T> {
     pub mode: Mode,
     /// `None` waits for ever, zero tries once, anything else waits at most that long.
     pub timeout: Option<Duration>,
+    /// The caller's tag, handed back in the answering effect.
+    pub tag: T,
+}
+
+/// A grant of an earlier run that its holder asks to have back, with the
+/// grant's own token and mode. Whether it is genuine is for the caller to
+/// check; the table only makes sure it excludes nobody.
+#[derive(Debug)]
+pub struct Reclaim<'a, T> {
+    /// Who asks.
+    pub client: ClientId,
+    /// The lock's name.
+    pub lock: &'a str,
+    /// The mode it was granted in.
+    pub mode: Mode,
+    /// The token it was granted with, below every token of this table.
+    pub token: u64,
     /// The caller's tag, handed back in the answering effect.
     pub tag: T,
 }
@@ -318,6 +347,8 @@ pub struct Totals {
     pub timeouts: u64,
     /// Locks released because their holder's connection closed, since start.
     pub released_by_disconnect: u64,
+    /// Grants of an earlier run given back to their holders, since start.
+    pub reclaims: u64,
 }
 
 /// Everything a grant or a departure touches besides the queue itself.
@@ -328,6 +359,12 @@ struct Books {
     last_token: u64,
     /// No grant before this instant (after a restart); `None` once passed.
     grants_from: Option<Instant>,
+    /// Locks held when the previous run stopped, with how many of their
+    /// grants are not reclaimed yet: nothing else is granted on them until
+    /// every one is, or until `reserved_until`.
+    reserved: HashMap<Box<str>, usize>,
+    /// When the reservations end; `None` once they have.
+    reserved_until: Option<Instant>,
     /// Queued requests with a deadline, earliest first: (deadline, arrival
     /// number) -> lock name. A wait that leaves takes its entry with it, so
     /// this follows the waits down as well as up.
@@ -338,6 +375,11 @@ struct Books {
 impl Books {
     fn holding_grants(&self, now: Instant) -> bool {
         self.grants_from.is_some_and(|from| now < from) || self.next_token > self.last_token
+    }
+
+    /// Whether nothing may be granted on `name` at `now`.
+    fn holding_back(&self, name: &str, now: Instant) -> bool {
+        self.holding_grants(now) || (!self.reserved.is_empty() && self.reserved.contains_key(name))
     }
 
     /// Forgets the deadline of a wait that has left its queue.
@@ -368,7 +410,7 @@ fn settle<T>(
     now: Instant,
     out: &mut Vec<Effect<T>>,
 ) {
-    let holding = books.holding_grants(now);
+    let holding = books.holding_back(name, now);
     while let Some((_, head)) = queue.waiters.front() {
         let (client, mode) = (head.client, head.mode);
         let departed = !clients.departed.is_empty() && clients.departed.contains(&client);
@@ -409,6 +451,7 @@ fn settle<T>(
             client,
             tag: waiter.tag,
             lock: Arc::clone(name),
+            mode,
             token,
         });
     }
@@ -460,6 +503,8 @@ impl<T> LockTable<T> {
                 next_token: first_token,
                 last_token: u64::MAX,
                 grants_from: None,
+                reserved: HashMap::new(),
+                reserved_until: None,
                 deadlines: BTreeMap::new(),
                 totals: Totals::default(),
             },
@@ -491,6 +536,7 @@ impl<T> LockTable<T> {
                         client,
                         tag,
                         lock: Arc::clone(name),
+                        mode,
                         token,
                     }
                 } else {
@@ -532,7 +578,7 @@ impl<T> LockTable<T> {
             return;
         }
 
-        let holding = self.books.holding_grants(now);
+        let holding = self.books.holding_back(lock, now);
         let (name, free) = match self.queues.get_key_value(lock) {
             Some((name, queue)) => (
                 Arc::clone(name),
@@ -571,6 +617,7 @@ impl<T> LockTable<T> {
                 client,
                 tag,
                 lock: name,
+                mode,
                 token,
             });
             return;
@@ -601,6 +648,135 @@ impl<T> LockTable<T> {
             queue.head = Some((seq, client));
             holdings.heads.insert(name);
         }
+    }
+
+    /// Gives a grant of an earlier run back to `client`, with its own token,
+    /// ahead of any waiter, unless it would exclude a holder or break a
+    /// limit. Answered at once: [`Effect::Granted`] with the grant's token,
+    /// or [`Effect::Refused`]. A reclaim of a reserved lock counts towards
+    /// ending its reservation.
+    pub fn reclaim(&mut self, request: Reclaim<'_, T>, now: Instant, out: &mut Vec<Effect<T>>) {
+        let Reclaim {
+            client,
+            lock,
+            mode,
+            token,
+            tag,
+        } = request;
+        if self.clients.departed.contains(&client) {
+            self.clear_departed_now(client);
+        }
+        let holdings = self.clients.holdings.get(&client);
+        let refusal = if let Some(&(_, held_mode)) = holdings.and_then(|h| h.held.get(lock)) {
+            Some(Refusal::HeldInOtherMode(held_mode))
+        } else if holdings.is_some_and(|h| h.waits.contains_key(lock)) {
+            Some(Refusal::AlreadyWaiting)
+        } else if holdings.map_or(0, Holdings::len) >= self.max_per_client {
+            Some(Refusal::TooMany {
+                limit: self.max_per_client,
+            })
+        } else if let Some(holder) = self.queues.get(lock).and_then(|queue| {
+            let (_, holder) = queue.holders.front()?;
+            let excludes = holder.mode == Mode::Exclusive || mode == Mode::Exclusive;
+            excludes.then_some(holder)
+        }) {
+            Some(Refusal::ReclaimConflict {
+                holder: holder.client,
+                mode: holder.mode,
+                token: holder.token,
+            })
+        } else if token >= self.books.next_token {
+            // Not of an earlier run; the caller checks this first.
+            Some(Refusal::ReclaimConflict {
+                holder: client,
+                mode,
+                token,
+            })
+        } else if !self.make_room() {
+            Some(Refusal::TableFull {
+                limit: self.max_entries,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason,
+            });
+            return;
+        }
+        let name = match self.queues.get_key_value(lock) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(lock),
+        };
+        let queue = self
+            .queues
+            .entry(Arc::clone(&name))
+            .or_insert_with(Queue::new);
+        let holder = Holder {
+            client,
+            mode,
+            token,
+            since: now,
+        };
+        if !queue.holders.insert(token, holder) {
+            // Only shared holders can be there, none of them with this token
+            // (tokens are unique, and a token is reclaimed once).
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason: Refusal::ReclaimConflict {
+                    holder: client,
+                    mode,
+                    token,
+                },
+            });
+            return;
+        }
+        self.clients
+            .holdings
+            .entry(client)
+            .or_default()
+            .held
+            .insert(Arc::clone(&name), (token, mode));
+        self.books.totals.held += 1;
+        self.books.totals.reclaims += 1;
+        out.push(Effect::Granted {
+            client,
+            tag,
+            lock: Arc::clone(&name),
+            mode,
+            token,
+        });
+        if let Some(left) = self.books.reserved.get_mut(lock) {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                self.books.reserved.remove(lock);
+                if self.books.reserved.is_empty() {
+                    self.books.reserved_until = None;
+                }
+            }
+        }
+        settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+    }
+
+    /// Reserves the locks the previous run held when it stopped, one entry
+    /// per grant: nothing is granted on them until each of their grants is
+    /// reclaimed, or until `until`.
+    pub fn reserve_until<'a>(&mut self, grants: impl IntoIterator<Item = &'a str>, until: Instant) {
+        for name in grants {
+            *self.books.reserved.entry(Box::from(name)).or_default() += 1;
+        }
+        if !self.books.reserved.is_empty() {
+            self.books.reserved_until = Some(until);
+        }
+    }
+
+    /// Locks still reserved for holders of the previous run.
+    pub fn reserved(&self) -> usize {
+        self.books.reserved.len()
     }
 
     /// Takes `client` out of `lock`'s queue, whether it holds the lock or waits
@@ -753,7 +929,10 @@ impl<T> LockTable<T> {
                 .first_key_value()
                 .is_some_and(|((at, _), _)| *at <= now)
         };
-        if !due(&self.books) && self.books.grants_from.is_none() && self.clients.to_clear.is_empty()
+        if !due(&self.books)
+            && self.books.grants_from.is_none()
+            && self.books.reserved_until.is_none()
+            && self.clients.to_clear.is_empty()
         {
             return;
         }
@@ -800,6 +979,24 @@ impl<T> LockTable<T> {
                 settle(queue, name, &mut self.books, &mut self.clients, now, out);
             }
         }
+        if !due(&self.books) && self.books.reserved_until.is_some_and(|until| until <= now) {
+            self.books.reserved_until = None;
+            let mut names: Vec<Box<str>> =
+                self.books.reserved.drain().map(|(name, _)| name).collect();
+            names.sort_unstable();
+            for name in names {
+                let Some(name) = self
+                    .queues
+                    .get_key_value(&*name)
+                    .map(|(n, _)| Arc::clone(n))
+                else {
+                    continue;
+                };
+                if let Some(queue) = self.queues.get_mut(&name) {
+                    settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+                }
+            }
+        }
         self.clear_departed(budget);
     }
 
@@ -815,6 +1012,7 @@ impl<T> LockTable<T> {
         wait_deadline
             .into_iter()
             .chain(self.books.grants_from)
+            .chain(self.books.reserved_until)
             .chain(self.clients.clear_due)
             .min()
     }
@@ -945,7 +1143,8 @@ impl<T> LockTable<T> {
                 .iter()
                 .find(|(_, w)| !clients.departed.contains(&w.client));
             if let Some((_, w)) = first_live {
-                if self.books.grants_from.is_none() && queue.admits(w.mode) {
+                let reserved = self.books.reserved.contains_key(&**name);
+                if self.books.grants_from.is_none() && !reserved && queue.admits(w.mode) {
                     return Err(format!("{name:?}: head waiter could be granted but waits"));
                 }
             }
@@ -1222,6 +1421,25 @@ mod tests {
             self.check()
         }
 
+        fn reclaim(
+            &mut self,
+            client: ClientId,
+            name: &str,
+            mode: Mode,
+            token: u64,
+            tag: u32,
+        ) -> Vec<Effect<u32>> {
+            let request = Reclaim {
+                client,
+                lock: name,
+                mode,
+                token,
+                tag,
+            };
+            self.table.reclaim(request, self.now, &mut self.out);
+            self.check()
+        }
+
         fn unlock(&mut self, client: ClientId, name: &str) -> (Unlocked, Vec<Effect<u32>>) {
             let result = self.table.unlock(client, name, self.now, &mut self.out);
             (result, self.check())
@@ -1245,10 +1463,15 @@ mod tests {
     }
 
     fn granted(client: ClientId, tag: u32, lock: &str, token: u64) -> Effect<u32> {
+        granted_in(Mode::Exclusive, client, tag, lock, token)
+    }
+
+    fn granted_in(mode: Mode, client: ClientId, tag: u32, lock: &str, token: u64) -> Effect<u32> {
         Effect::Granted {
             client,
             tag,
             lock: Arc::from(lock),
+            mode,
             token,
         }
     }
@@ -1261,6 +1484,104 @@ mod tests {
             vec![granted(A, 7, "x", 100)]
         );
         assert_eq!(f.table.next_token(), 101);
+    }
+
+    #[test]
+    fn reclaims_go_ahead_of_waiters_keep_their_tokens_and_exclude_nobody() {
+        let mut f = Fixture::new();
+        f.table
+            .hold_grants_until(f.now + Duration::from_millis(100));
+        assert!(f.lock(B, "x", Mode::Exclusive, None, 1).is_empty());
+        assert_eq!(
+            f.reclaim(A, "x", Mode::Exclusive, 5, 2),
+            vec![granted(A, 2, "x", 5)],
+            "ahead of the waiter, with its own token"
+        );
+        assert_eq!(
+            f.reclaim(C, "x", Mode::Shared, 7, 3),
+            vec![Effect::Refused {
+                client: C,
+                tag: 3,
+                reason: Refusal::ReclaimConflict {
+                    holder: A,
+                    mode: Mode::Exclusive,
+                    token: 5
+                }
+            }],
+            "the later of two conflicting reclaims is refused"
+        );
+        // Shared grants come back in any order and still sit by token.
+        assert_eq!(
+            f.reclaim(C, "s", Mode::Shared, 9, 4),
+            vec![granted_in(Mode::Shared, C, 4, "s", 9)]
+        );
+        assert_eq!(
+            f.reclaim(D, "s", Mode::Shared, 3, 5),
+            vec![granted_in(Mode::Shared, D, 5, "s", 3)]
+        );
+        let tokens: Vec<u64> = f
+            .table
+            .get("s")
+            .unwrap()
+            .holders()
+            .map(|h| h.token)
+            .collect();
+        assert_eq!(tokens, [3, 9]);
+        assert!(
+            matches!(
+                f.reclaim(D, "y", Mode::Exclusive, 100, 6).as_slice(),
+                [Effect::Refused { .. }]
+            ),
+            "a token of this table is no reclaim"
+        );
+        assert_eq!(f.table.totals().reclaims, 3);
+        assert_eq!(f.table.totals().grants, 0, "a reclaim is not a new grant");
+        assert!(
+            f.advance(100).is_empty(),
+            "the waiter stays behind the holder"
+        );
+        let (_, effects) = f.unlock(A, "x");
+        assert_eq!(effects, vec![granted(B, 1, "x", 100)]);
+    }
+
+    #[test]
+    fn a_reserved_lock_goes_to_no_one_else_until_reclaimed_or_its_time_is_up() {
+        let mut f = Fixture::new();
+        let until = f.now + Duration::from_millis(100);
+        f.table.reserve_until(["x", "x", "y"], until);
+        assert_eq!(f.table.next_deadline(), Some(until));
+        assert_eq!(
+            f.lock(B, "z", Mode::Exclusive, None, 1),
+            vec![granted(B, 1, "z", 100)],
+            "a lock nobody held at the stop is granted at once"
+        );
+        assert!(f.lock(B, "x", Mode::Shared, None, 2).is_empty());
+        assert_eq!(
+            f.lock(C, "y", Mode::Exclusive, Some(0), 3),
+            vec![Effect::TimedOut { client: C, tag: 3 }]
+        );
+        assert!(f.lock(C, "y", Mode::Exclusive, None, 4).is_empty());
+        assert_eq!(
+            f.reclaim(A, "x", Mode::Shared, 5, 5),
+            vec![granted_in(Mode::Shared, A, 5, "x", 5)],
+            "one of the two shared grants of x: x stays reserved"
+        );
+        assert_eq!(
+            f.reclaim(D, "x", Mode::Shared, 6, 6),
+            vec![
+                granted_in(Mode::Shared, D, 6, "x", 6),
+                granted_in(Mode::Shared, B, 2, "x", 101)
+            ],
+            "both reclaimed: the shared waiter joins them"
+        );
+        assert_eq!(f.table.reserved(), 1);
+        assert_eq!(
+            f.advance(100),
+            vec![granted(C, 4, "y", 102)],
+            "y was never reclaimed: free once its time is up"
+        );
+        assert_eq!(f.table.reserved(), 0);
+        assert_eq!(f.table.next_deadline(), None);
     }
 
     #[test]
@@ -1282,7 +1603,7 @@ mod tests {
         f.lock(A, "x", Mode::Shared, None, 1);
         assert_eq!(
             f.lock(A, "x", Mode::Shared, None, 2),
-            vec![granted(A, 2, "x", 100)]
+            vec![granted_in(Mode::Shared, A, 2, "x", 100)]
         );
         assert_eq!(f.table.totals().grants, 1);
         assert_eq!(
@@ -1376,7 +1697,7 @@ mod tests {
             f.advance(100),
             vec![
                 Effect::TimedOut { client: B, tag: 2 },
-                granted(C, 3, "x", 101)
+                granted_in(Mode::Shared, C, 3, "x", 101)
             ]
         );
     }
@@ -1401,7 +1722,10 @@ mod tests {
         let (_, effects) = f.unlock(A, "x");
         assert_eq!(
             effects,
-            vec![granted(B, 2, "x", 101), granted(C, 3, "x", 102)]
+            vec![
+                granted_in(Mode::Shared, B, 2, "x", 101),
+                granted_in(Mode::Shared, C, 3, "x", 102)
+            ]
         );
         let (_, effects) = f.unlock(B, "x");
         assert!(
@@ -1424,7 +1748,7 @@ mod tests {
         let (_, effects) = f.unlock(A, "x");
         assert_eq!(effects, vec![granted(B, 2, "x", 101)]);
         let (_, effects) = f.unlock(B, "x");
-        assert_eq!(effects, vec![granted(C, 3, "x", 102)]);
+        assert_eq!(effects, vec![granted_in(Mode::Shared, C, 3, "x", 102)]);
     }
 
     #[test]
@@ -1512,7 +1836,10 @@ mod tests {
         assert!(f.table.holding_grants(f.now));
         assert_eq!(
             f.advance(50),
-            vec![granted(C, 3, "w", 100), granted(A, 1, "x", 101)]
+            vec![
+                granted_in(Mode::Shared, C, 3, "w", 100),
+                granted(A, 1, "x", 101)
+            ]
         );
         assert!(!f.table.holding_grants(f.now));
         assert_eq!(f.table.next_deadline(), None);
@@ -1596,7 +1923,10 @@ mod tests {
         assert_eq!(departure.withdrawn, 1);
         assert_eq!(
             effects,
-            vec![granted(C, 3, "x", 101), granted(D, 4, "x", 102)]
+            vec![
+                granted_in(Mode::Shared, C, 3, "x", 101),
+                granted_in(Mode::Shared, D, 4, "x", 102)
+            ]
         );
     }
 

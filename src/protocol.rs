@@ -32,6 +32,17 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Longest piece of peer input quoted back in an error.
 const QUOTE_BYTES: usize = 128;
 
+/// A lock request's claim to a grant of an earlier run: the grant's token
+/// and the proof the server sent with it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReclaimClaim {
+    /// The grant's fencing token.
+    pub token: u64,
+    /// The `proof` of the grant.
+    pub proof: String,
+}
+
 /// An RPC id: any JSON scalar, kept as the exact text the peer sent so that
 /// it is echoed verbatim.
 pub type RequestId = Box<RawValue>;
@@ -49,6 +60,8 @@ pub enum Request<'a> {
         timeout: Option<Duration>,
         /// Exclusive or shared.
         mode: Mode,
+        /// A grant of an earlier run to have back, instead of a new one.
+        reclaim: Option<ReclaimClaim>,
     },
     /// Give up a lock, or a wait for one.
     Unlock {
@@ -203,6 +216,7 @@ struct Parameters<'a> {
     prefix: Option<&'a RawValue>,
     limit: Option<&'a RawValue>,
     after: Option<&'a RawValue>,
+    reclaim: Option<&'a RawValue>,
     /// A key read here that came twice (the first value is kept).
     duplicate: Option<&'static str>,
 }
@@ -233,6 +247,7 @@ impl<'de> Visitor<'de> for ParamsVisitor {
                 "prefix" => (&mut params.prefix, "prefix"),
                 "limit" => (&mut params.limit, "limit"),
                 "after" => (&mut params.after, "after"),
+                "reclaim" => (&mut params.reclaim, "reclaim"),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -370,11 +385,15 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
         Err(error) => return Err(BadRequest::Invalid { id, error }),
     };
     let request = match command.as_ref() {
-        "lock" => Request::Lock {
-            id,
-            lock,
-            timeout,
-            mode,
+        "lock" => match reclaim_claim(&params) {
+            Ok(reclaim) => Request::Lock {
+                id,
+                lock,
+                timeout,
+                mode,
+                reclaim,
+            },
+            Err(error) => return Err(BadRequest::Invalid { id, error }),
         },
         "unlock" => Request::Unlock {
             form: UnlockForm::Rpc { id },
@@ -428,6 +447,21 @@ fn parse_parameters(field: Option<ParamsField<'_>>) -> Result<Parameters<'_>, St
 }
 
 type LockParts<'a> = (Cow<'a, str>, Option<Duration>, Mode);
+
+/// The `reclaim` parameter of `lock`, if given.
+fn reclaim_claim(params: &Parameters<'_>) -> Result<Option<ReclaimClaim>, String> {
+    let Some(raw) = params.reclaim.filter(|raw| !is_null(raw)) else {
+        return Ok(None);
+    };
+    serde_json::from_str::<ReclaimClaim>(raw.get())
+        .map(Some)
+        .map_err(|_| {
+            format!(
+                "`reclaim` must be {{\"token\": integer, \"proof\": string}}, got {}",
+                quote(raw.get())
+            )
+        })
+}
 
 fn parse_lock<'a>(params: &Parameters<'a>) -> Result<LockParts<'a>, String> {
     let lock = lock_name(params.lock_name)?;
@@ -696,9 +730,15 @@ impl Reply {
                     buf.extend_from_slice(b",\"result\":{\"status\":\"");
                     buf.extend_from_slice(status.as_bytes());
                     buf.push(b'"');
-                    if let Outcome::Granted { token } = result {
+                    if let Outcome::Granted { token, proof } = result {
                         buf.extend_from_slice(b",\"token\":");
                         buf.extend_from_slice(itoa::Buffer::new().format(*token).as_bytes());
+                        if let Some(proof) = proof {
+                            // Hex digits: nothing to escape.
+                            buf.extend_from_slice(b",\"proof\":\"");
+                            buf.extend_from_slice(proof.as_bytes());
+                            buf.push(b'"');
+                        }
                     }
                     buf.extend_from_slice(b"}}");
                 }
@@ -773,6 +813,9 @@ pub enum Outcome {
     Granted {
         /// The fencing token.
         token: u64,
+        /// The grant's proof, for a reclaim after a restart (sent to
+        /// connections that said `hello`).
+        proof: Option<String>,
     },
     /// `ok` with nothing more.
     Ok,
@@ -786,6 +829,8 @@ pub enum Outcome {
     Invalid(String),
     /// A configured limit was hit.
     TooMany(String),
+    /// A reclaim that is not honoured.
+    Refused(String),
     /// The `hello` answer.
     Hello(Box<HelloResult>),
     /// The `status` answer.
@@ -814,6 +859,10 @@ pub struct HelloResult {
     /// How much longer the server grants no lock, after a restart (0: it grants).
     #[serde(default)]
     pub grants_resume_in_ms: u64,
+    /// How much longer the server gives back grants of its previous run to
+    /// holders that reclaim them (0: it does not, or no longer).
+    #[serde(default)]
+    pub reclaim_for_ms: u64,
 }
 
 /// Name and version.
@@ -927,6 +976,16 @@ pub struct StatsResult {
     pub frame_timeouts: u64,
     /// Messages answered with an error.
     pub bad_messages: u64,
+    /// Grants of the previous run given back to their holders.
+    #[serde(default)]
+    pub reclaims: u64,
+    /// Reclaims not honoured (conflicts included).
+    #[serde(default)]
+    pub reclaims_refused: u64,
+    /// Reclaims refused because someone else held the lock: two clients
+    /// believed they held it, which honest clients never do.
+    #[serde(default)]
+    pub reclaim_conflicts: u64,
 }
 
 impl Serialize for Reply {
@@ -980,16 +1039,22 @@ impl Serialize for Outcome {
         let simple = |status, token, error| Simple {
             status,
             token,
+            proof: None,
             error,
         };
         match self {
-            Outcome::Granted { token } => simple("ok", Some(*token), None).serialize(s),
+            Outcome::Granted { token, proof } => Simple {
+                proof: proof.as_deref(),
+                ..simple("ok", Some(*token), None)
+            }
+            .serialize(s),
             Outcome::Ok => simple("ok", None, None).serialize(s),
             Outcome::Timeout => simple("timeout", None, None).serialize(s),
             Outcome::Cancelled => simple("cancelled", None, None).serialize(s),
             Outcome::NotFound => simple("notFound", None, None).serialize(s),
             Outcome::Invalid(error) => simple("invalid", None, Some(error)).serialize(s),
             Outcome::TooMany(error) => simple("tooMany", None, Some(error)).serialize(s),
+            Outcome::Refused(error) => simple("refused", None, Some(error)).serialize(s),
             Outcome::Hello(result) => with_status(s, result.as_ref()),
             Outcome::Status(result) => with_status(s, result.as_ref()),
             Outcome::Stats(result) => with_status(s, result.as_ref()),
@@ -1003,6 +1068,8 @@ struct Simple<'a> {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proof: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
 }
@@ -1055,10 +1122,11 @@ mod tests {
                 lock,
                 timeout,
                 mode,
+                reclaim,
             } => {
                 assert_eq!(
-                    (id.get(), lock.as_ref(), timeout, mode),
-                    ("0", "test", None, Mode::Exclusive)
+                    (id.get(), lock.as_ref(), timeout, mode, reclaim),
+                    ("0", "test", None, Mode::Exclusive, None)
                 );
             }
             other => panic!("{other:?}"),
@@ -1069,7 +1137,10 @@ mod tests {
     fn v1_replies_are_byte_compatible() {
         let granted = Reply::Rpc {
             id: id("0"),
-            result: Outcome::Granted { token: 17 },
+            result: Outcome::Granted {
+                token: 17,
+                proof: None,
+            },
         };
         assert_eq!(
             json_of(&granted),
@@ -1319,6 +1390,14 @@ mod tests {
                 id: id("7"),
                 result: Outcome::Granted {
                     token: 1_795_690_400_469_314,
+                    proof: None,
+                },
+            },
+            Reply::Rpc {
+                id: id("8"),
+                result: Outcome::Granted {
+                    token: 9,
+                    proof: Some("0123456789abcdef0123456789abcdef".to_string()),
                 },
             },
             Reply::Rpc {

@@ -25,9 +25,11 @@ use crate::connection::{Connection, State};
 use crate::frame;
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
+use crate::proof::{ProofKey, ProofKeyError};
 use crate::protocol::{ErrorCode, Reply};
 use crate::rate_limit::LogLimiter;
-use crate::tokens::{TokenStore, TokenStoreError};
+use crate::recovery::Recovery;
+use crate::tokens::{HeldLock, PreviousRun, TokenStore, TokenStoreError};
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -79,6 +81,8 @@ pub enum ServerError {
     },
     /// The token state file could not be used.
     Tokens(TokenStoreError),
+    /// The key that signs grant proofs could not be read or made.
+    Key(ProofKeyError),
     /// The event loop failed.
     Io {
         /// What was being done.
@@ -99,6 +103,7 @@ impl fmt::Display for ServerError {
             }
             ServerError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             ServerError::Tokens(e) => e.fmt(f),
+            ServerError::Key(e) => e.fmt(f),
             ServerError::Io { doing, source } => write!(f, "{doing}: {source}"),
         }
     }
@@ -221,6 +226,10 @@ impl Server {
         let keepalive = config.effective_keepalive();
         let (tokens, first_token) =
             TokenStore::open(config.state_file.as_deref()).map_err(ServerError::Tokens)?;
+        let key = match tokens.path() {
+            Some(path) => ProofKey::open(&key_path(path)).map_err(ServerError::Key)?,
+            None => ProofKey::ephemeral(),
+        };
         raise_fd_limit(config.max_connections);
 
         let poll = Poll::new().map_err(io_error("cannot create the event loop"))?;
@@ -283,16 +292,39 @@ impl Server {
             config,
         };
         server.log_start(first_token);
-        if server.tokens.previous_run_held_nothing() {
-            info!("the previous run stopped holding no lock: granting at once");
-        } else if !grace.is_zero() {
+        let previous = server.tokens.previous_run().clone();
+        let recovery = Recovery::new(key, first_token, &previous, now, grace);
+        let window = recovery.closes_at().is_some();
+        server.core.recover(recovery, &previous);
+        let ms = grace.as_millis();
+        match (&previous, window) {
+            (PreviousRun::None, _) => {
+                info!("no earlier run in the state file: granting at once");
+            }
+            (PreviousRun::Stopped(held), _) if held.is_empty() => {
+                info!("the previous run stopped holding no lock: granting at once");
+            }
+            (PreviousRun::Stopped(held), true) => info!(
+                "the previous run stopped holding {} lock(s): their holders may reclaim them for \
+                 the next {ms} ms, and nothing else is granted on those locks meanwhile; other \
+                 locks are granted at once",
+                held.len()
+            ),
+            (PreviousRun::Unknown, true) => {
+                info!(
+                    "no lock is granted for the first {ms} ms, so that clients of an earlier \
+                     run that could not see it stop have given up their locks, or reclaimed \
+                     them (restart_grace_ms)"
+                );
+                server.grace_ends = Some(now + grace);
+            }
+            (_, false) => {}
+        }
+        if server.tokens.path().is_none() && window {
             info!(
-                "no lock is granted for the first {} ms, so that clients of an earlier run \
-                 that could not see it stop have given up their locks (restart_grace_ms)",
-                grace.as_millis()
+                "without a state file, grant proofs do not survive a restart: holders of the \
+                 previous run cannot reclaim their locks"
             );
-            server.core.hold_grants_until(now + grace);
-            server.grace_ends = Some(now + grace);
         }
         Ok(server)
     }
@@ -379,6 +411,7 @@ impl Server {
             }
             self.resume_backlog(now);
             self.note_grace_end(now);
+            self.note_reclaims_end(now);
             self.core.expire(now, &mut self.outgoing);
             self.note_tokens_exhausted();
             self.close_stalled(now);
@@ -397,11 +430,12 @@ impl Server {
         });
         match outcome {
             Ok(()) => {
+                // Listed before any client sees its connection close, so
+                // that the next run knows every lock it may be asked back.
+                let held = self.held_locks();
+                let saved = self.tokens.save_final(self.core.next_token(), &held);
                 self.shut_down(true);
-                let held_nothing = self.core.table().totals().held == 0;
-                self.tokens
-                    .save_final(self.core.next_token(), held_nothing)
-                    .map_err(ServerError::Tokens)?;
+                saved.map_err(ServerError::Tokens)?;
                 info!("stopped");
                 Ok(())
             }
@@ -481,6 +515,35 @@ impl Server {
                  the tokens it has seen)",
                 self.core.next_token() - 1
             );
+        }
+    }
+
+    /// Every grant in force, for the next run to give back.
+    fn held_locks(&self) -> Vec<HeldLock> {
+        let mut held = Vec::new();
+        for view in self.core.table().iter_from("") {
+            for holder in view.holders() {
+                held.push(HeldLock {
+                    lock_name: view.name().to_string(),
+                    mode: holder.mode,
+                    token: holder.token,
+                });
+            }
+        }
+        held
+    }
+
+    /// Logs the end of the window for reclaims.
+    fn note_reclaims_end(&mut self, now: Instant) {
+        match self.core.close_reclaims_if_due(now) {
+            Some(Some(0)) | None => {}
+            Some(Some(left)) => info!(
+                "reclaims are over: {left} lock(s) held at the last stop were not reclaimed, and \
+                 may be granted to others from now"
+            ),
+            Some(None) => {
+                info!("reclaims are over: locks of the previous run are not given back any more")
+            }
         }
     }
 
@@ -1226,6 +1289,14 @@ impl Server {
         self.conns.clear();
         self.keys.clear();
     }
+}
+
+/// Where the key that signs grant proofs is kept: beside the state file,
+/// as `<state file>.key`.
+pub fn key_path(state_file: &std::path::Path) -> std::path::PathBuf {
+    let mut name = state_file.as_os_str().to_owned();
+    name.push(".key");
+    std::path::PathBuf::from(name)
 }
 
 /// Tells a peer why it is turned away, then closes. Best effort and never

@@ -1,5 +1,6 @@
-//! Where fencing tokens start, and the persisted ceiling that keeps them
-//! increasing across restarts even if the wall clock steps back.
+//! The state file: the fencing-token ceiling that keeps tokens increasing
+//! across restarts even if the wall clock steps back, and, after a clean
+//! stop, the locks that were held then (for their holders to reclaim).
 //!
 //! Tokens count up from the start value. Without a state file the start is
 //! the wall clock in microseconds, so a restart begins above every earlier
@@ -15,6 +16,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use log::warn;
+
+use crate::lock_table::Mode;
+
 /// The largest token: above 2^53, JSON readers that hold numbers as doubles
 /// (JavaScript, and PHP on overflow) would round tokens together.
 pub const MAX_TOKEN: u64 = 1 << 53;
@@ -24,6 +29,33 @@ pub const RESERVATION: u64 = 1_000_000;
 
 /// Second line of the state file after a clean stop with no lock held.
 const HELD_NOTHING: &str = "stopped-holding-nothing";
+/// Second line of the state file after a clean stop with locks held: this,
+/// a space and their count; one JSON [`HeldLock`] per line follows.
+const HELD_SOME: &str = "stopped-holding";
+
+/// A grant in force when the server stopped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldLock {
+    /// The lock's name.
+    pub lock_name: String,
+    /// How it was held.
+    pub mode: Mode,
+    /// The grant's fencing token.
+    pub token: u64,
+}
+
+/// What the state file says of the run before this one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PreviousRun {
+    /// There was none: no state file yet.
+    None,
+    /// It ended without saying what it held (killed or crashed), or there is
+    /// no state file to say: any lock may still be believed held.
+    Unknown,
+    /// It stopped cleanly, and these were all the grants in force.
+    Stopped(Vec<HeldLock>),
+}
 
 /// The token counter's persisted ceiling.
 #[derive(Debug)]
@@ -31,7 +63,7 @@ pub struct TokenStore {
     path: Option<PathBuf>,
     /// No token at or above this has been reserved on disk.
     ceiling: u64,
-    previous_held_nothing: bool,
+    previous: PreviousRun,
 }
 
 /// A state file that could not be read or written.
@@ -60,16 +92,21 @@ impl TokenStore {
             let store = TokenStore {
                 path: None,
                 ceiling: u64::MAX,
-                previous_held_nothing: false,
+                previous: PreviousRun::Unknown,
             };
             return Ok((store, clock));
         };
-        let stored = read_state(path)?;
-        let first = stored.map_or(0, |s| s.ceiling).max(clock);
+        let (ceiling, previous) = match read_state(path)? {
+            Some(stored) => (stored.ceiling, stored.previous),
+            None => (0, PreviousRun::None),
+        };
+        let first = ceiling.max(clock);
+        // The reservation below replaces the file: the list of held locks
+        // is not to be trusted again after a crash of this run.
         let mut store = TokenStore {
             path: Some(path.to_path_buf()),
             ceiling: first,
-            previous_held_nothing: stored.is_some_and(|s| s.held_nothing),
+            previous,
         };
         store.reserve_from(first)?;
         Ok((store, first))
@@ -80,10 +117,9 @@ impl TokenStore {
         self.path.as_deref()
     }
 
-    /// Whether the state file says the previous run stopped cleanly with no
-    /// lock held (so no client of it can still believe it holds one).
-    pub fn previous_run_held_nothing(&self) -> bool {
-        self.previous_held_nothing
+    /// What the state file said, at open, of the run before this one.
+    pub fn previous_run(&self) -> &PreviousRun {
+        &self.previous
     }
 
     /// Whether every token below `next_token` is covered by the ceiling on disk.
@@ -101,15 +137,15 @@ impl TokenStore {
     }
 
     /// Records `next_token` as the ceiling, so the next start begins right
-    /// there instead of a reservation further on, and whether any lock was
-    /// held at the end. For a clean shutdown.
+    /// there instead of a reservation further on, and the grants in force
+    /// at the end. For a clean shutdown.
     pub fn save_final(
         &mut self,
         next_token: u64,
-        held_nothing: bool,
+        held: &[HeldLock],
     ) -> Result<(), TokenStoreError> {
         if let Some(path) = &self.path {
-            write_state(path, next_token, held_nothing)?;
+            write_state(path, next_token, Some(held))?;
             self.ceiling = next_token;
         }
         Ok(())
@@ -118,7 +154,7 @@ impl TokenStore {
     fn reserve_from(&mut self, next_token: u64) -> Result<(), TokenStoreError> {
         let ceiling = next_token.saturating_add(RESERVATION);
         if let Some(path) = &self.path {
-            write_state(path, ceiling, false)?;
+            write_state(path, ceiling, None)?;
         }
         self.ceiling = ceiling;
         Ok(())
@@ -132,10 +168,9 @@ fn clock_micros() -> u64 {
 }
 
 /// What the state file says.
-#[derive(Clone, Copy)]
 struct Stored {
     ceiling: u64,
-    held_nothing: bool,
+    previous: PreviousRun,
 }
 
 fn read_state(path: &Path) -> Result<Option<Stored>, TokenStoreError> {
@@ -163,15 +198,57 @@ fn read_state(path: &Path) -> Result<Option<Stored>, TokenStoreError> {
              read tokens rounded; refusing to start"
         )));
     }
-    Ok(Some(Stored {
-        ceiling,
-        held_nothing: lines.next() == Some(HELD_NOTHING),
-    }))
+    let previous = match lines.next() {
+        Some(HELD_NOTHING) => PreviousRun::Stopped(Vec::new()),
+        Some(line) if line.starts_with(HELD_SOME) => match read_held(line, lines) {
+            Ok(held) => PreviousRun::Stopped(held),
+            Err(problem) => {
+                // Safe to go on: without the list, every lock of the
+                // previous run waits out the full restart grace.
+                warn!(
+                    "state file {}: the list of locks held at the last stop is unreadable \
+                     ({problem}); treating that stop as a crash",
+                    path.display()
+                );
+                PreviousRun::Unknown
+            }
+        },
+        _ => PreviousRun::Unknown,
+    };
+    Ok(Some(Stored { ceiling, previous }))
+}
+
+/// Reads the count line (`stopped-holding N`) and the N locks after it.
+fn read_held<'a>(
+    count_line: &str,
+    mut lines: impl Iterator<Item = &'a str>,
+) -> Result<Vec<HeldLock>, String> {
+    let count = count_line
+        .strip_prefix(HELD_SOME)
+        .map(str::trim)
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| "no count of held locks".to_string())?;
+    let mut held = Vec::new();
+    for n in 0..count {
+        let line = lines
+            .next()
+            .ok_or_else(|| format!("{count} held locks announced, {n} listed"))?;
+        let lock = serde_json::from_str::<HeldLock>(line)
+            .map_err(|e| format!("held lock {}: {e}", n + 1))?;
+        held.push(lock);
+    }
+    Ok(held)
 }
 
 /// Replaces the file atomically and durably: write a temporary file, fsync
 /// it, rename it over the old one, fsync the directory.
-fn write_state(path: &Path, ceiling: u64, held_nothing: bool) -> Result<(), TokenStoreError> {
+/// `held` is the list of grants in force at a clean stop; `None` while the
+/// server runs (a crash then leaves no list).
+fn write_state(
+    path: &Path,
+    ceiling: u64,
+    held: Option<&[HeldLock]>,
+) -> Result<(), TokenStoreError> {
     let fail = |what: &str, e: io::Error| TokenStoreError {
         path: path.to_path_buf(),
         message: format!("cannot {what}: {e}"),
@@ -194,10 +271,21 @@ fn write_state(path: &Path, ceiling: u64, held_nothing: bool) -> Result<(), Toke
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| fail("create the temporary file", e))?;
-    let text = match held_nothing {
-        true => format!("{ceiling}\n{HELD_NOTHING}\n"),
-        false => format!("{ceiling}\n"),
-    };
+    let mut text = format!("{ceiling}\n");
+    match held {
+        None => {}
+        Some([]) => text.push_str(&format!("{HELD_NOTHING}\n")),
+        Some(held) => {
+            text.push_str(&format!("{HELD_SOME} {}\n", held.len()));
+            for lock in held {
+                // JSON escapes every control character: one line per lock.
+                let line = serde_json::to_string(lock)
+                    .map_err(|e| fail("encode the held locks", io::Error::other(e)))?;
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+    }
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| fail("write the temporary file", e))?;
@@ -291,26 +379,59 @@ mod tests {
         let far = clock_micros() + 10_000_000_000;
         fs::write(&path, format!("{far}")).unwrap();
         let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
-        store.save_final(first + 42, false).unwrap();
-        let (again, next) = TokenStore::open(Some(&path)).unwrap();
+        assert_eq!(store.previous_run(), &PreviousRun::Unknown, "a crash");
+        store.save_final(first + 42, &[]).unwrap();
+        let (_, next) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(next, first + 42);
-        assert!(!again.previous_run_held_nothing());
     }
 
     #[test]
-    fn a_clean_stop_holding_nothing_is_remembered_once() {
-        let path = temp_path("held-nothing");
+    fn a_clean_stop_is_remembered_once_with_what_it_held() {
+        let path = temp_path("held");
         let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
-        assert!(
-            !store.previous_run_held_nothing(),
-            "a first start knows nothing"
+        assert_eq!(
+            store.previous_run(),
+            &PreviousRun::None,
+            "no file: no earlier run"
         );
-        store.save_final(first + 1, true).unwrap();
-        let (store, _) = TokenStore::open(Some(&path)).unwrap();
-        assert!(store.previous_run_held_nothing());
+        let held = vec![
+            HeldLock {
+                lock_name: "line\nbreak \"quoted\"".to_string(),
+                mode: Mode::Exclusive,
+                token: first,
+            },
+            HeldLock {
+                lock_name: "shared".to_string(),
+                mode: Mode::Shared,
+                token: first + 1,
+            },
+        ];
+        store.save_final(first + 2, &held).unwrap();
+        let (mut store, _) = TokenStore::open(Some(&path)).unwrap();
+        assert_eq!(store.previous_run(), &PreviousRun::Stopped(held));
         // Opening rewrote the file: a crash now must not look clean.
+        let (_, next) = TokenStore::open(Some(&path)).unwrap();
+        let (again, _) = TokenStore::open(Some(&path)).unwrap();
+        assert_eq!(again.previous_run(), &PreviousRun::Unknown);
+        store.save_final(next, &[]).unwrap();
         let (store, _) = TokenStore::open(Some(&path)).unwrap();
-        assert!(!store.previous_run_held_nothing());
+        assert_eq!(store.previous_run(), &PreviousRun::Stopped(Vec::new()));
+    }
+
+    #[test]
+    fn a_damaged_list_of_held_locks_counts_as_a_crash() {
+        let path = temp_path("damaged");
+        let far = clock_micros() + 10_000_000_000;
+        for damage in [
+            "stopped-holding 2\n{\"lockName\":\"a\",\"mode\":\"shared\",\"token\":5}\n",
+            "stopped-holding x\n",
+            "stopped-holding 1\nnot json\n",
+        ] {
+            fs::write(&path, format!("{far}\n{damage}")).unwrap();
+            let (store, first) = TokenStore::open(Some(&path)).unwrap();
+            assert_eq!(store.previous_run(), &PreviousRun::Unknown, "{damage:?}");
+            assert_eq!(first, far, "the ceiling still counts");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub use self::session::LossReason;
-use self::session::Session;
+use self::session::{Dialed, Session};
 use crate::frame;
 pub use crate::lock_table::Mode;
 pub use crate::protocol::{HelloResult, StatsResult, StatusFilter, StatusResult};
@@ -229,8 +229,6 @@ pub struct Client {
     hello: HelloResult,
     server: String,
     stop_time: Duration,
-    /// When the server's restart grace ends, if it had not at `hello`.
-    grace_ends: Option<Instant>,
     /// The restart grace has been mentioned on stderr.
     grace_told: std::sync::atomic::AtomicBool,
 }
@@ -243,64 +241,7 @@ impl Client {
             server: server.to_string(),
             source,
         };
-        let mut stream = connect(server, options.connect_timeout).map_err(connect_error)?;
-        stream.set_nodelay(true).map_err(connect_error)?;
-
-        // hello, synchronously, before any thread exists.
-        let sent_at = Instant::now();
-        let request =
-            json!({"command": "hello", "id": 0, "parameters": {"client": options.client_name}});
-        stream
-            .set_read_timeout(Some(options.connect_timeout))
-            .map_err(connect_error)?;
-        frame::write_blocking(&mut stream, request.to_string().as_bytes())
-            .map_err(connect_error)?;
-        let not_pklock = |detail: String| {
-            Error::Protocol(format!(
-                "{server} does not answer as a pklock server ({detail})"
-            ))
-        };
-        let body = match frame::read_blocking(&mut stream, 1 << 20) {
-            Ok(body) => body,
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                return Err(not_pklock(e.to_string()));
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(not_pklock(format!(
-                    "no answer to hello within {} ms",
-                    options.connect_timeout.as_millis()
-                )));
-            }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(not_pklock(
-                    "it closed the connection without answering hello".to_string(),
-                ));
-            }
-            Err(e) => return Err(connect_error(e)),
-        };
-        stream.set_read_timeout(None).map_err(connect_error)?;
-        let reply: Value = serde_json::from_slice(&body).map_err(|e| not_pklock(e.to_string()))?;
-        if let Some(word) = reply.get("error").and_then(Value::as_str) {
-            let detail = reply
-                .get("detail")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            // denied, tooManyConnections, or a refused hello.
-            return Err(match word {
-                "denied" => Error::Denied(detail),
-                _ => Error::Refused {
-                    status: word.to_string(),
-                    error: detail,
-                },
-            });
-        }
-        let hello: HelloResult = result_of(reply)?;
+        let (dialed, hello) = dial(server, &options.client_name, options.connect_timeout)?;
 
         let earliest = Duration::from_millis(hello.earliest_release_ms);
         let stop_time = match options.fit_stop_time {
@@ -325,17 +266,31 @@ impl Client {
             .unwrap_or(lease / PINGS_PER_LEASE)
             .max(Duration::from_millis(10));
 
-        let reader = stream.try_clone().map_err(connect_error)?;
+        let reader = dialed.stream.try_clone().map_err(connect_error)?;
+        let redial = {
+            let server = server.to_string();
+            let name = options.client_name.clone();
+            let connect_timeout = options.connect_timeout;
+            Box::new(move |left: Duration| {
+                match dial(&server, &name, connect_timeout.min(left)) {
+                    Ok((dialed, _)) => Ok(dialed),
+                    // Refused for good: not allowed, or a bad hello.
+                    Err(e @ Error::Denied(_)) => Err((false, e.to_string())),
+                    Err(Error::Refused { status, error }) if status != "tooManyConnections" => {
+                        Err((false, format!("{status}: {error}")))
+                    }
+                    Err(e) => Err((true, e.to_string())),
+                }
+            })
+        };
         let session =
-            Arc::new(Session::new(stream, lease, heartbeat, sent_at).map_err(connect_error)?);
+            Arc::new(Session::new(dialed, lease, heartbeat, redial).map_err(connect_error)?);
         session.spawn_threads(reader).map_err(connect_error)?;
-        let grace = Duration::from_millis(hello.grants_resume_in_ms);
         Ok(Client {
             session,
             hello,
             server: server.to_string(),
             stop_time,
-            grace_ends: (!grace.is_zero()).then(|| sent_at + grace),
             grace_told: Default::default(),
         })
     }
@@ -350,7 +305,7 @@ impl Client {
     /// How long until the server grants locks again after its restart
     /// (zero once it does).
     pub fn grants_resume_in(&self) -> Duration {
-        self.grace_ends.map_or(Duration::ZERO, |end| {
+        self.session.grace_ends().map_or(Duration::ZERO, |end| {
             end.saturating_duration_since(Instant::now())
         })
     }
@@ -647,6 +602,81 @@ impl fmt::Debug for LockGuard {
             .field("held", &self.is_held())
             .finish()
     }
+}
+
+/// Connects and says `hello`: the stream, ready for requests, and the answer.
+fn dial(
+    server: &str,
+    client_name: &str,
+    timeout: Duration,
+) -> Result<(Dialed, HelloResult), Error> {
+    let connect_error = |source| Error::Connect {
+        server: server.to_string(),
+        source,
+    };
+    let mut stream = connect(server, timeout).map_err(connect_error)?;
+    stream.set_nodelay(true).map_err(connect_error)?;
+
+    // hello, synchronously, before any thread uses the stream.
+    let hello_sent_at = Instant::now();
+    let request = json!({"command": "hello", "id": 0, "parameters": {"client": client_name}});
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(connect_error)?;
+    frame::write_blocking(&mut stream, request.to_string().as_bytes()).map_err(connect_error)?;
+    let not_pklock = |detail: String| {
+        Error::Protocol(format!(
+            "{server} does not answer as a pklock server ({detail})"
+        ))
+    };
+    let body = match frame::read_blocking(&mut stream, 1 << 20) {
+        Ok(body) => body,
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            return Err(not_pklock(e.to_string()));
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(not_pklock(format!(
+                "no answer to hello within {} ms",
+                timeout.as_millis()
+            )));
+        }
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(not_pklock(
+                "it closed the connection without answering hello".to_string(),
+            ));
+        }
+        Err(e) => return Err(connect_error(e)),
+    };
+    stream.set_read_timeout(None).map_err(connect_error)?;
+    let reply: Value = serde_json::from_slice(&body).map_err(|e| not_pklock(e.to_string()))?;
+    if let Some(word) = reply.get("error").and_then(Value::as_str) {
+        let detail = reply
+            .get("detail")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        // denied, tooManyConnections, or a refused hello.
+        return Err(match word {
+            "denied" => Error::Denied(detail),
+            _ => Error::Refused {
+                status: word.to_string(),
+                error: detail,
+            },
+        });
+    }
+    let hello: HelloResult = result_of(reply)?;
+    let dialed = Dialed {
+        stream,
+        hello_sent_at,
+        earliest_release: Duration::from_millis(hello.earliest_release_ms),
+        grants_resume_in: Duration::from_millis(hello.grants_resume_in_ms),
+    };
+    Ok((dialed, hello))
 }
 
 fn connect(server: &str, timeout: Duration) -> io::Result<TcpStream> {

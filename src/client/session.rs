@@ -1,14 +1,19 @@
-//! One client connection's moving parts: the write side behind a lock, the
+//! One client session's moving parts: the write side behind a lock, the
 //! requests waiting for replies (matched by id), the reader thread that owns
-//! the read side, and the watchdog thread that pings and declares the
-//! connection lost when the lease runs out.
+//! the read side and reconnects when the server closes it, and the watchdog
+//! thread that pings and declares the session lost when the lease runs out.
+//!
+//! A close is not a loss: the server may have restarted. The reader dials
+//! again, reclaims every lock held with its token and proof, and sends the
+//! waiting requests again; the lease keeps running meanwhile, and is
+//! confirmed again only once every lock is back.
 //!
 //! Declaring a loss is not releasing: the socket stays open, and with it any
 //! lock the server still counts as ours, until every guard is dropped or the
 //! client is. Only then can the server hand the locks on, so a holder told
 //! to stop is never running beside the next one on a network that healed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, ErrorKind};
 use std::net::{Shutdown, TcpStream};
@@ -19,6 +24,14 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::frame;
+use crate::lock_table::Mode;
+
+/// First pause between attempts to reconnect; it doubles up to
+/// [`MAX_REDIAL_PAUSE`] (or the heartbeat, if shorter).
+const FIRST_REDIAL_PAUSE: Duration = Duration::from_millis(20);
+/// Longest pause between attempts to reconnect: a restarted server is
+/// found within this of its start.
+const MAX_REDIAL_PAUSE: Duration = Duration::from_millis(250);
 
 /// Largest reply the client accepts.
 const MAX_REPLY_BYTES: usize = 64 << 20;
@@ -36,6 +49,13 @@ pub enum LossReason {
         /// How long since the last request the server answered was sent.
         silent_for: Duration,
     },
+    /// The server restarted and did not give a lock back.
+    NotReclaimed {
+        /// The lock.
+        lock: String,
+        /// The server's reason.
+        detail: String,
+    },
     /// The client was dropped.
     ClientClosed,
 }
@@ -50,6 +70,10 @@ impl fmt::Display for LossReason {
                 "no answer from the server for {} ms, longer than the lease",
                 silent_for.as_millis()
             ),
+            LossReason::NotReclaimed { lock, detail } => write!(
+                f,
+                "the connection closed, and the server did not give back {lock:?}: {detail}"
+            ),
             LossReason::ClientClosed => f.write_str("the client was closed"),
         }
     }
@@ -58,7 +82,54 @@ impl fmt::Display for LossReason {
 /// A request waiting for its reply.
 struct Pending {
     sent_at: Instant,
-    reply: Option<SyncSender<Value>>,
+    /// The connection it was registered on; a reconnect sends it again.
+    generation: u64,
+    awaiting: Awaiting,
+    /// What to send again on a new connection; `None` for requests that
+    /// matter only on the connection they were sent on (pings, the unlock
+    /// of a dropped guard).
+    resend: Option<Resend>,
+}
+
+/// Who the reply goes to.
+enum Awaiting {
+    /// A caller, through this channel (dropped: nobody any more).
+    Caller(SyncSender<Value>),
+    /// Nobody; the answer only confirms the lease.
+    Nobody,
+    /// The reconnect, for the reclaim of this lock.
+    Reclaim(String),
+}
+
+/// A request as it can be sent again.
+struct Resend {
+    command: String,
+    parameters: Value,
+    /// When the caller stops waiting (`timeoutMs` from the first send).
+    deadline: Option<Instant>,
+}
+
+/// A lock held through a guard, as needed to reclaim it.
+#[derive(Clone, Debug, Default)]
+struct Held {
+    mode: Option<Mode>,
+    /// `None` while the request is on its way (a reconnect sends it again).
+    token: Option<u64>,
+    proof: Option<String>,
+}
+
+/// Dials the server again: a connected stream that has said `hello`, the
+/// time the hello was sent, its `earliestReleaseMs`, and how long the server
+/// still holds grants back. `Err` carries whether to try again.
+pub(crate) type Dialer =
+    Box<dyn Fn(Duration) -> Result<Dialed, (bool, String)> + Send + Sync + 'static>;
+
+/// A new connection, ready for requests.
+pub(crate) struct Dialed {
+    pub(crate) stream: TcpStream,
+    pub(crate) hello_sent_at: Instant,
+    pub(crate) earliest_release: Duration,
+    pub(crate) grants_resume_in: Duration,
 }
 
 struct State {
@@ -72,7 +143,21 @@ struct State {
     lost: Option<LossReason>,
     /// Names this client holds through guards; after a loss, the guards not
     /// yet dropped, whose work may still be running.
-    held: HashSet<String>,
+    held: HashMap<String, Held>,
+    /// The connection requests go to, counted from 1; bumped by a reconnect.
+    generation: u64,
+    /// The server closed the connection and the reader is dialing again.
+    reconnecting: bool,
+    /// Reclaims sent on a new connection and not answered yet: until none
+    /// is left, no answer confirms the lease.
+    reclaims_left: usize,
+    /// When those reclaims were sent.
+    reclaims_sent_at: Instant,
+    /// When the server's restart grace ends, if it had not at the last hello.
+    grace_ends: Option<Instant>,
+    /// The socket requests go to, for shutting it down without waiting for
+    /// the writer.
+    control: TcpStream,
     /// While set, the caller's work is known to be stopped, so the lease may
     /// run out without a loss (see [`Session::pause_lease`]).
     lease_paused: bool,
@@ -86,14 +171,17 @@ type LossCallback = Box<dyn FnOnce(&LossReason) + Send>;
 
 /// Shared by the client, its guards, and its two threads.
 pub(crate) struct Session {
-    writer: Mutex<TcpStream>,
-    /// For shutting the socket down without waiting for the writer.
-    control: TcpStream,
+    /// The write side, with the generation of its connection.
+    writer: Mutex<(u64, TcpStream)>,
     state: Mutex<State>,
     changed: Condvar,
     callbacks: Mutex<Vec<LossCallback>>,
     lease: Duration,
     heartbeat: Duration,
+    /// The server's earliest release time the lease was fitted to: a
+    /// server found after a reconnect must not release sooner.
+    earliest_release: Duration,
+    dialer: Dialer,
 }
 
 /// A lock that does not care about poisoning: the state stays consistent
@@ -102,25 +190,40 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn grace_end(hello_sent_at: Instant, grants_resume_in: Duration) -> Option<Instant> {
+    (!grants_resume_in.is_zero()).then(|| hello_sent_at + grants_resume_in)
+}
+
 impl Session {
     /// Wraps a connected stream; `confirmed_at` is when the first answered
     /// request was sent.
     pub(crate) fn new(
-        stream: TcpStream,
+        dialed: Dialed,
         lease: Duration,
         heartbeat: Duration,
-        confirmed_at: Instant,
+        dialer: Dialer,
     ) -> io::Result<Session> {
+        let Dialed {
+            stream,
+            hello_sent_at,
+            earliest_release,
+            grants_resume_in,
+        } = dialed;
         Ok(Session {
-            control: stream.try_clone()?,
-            writer: Mutex::new(stream),
+            writer: Mutex::new((1, stream.try_clone()?)),
             state: Mutex::new(State {
                 next_id: 1,
                 pending: HashMap::new(),
-                confirmed_at,
-                last_ping: confirmed_at,
+                confirmed_at: hello_sent_at,
+                last_ping: hello_sent_at,
                 lost: None,
-                held: HashSet::new(),
+                held: HashMap::new(),
+                generation: 1,
+                reconnecting: false,
+                reclaims_left: 0,
+                reclaims_sent_at: hello_sent_at,
+                grace_ends: grace_end(hello_sent_at, grants_resume_in),
+                control: stream,
                 lease_paused: false,
                 closed: false,
                 server_error: None,
@@ -129,7 +232,14 @@ impl Session {
             callbacks: Mutex::new(Vec::new()),
             lease,
             heartbeat,
+            earliest_release,
+            dialer,
         })
+    }
+
+    /// When the server's restart grace ends, as of the last hello.
+    pub(crate) fn grace_ends(&self) -> Option<Instant> {
+        locked(&self.state).grace_ends
     }
 
     /// Lets processes started from now on inherit the connection (or not):
@@ -139,7 +249,7 @@ impl Session {
             true => rustix::io::FdFlags::empty(),
             false => rustix::io::FdFlags::CLOEXEC,
         };
-        rustix::io::fcntl_setfd(&self.control, flags).map_err(io::Error::from)
+        rustix::io::fcntl_setfd(&locked(&self.state).control, flags).map_err(io::Error::from)
     }
 
     pub(crate) fn lease(&self) -> Duration {
@@ -164,56 +274,93 @@ impl Session {
     }
 
     /// Sends a request; the receiver gets the whole reply message. Fails if
-    /// the connection is already lost.
+    /// the session is already lost. Sent again on a new connection if the
+    /// server closes this one before answering.
     pub(crate) fn send(
         &self,
         command: &str,
         parameters: Value,
     ) -> Result<Receiver<Value>, LossReason> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send_tracked(command, parameters, Some(tx))?;
+        let deadline = parameters
+            .get("timeoutMs")
+            .and_then(Value::as_u64)
+            .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
+        let resend = Resend {
+            command: command.to_string(),
+            parameters: parameters.clone(),
+            deadline,
+        };
+        self.send_tracked(command, parameters, Awaiting::Caller(tx), Some(resend))?;
         Ok(rx)
     }
 
-    /// Sends a request whose reply nobody waits for (it still confirms the lease).
+    /// Sends a request whose reply nobody waits for (it still confirms the
+    /// lease), on this connection only.
     pub(crate) fn send_untracked(
         &self,
         command: &str,
         parameters: Value,
     ) -> Result<(), LossReason> {
-        self.send_tracked(command, parameters, None)
+        self.send_tracked(command, parameters, Awaiting::Nobody, None)
     }
 
     fn send_tracked(
         &self,
         command: &str,
         parameters: Value,
-        reply: Option<SyncSender<Value>>,
+        awaiting: Awaiting,
+        resend: Option<Resend>,
     ) -> Result<(), LossReason> {
-        let id = {
+        let (id, generation) = {
             let mut state = locked(&self.state);
             if let Some(reason) = &state.lost {
                 return Err(reason.clone());
             }
+            if state.reconnecting && resend.is_none() {
+                // Meant for the connection that is gone.
+                return Ok(());
+            }
             let id = state.next_id;
             state.next_id += 1;
+            let generation = state.generation;
             state.pending.insert(
                 id,
                 Pending {
                     sent_at: Instant::now(),
-                    reply,
+                    generation,
+                    awaiting,
+                    resend,
                 },
             );
-            id
+            if state.reconnecting {
+                // Sent once the new connection is up.
+                return Ok(());
+            }
+            (id, generation)
         };
         let body = json!({"command": command, "id": id, "parameters": parameters}).to_string();
-        let written = frame::write_blocking(&mut *locked(&self.writer), body.as_bytes());
-        if let Err(e) = written {
-            let reason = LossReason::Broken(e.to_string());
-            self.declare_lost(reason.clone());
-            return Err(reason);
+        let mut writer = locked(&self.writer);
+        if writer.0 != generation {
+            // A reconnect came in between, and sent it on the new connection.
+            return Ok(());
+        }
+        if let Err(e) = frame::write_blocking(&mut writer.1, body.as_bytes()) {
+            drop(writer);
+            // The reader sees the connection end too, and dials again.
+            self.connection_broke(generation, &e);
         }
         Ok(())
+    }
+
+    /// A write failed: shuts the connection down so that the reader sees
+    /// it end (and reconnects), unless it is already a newer one.
+    fn connection_broke(&self, generation: u64, error: &io::Error) {
+        let state = locked(&self.state);
+        if state.generation == generation && !state.reconnecting {
+            log::debug!("writing to the server failed: {error}");
+            let _ = state.control.shutdown(Shutdown::Both);
+        }
     }
 
     /// Waits for a reply, or for the connection to be lost.
@@ -271,7 +418,12 @@ impl Session {
 
     /// Records that a guard holds `name`; false if one already does.
     pub(crate) fn claim(&self, name: &str) -> bool {
-        locked(&self.state).held.insert(name.to_string())
+        let mut state = locked(&self.state);
+        if state.held.contains_key(name) {
+            return false;
+        }
+        state.held.insert(name.to_string(), Held::default());
+        true
     }
 
     /// Forgets that a guard holds `name`. After a loss, the last guard to go
@@ -320,7 +472,7 @@ impl Session {
     fn close(&self, state: &mut State) {
         if !state.closed {
             state.closed = true;
-            let _ = self.control.shutdown(Shutdown::Both);
+            let _ = state.control.shutdown(Shutdown::Both);
         }
     }
 
@@ -360,30 +512,213 @@ impl Session {
     }
 
     fn read_loop(&self, mut reader: TcpStream) {
-        let reason = loop {
-            let body = match frame::read_blocking(&mut reader, MAX_REPLY_BYTES) {
-                Ok(body) => body,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    let detail = locked(&self.state)
-                        .server_error
-                        .take()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default();
-                    break LossReason::Closed(detail);
+        loop {
+            let reason = loop {
+                let body = match frame::read_blocking(&mut reader, MAX_REPLY_BYTES) {
+                    Ok(body) => body,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
+                        ) =>
+                    {
+                        break None;
+                    }
+                    Err(e) => break Some(LossReason::Broken(e.to_string())),
+                };
+                let Ok(message) = serde_json::from_slice::<Value>(&body) else {
+                    break Some(LossReason::Broken(
+                        "the server sent a message that is not JSON".to_string(),
+                    ));
+                };
+                self.dispatch(message);
+            };
+            let reason = reason.or_else(|| {
+                // The server said why before closing (refused, or a bad
+                // message of ours): dialing again would not change it.
+                let said = locked(&self.state).server_error.take();
+                said.map(|e| LossReason::Closed(format!(": {e}")))
+            });
+            if let Some(reason) = reason {
+                self.declare_lost(reason);
+                return;
+            }
+            match self.reconnect() {
+                Some(new_reader) => reader = new_reader,
+                None => return,
+            }
+        }
+    }
+
+    /// Dials until a server answers, then reclaims every lock held and
+    /// sends the waiting requests again; returns the new read side. Gives
+    /// up (`None`) once the session is lost: the lease ran out (the
+    /// watchdog says so), or the server found is not one to trust with it.
+    fn reconnect(&self) -> Option<TcpStream> {
+        {
+            let mut state = locked(&self.state);
+            if state.lost.is_some() {
+                return None;
+            }
+            state.reconnecting = true;
+        }
+        let mut pause = FIRST_REDIAL_PAUSE;
+        let most = MAX_REDIAL_PAUSE.min(self.heartbeat);
+        loop {
+            let left = {
+                let state = locked(&self.state);
+                if state.lost.is_some() {
+                    return None;
                 }
-                Err(e) => break LossReason::Broken(e.to_string()),
+                match state.lease_paused {
+                    true => self.lease,
+                    false => {
+                        (state.confirmed_at + self.lease).saturating_duration_since(Instant::now())
+                    }
+                }
             };
-            let Ok(message) = serde_json::from_slice::<Value>(&body) else {
-                break LossReason::Broken("the server sent a message that is not JSON".to_string());
+            match (self.dialer)(left.max(Duration::from_millis(1))) {
+                Ok(dialed) => return self.resume_on(dialed),
+                Err((false, detail)) => {
+                    self.declare_lost(LossReason::Closed(format!(
+                        ", and the server found again refused us: {detail}"
+                    )));
+                    return None;
+                }
+                Err((true, detail)) => log::debug!("reconnecting: {detail}"),
+            }
+            let state = locked(&self.state);
+            if state.lost.is_some() {
+                return None;
+            }
+            // Jitter, so that many clients of one restarted server do not
+            // all dial at the same instants.
+            let jitter = Instant::now().elapsed().subsec_nanos() % 1000;
+            let wait = pause.mul_f64(0.5 + f64::from(jitter) / 2000.0);
+            let _ = self
+                .changed
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner);
+            pause = (pause * 2).min(most);
+        }
+    }
+
+    /// Moves the session onto a new connection: reclaims, then the waiting
+    /// requests, in the order they were first sent.
+    fn resume_on(&self, dialed: Dialed) -> Option<TcpStream> {
+        if dialed.earliest_release < self.earliest_release {
+            self.declare_lost(LossReason::Closed(format!(
+                ", and the server found again may release locks after {} ms, sooner than \
+                 the {} ms the lease was fitted to",
+                dialed.earliest_release.as_millis(),
+                self.earliest_release.as_millis()
+            )));
+            return None;
+        }
+        let reader = dialed.stream.try_clone().ok()?;
+        let control = dialed.stream.try_clone().ok()?;
+        let mut writer = locked(&self.writer);
+        let mut state = locked(&self.state);
+        if state.lost.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        state.generation += 1;
+        let generation = state.generation;
+        state.reconnecting = false;
+        state.control = control;
+        state.server_error = None;
+        state.grace_ends = grace_end(dialed.hello_sent_at, dialed.grants_resume_in);
+        *writer = (generation, dialed.stream);
+
+        let mut bodies = Vec::new();
+        let mut reclaims = Vec::new();
+        for (name, held) in &state.held {
+            match (held.mode, held.token, &held.proof) {
+                (Some(mode), Some(token), Some(proof)) => {
+                    reclaims.push((name.clone(), mode, token, proof.clone()));
+                }
+                (_, Some(_), None) => {
+                    let lock = name.clone();
+                    drop(state);
+                    drop(writer);
+                    self.declare_lost(LossReason::NotReclaimed {
+                        lock,
+                        detail: "the server sent no proof with the grant".to_string(),
+                    });
+                    return None;
+                }
+                // Still on its way: the request is sent again below.
+                _ => {}
+            }
+        }
+        if reclaims.is_empty() {
+            // Nothing to take back: the hello's answer confirms the lease.
+            state.confirmed_at = state.confirmed_at.max(dialed.hello_sent_at);
+        }
+        state.reclaims_left = reclaims.len();
+        state.reclaims_sent_at = now;
+        for (name, mode, token, proof) in reclaims {
+            let id = state.next_id;
+            state.next_id += 1;
+            let parameters = json!({
+                "lockName": name,
+                "mode": mode,
+                "reclaim": {"token": token, "proof": proof},
+            });
+            bodies.push(json!({"command": "lock", "id": id, "parameters": parameters}));
+            state.pending.insert(
+                id,
+                Pending {
+                    sent_at: now,
+                    generation,
+                    awaiting: Awaiting::Reclaim(name),
+                    resend: None,
+                },
+            );
+        }
+        let mut waiting: Vec<u64> = state
+            .pending
+            .iter()
+            .filter(|(_, p)| p.generation != generation)
+            .map(|(&id, _)| id)
+            .collect();
+        waiting.sort_unstable();
+        for id in waiting {
+            let Some(mut pending) = state.pending.remove(&id) else {
+                continue;
             };
-            self.dispatch(message);
-        };
-        self.declare_lost(reason);
+            let Some(resend) = &pending.resend else {
+                continue;
+            };
+            if resend.command == "unlock" {
+                // The closed connection took the lock, or the wait, with it.
+                if let Awaiting::Caller(reply) = pending.awaiting {
+                    let _ = reply.send(json!({"id": id, "result": {"status": "ok"}}));
+                }
+                continue;
+            }
+            let mut parameters = resend.parameters.clone();
+            if let Some(deadline) = resend.deadline {
+                let left = deadline.saturating_duration_since(now);
+                parameters["timeoutMs"] = json!(u64::try_from(left.as_millis()).unwrap_or(0));
+            }
+            bodies.push(json!({"command": resend.command, "id": id, "parameters": parameters}));
+            pending.sent_at = now;
+            pending.generation = generation;
+            state.pending.insert(id, pending);
+        }
+        drop(state);
+        for body in bodies {
+            if let Err(e) = frame::write_blocking(&mut writer.1, body.to_string().as_bytes()) {
+                drop(writer);
+                self.connection_broke(generation, &e);
+                return Some(reader);
+            }
+        }
+        drop(writer);
+        self.changed.notify_all();
+        Some(reader)
     }
 
     fn dispatch(&self, message: Value) {
@@ -397,11 +732,59 @@ impl Session {
         let Some(pending) = state.pending.remove(&id) else {
             return;
         };
-        state.confirmed_at = state.confirmed_at.max(pending.sent_at);
-        drop(state);
-        if let Some(reply) = pending.reply {
-            // The waiter may have given up; that is fine.
-            let _ = reply.send(message);
+        let result = message.get("result");
+        let granted = result.and_then(|r| r.get("status")).and_then(Value::as_str) == Some("ok");
+        match pending.awaiting {
+            Awaiting::Reclaim(name) => {
+                if !granted {
+                    let detail = result
+                        .and_then(|r| r.get("error"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("refused")
+                        .to_string();
+                    drop(state);
+                    self.declare_lost(LossReason::NotReclaimed { lock: name, detail });
+                    return;
+                }
+                state.reclaims_left = state.reclaims_left.saturating_sub(1);
+                if state.reclaims_left == 0 {
+                    // Every lock is held on this connection again, since
+                    // the reclaims were sent at the latest.
+                    state.confirmed_at = state.confirmed_at.max(state.reclaims_sent_at);
+                }
+            }
+            Awaiting::Caller(reply) => {
+                if let Some(resend) = pending.resend.as_ref().filter(|r| r.command == "lock") {
+                    // Noted here, before the caller can see it, so that a
+                    // reconnect from now on reclaims it.
+                    let name = resend.parameters.get("lockName").and_then(Value::as_str);
+                    let mode = resend
+                        .parameters
+                        .get("mode")
+                        .and_then(|m| serde_json::from_value::<Mode>(m.clone()).ok());
+                    if let (true, Some(name), Some(result)) = (granted, name, result) {
+                        if let Some(held) = state.held.get_mut(name) {
+                            held.mode = mode;
+                            held.token = result.get("token").and_then(Value::as_u64);
+                            held.proof = result
+                                .get("proof")
+                                .and_then(Value::as_str)
+                                .map(str::to_string);
+                        }
+                    }
+                }
+                if state.reclaims_left == 0 {
+                    state.confirmed_at = state.confirmed_at.max(pending.sent_at);
+                }
+                drop(state);
+                // The waiter may have given up; that is fine.
+                let _ = reply.send(message);
+            }
+            Awaiting::Nobody => {
+                if state.reclaims_left == 0 {
+                    state.confirmed_at = state.confirmed_at.max(pending.sent_at);
+                }
+            }
         }
     }
 

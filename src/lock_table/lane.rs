@@ -64,6 +64,33 @@ impl<V> Lane<V> {
         self.len += 1;
     }
 
+    /// Puts an entry in its place by key; false (and nothing changes) if an
+    /// entry with that key is there already. Costs a shift of the entries
+    /// after it, so it is for the rare entry that comes out of order.
+    pub(super) fn insert(&mut self, key: u64, value: V) -> bool {
+        match self.slots.binary_search_by_key(&key, |slot| slot.key) {
+            Ok(index) => match self.slots.get_mut(index) {
+                Some(slot) if slot.value.is_none() => {
+                    slot.value = Some(value);
+                    self.len += 1;
+                    true
+                }
+                _ => false,
+            },
+            Err(index) => {
+                self.slots.insert(
+                    index,
+                    Slot {
+                        key,
+                        value: Some(value),
+                    },
+                );
+                self.len += 1;
+                true
+            }
+        }
+    }
+
     /// The first entry (never a hole: holes at the ends are dropped).
     pub(super) fn front(&self) -> Option<(u64, &V)> {
         let slot = self.slots.front()?;
@@ -176,6 +203,23 @@ mod tests {
         lane.push_back(100, 10);
         assert_eq!(keys(&lane), [20, 30, 40, 60, 70, 80, 100]);
         lane.check().unwrap();
+    }
+
+    #[test]
+    fn an_entry_out_of_order_is_inserted_in_its_place_once() {
+        let mut lane = Lane::new();
+        for key in [10u64, 20, 30, 40] {
+            lane.push_back(key, key);
+        }
+        assert_eq!(lane.remove(20), Some(20));
+        assert!(lane.insert(20, 21), "into the hole");
+        assert!(lane.insert(5, 5), "before the first");
+        assert!(lane.insert(35, 35), "between two");
+        assert!(!lane.insert(30, 0), "a key already there");
+        assert_eq!(lane.get(30), Some(&30));
+        lane.check().unwrap();
+        assert_eq!(keys(&lane), [5, 10, 20, 30, 35, 40]);
+        assert_eq!(lane.len(), 6);
     }
 
     #[test]
