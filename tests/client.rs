@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
+use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_dir};
 use pklock::client::{Client, ClientOptions, Error, LockOptions, LossReason, Mode, StatusFilter};
 use pklock::frame;
 use serde_json::json;
@@ -136,20 +136,64 @@ fn refusals_come_back_as_errors() {
 }
 
 #[test]
-fn a_closed_connection_is_reported_to_guards_and_callbacks() {
-    let server = TestServer::start();
+fn a_server_gone_for_good_is_a_loss_once_the_lease_runs_out() {
+    // Release after 2 s at the earliest: a lease of 1 s.
+    let server = TestServer::with(|c| {
+        c.keepalive.idle_ms = 1000;
+        c.keepalive.interval_ms = 1000;
+        c.keepalive.probes = 1;
+        c.keepalive.user_timeout_ms = 2000;
+    });
     let client = connect(&server, "app");
+    assert_eq!(client.lease(), Duration::from_secs(1));
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
     let (tx, rx) = mpsc::channel();
     client.on_lost(move |reason| {
         let _ = tx.send(reason.clone());
     });
+    let stopped_at = Instant::now();
     server.stop().unwrap();
-    let reason = rx.recv_timeout(Duration::from_secs(5)).expect("callback");
-    assert!(matches!(reason, LossReason::Closed(_)), "{reason:?}");
+    // A close may be a restart: the client dials again, and gives up
+    // only when the lease runs out without a server to take the lock back.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "lost at once on a close"
+    );
+    assert!(guard.is_held());
+    let reason = rx.recv_timeout(PATIENCE).expect("callback");
+    let took = stopped_at.elapsed();
+    assert!(
+        matches!(reason, LossReason::LeaseExpired { .. }),
+        "{reason:?}"
+    );
+    assert!(took <= Duration::from_millis(1500), "lost after {took:?}");
     assert!(!guard.is_held());
     assert!(guard.wait_lost(Some(Duration::ZERO)).is_some());
     assert!(matches!(client.ping(), Err(Error::Lost(_))));
+}
+
+#[test]
+fn a_server_that_closes_and_says_why_is_a_loss_at_once() {
+    let server = TestServer::with(|c| c.max_message_bytes = 1024);
+    let client = connect(&server, "app");
+    let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
+    // A status request with a name over the server's frame limit: the
+    // server answers messageTooLarge and closes, and redialing would not
+    // make the next frame any smaller.
+    let long = "n".repeat(2000);
+    let started = Instant::now();
+    let outcome = client.status(&StatusFilter::Prefix(long), None);
+    assert!(matches!(outcome, Err(Error::Lost(_))), "{outcome:?}");
+    let reason = guard.wait_lost(Some(PATIENCE)).expect("lost");
+    assert!(
+        matches!(&reason, LossReason::Closed(detail) if detail.contains("messageTooLarge")),
+        "{reason:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

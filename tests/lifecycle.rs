@@ -43,8 +43,16 @@ fn shutdown_closes_every_connection_and_saves_the_token_state() {
         token + 1,
         "the ceiling is the next token"
     );
-    let lines = std::fs::read_to_string(&state).unwrap().lines().count();
-    assert_eq!(lines, 1, "a lock was held at the stop");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[1], "stopped-holding 1", "the lock held at the stop");
+    let held: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+    assert_eq!(
+        held,
+        json!({"lockName": "x", "mode": "exclusive", "token": token}),
+        "listed for its holder to reclaim; the waiter is not"
+    );
 }
 
 #[test]
