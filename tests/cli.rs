@@ -227,7 +227,7 @@ fn short_keepalive_config() -> &'static str {
 }
 
 #[test]
-fn server_killed_under_run_stops_the_command_with_the_lost_code() {
+fn a_server_killed_for_good_under_run_stops_the_command_when_the_lease_runs_out() {
     let dir = temp_dir("cli-server-killed");
     let server = ServerProcess::start(&dir, short_keepalive_config());
     let marker = dir.join("got-term");
@@ -250,12 +250,15 @@ fn server_killed_under_run_stops_the_command_with_the_lost_code() {
     std::thread::sleep(Duration::from_millis(100));
     let killed_at = Instant::now();
     server.signal("KILL");
+    // A close may be a restart: pklock dials again to reclaim the lock, and
+    // gives up when the lease (1 s here) runs out with no server back.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!marker.exists(), "the command was stopped at the close");
     let status = common::wait_exit(&mut run, PATIENCE).expect("pklock exits");
     let took = killed_at.elapsed();
     assert_eq!(status.code(), Some(75));
     assert_eq!(wait_for_file(&marker), "TERM\n");
-    // The closed connection is noticed at once, well within the 1 s lease.
-    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
     let stderr = stderr_text(&mut run);
     assert!(stderr.contains("lost the lock \"k\""), "{stderr}");
 }

@@ -286,6 +286,25 @@ fn a_clean_stop_holding_nothing_lets_the_next_start_grant_at_once() {
 }
 
 #[test]
+fn a_first_start_without_a_state_file_yet_grants_at_once_and_makes_one() {
+    let dir = temp_dir("first-start");
+    let state = dir.join("tokens");
+    // The default grace (10 s) would apply after a crash; there was no run.
+    let mut config = config_with_state(&state);
+    config.restart_grace_ms = None;
+    let server = TestServer::from_config(config);
+    let result = server
+        .peer()
+        .rpc("lock", json!(1), json!({"lockName": "a", "timeoutMs": 0}));
+    assert_eq!(result["status"], "ok", "{result}");
+    assert!(state.exists(), "the ceiling is kept from the first start");
+    let key = dir.join("tokens.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the grant key is private");
+}
+
+#[test]
 fn a_restart_after_a_stop_with_locks_held_grants_nothing_during_the_grace() {
     let dir = temp_dir("grace-held");
     let state = dir.join("tokens");
@@ -298,6 +317,8 @@ fn a_restart_after_a_stop_with_locks_held_grants_nothing_during_the_grace() {
     let mut peer = server.peer();
     let result = peer.rpc("lock", json!(1), json!({"lockName": "a", "timeoutMs": 0}));
     assert_eq!(result["status"], "timeout", "granted during the grace");
+    let other = peer.rpc("lock", json!(3), json!({"lockName": "b", "timeoutMs": 0}));
+    assert_eq!(other["status"], "ok", "a lock nobody held at the stop");
     peer.ask("a", 2);
     peer.expect_nothing(Duration::from_millis(300));
     let reply = peer.recv();
