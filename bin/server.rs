@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use log::{info, warn};
-use pklock::{Config, Server};
+use pklock::{Config, Server, log_level};
 
 /// The pklock lock server: a lock is held exactly as long as its client's
 /// TCP connection lives.
@@ -23,7 +23,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -44,16 +43,14 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         return Ok(());
     }
     let config = match &args.config {
-        Some(path) => {
-            let config = Config::load(path)?;
-            info!("configuration read from {}", path.display());
-            config
-        }
-        None => {
-            info!("no --config given: using the built-in defaults");
-            Config::default()
-        }
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
     };
+    log_level::install(config.log_level)?;
+    match &args.config {
+        Some(path) => info!("configuration read from {}", path.display()),
+        None => info!("no --config given: using the built-in defaults"),
+    }
     let mut server = Server::bind(config)?;
     server.handle_signals()?;
     // Under systemd (Type=notify): the listeners are bound, clients can connect.

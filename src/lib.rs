@@ -36,6 +36,7 @@ pub mod keepalive;
 #[cfg(feature = "model")]
 pub mod lock_model;
 pub mod lock_table;
+pub mod log_level;
 pub mod protocol;
 pub mod rate_limit;
 pub mod server;
