@@ -56,7 +56,10 @@ pub struct Config {
     /// table's memory ceiling.
     #[serde(deserialize_with = "at_least_one")]
     pub max_lock_entries: usize,
-    /// Where the fencing-token ceiling is kept; none keeps tokens clock-based only.
+    /// Where the fencing-token ceiling is kept; none keeps tokens clock-based
+    /// only. As read from a file, `None` means the key is absent (the default
+    /// place) and an empty path turns it off; [`crate::state_location::locate`]
+    /// turns both into the file to use, after which `None` means none.
     pub state_file: Option<PathBuf>,
     /// After a start, grant nothing for this long, so that clients of a
     /// previous run that could not see it stop have given up their locks.

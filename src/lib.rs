@@ -40,6 +40,7 @@ pub mod log_level;
 pub mod protocol;
 pub mod rate_limit;
 pub mod server;
+pub mod state_location;
 pub mod tokens;
 
 pub use config::Config;

@@ -293,6 +293,11 @@ impl ServerProcess {
                 sh
             }
         };
+        // A config without state_file would keep its state in the default
+        // place: a directory of the test's own, never the real home.
+        command
+            .env("XDG_STATE_HOME", dir.join("xdg-state"))
+            .env_remove("STATE_DIRECTORY");
         command.envs(env.iter().map(|(k, v)| (*k, *v)));
         let mut child = command
             .arg("--config")
