@@ -20,7 +20,11 @@ State file: unless the configuration sets state_file, the fencing-token state is
 $STATE_DIRECTORY (systemd's StateDirectory=), else $XDG_STATE_HOME/pklock, else
 ~/.local/state/pklock (created, mode 0700), in a file named after the first listen address,
 such as state-127.0.0.1-20934; there is none when that port is 0. state_file = \"\" turns it
-off (fencing tokens then follow the clock only)."
+off (fencing tokens then follow the clock only).
+
+SIGHUP re-reads the --config file: allowed, the limits, log_level and [keepalive] (for
+connections accepted from then on) change at once; listen, state_file and restart_grace_ms
+need a restart. A file that does not check out changes nothing."
 )]
 struct Args {
     /// TOML configuration (every key: config/settings.example.toml). Without
@@ -76,6 +80,14 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     let mut server = Server::bind(config)?;
     server.handle_signals()?;
+    if let Some(path) = args.config {
+        server.reload_from(Box::new(move || {
+            info!("SIGHUP: re-reading {}", path.display());
+            read_config(&path, &dirs)
+                .map(|(config, _)| config)
+                .map_err(|e| e.to_string())
+        }));
+    }
     // Under systemd (Type=notify): the listeners are bound, clients can connect.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("cannot tell the service manager we are ready: {e}");
@@ -84,8 +96,8 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// Reads a configuration file and locates its state file, as a start and
-/// `--check-config` both do.
+/// Reads a configuration file and locates its state file, as a start, a
+/// reload and `--check-config` all do.
 fn read_config(path: &Path, dirs: &StateDirs) -> Result<(Config, Located), Box<dyn Error>> {
     let config = Config::load(path)?;
     Ok(state_location::locate(config, dirs)?)

@@ -39,6 +39,7 @@ pub mod lock_table;
 pub mod log_level;
 pub mod protocol;
 pub mod rate_limit;
+pub mod reload;
 pub mod server;
 pub mod state_location;
 pub mod tokens;

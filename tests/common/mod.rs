@@ -340,6 +340,20 @@ impl ServerProcess {
         }
     }
 
+    /// Waits for a log line that ends with `tail`, as a line of check-config's
+    /// summary ends a line of the log.
+    pub fn wait_for_log_ending(&mut self, tail: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.ends_with(tail) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the server never logged a line ending {tail:?}"),
+            }
+        }
+    }
+
     /// Sends `signal` (a `kill -s` name) to the server.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
