@@ -12,7 +12,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 command -v valgrind >/dev/null || { apt-get update -q && apt-get install -y -q valgrind; }
 CARGO_PROFILE_RELEASE_DEBUG=true cargo build --release --bin server >&2
-printf 'listen = ["127.0.0.1:%s"]\nrestart_grace_ms = 0\n' "$PORT" >"$WORK/cfg.toml"
+printf 'listen = ["127.0.0.1:%s"]\nrestart_grace_ms = 0\nstate_file = ""\n' "$PORT" >"$WORK/cfg.toml"
 
 count() {
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/out.$1" \

@@ -26,7 +26,7 @@ trap cleanup EXIT
 
 mapfile -t urls < <(taskset -c "$SERVER_CPU" benches/services.sh start)
 
-printf 'listen = ["127.0.0.1:%s"]\nrestart_grace_ms = 0\nmax_connections = 20000\n' "$PORT" >"$WORK/pklock.toml"
+printf 'listen = ["127.0.0.1:%s"]\nrestart_grace_ms = 0\nmax_connections = 20000\nstate_file = ""\n' "$PORT" >"$WORK/pklock.toml"
 RUST_LOG=warn taskset -c "$SERVER_CPU" target/release/server --config "$WORK/pklock.toml" &
 SERVER_PID=$!
 for _ in $(seq 50); do

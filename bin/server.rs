@@ -1,17 +1,31 @@
 //! `server`: runs the pklock lock server. Argument parsing and wiring only.
 
 use std::error::Error;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 use log::{info, warn};
-use pklock::{Config, Server};
+use pklock::state_location::{self, Located, StateDirs};
+use pklock::{Config, Server, log_level};
 
 /// The pklock lock server: a lock is held exactly as long as its client's
 /// TCP connection lives.
 #[derive(Parser)]
-#[command(name = "server", version)]
+#[command(
+    name = "server",
+    version,
+    after_help = "\
+State file: unless the configuration sets state_file, the fencing-token state is kept in
+$STATE_DIRECTORY (systemd's StateDirectory=), else $XDG_STATE_HOME/pklock, else
+~/.local/state/pklock (created, mode 0700), in a file named after the first listen address,
+such as state-127.0.0.1-20934; there is none when that port is 0. state_file = \"\" turns it
+off (fencing tokens then follow the clock only).
+
+SIGHUP re-reads the --config file: allowed, the limits, log_level and [keepalive] (for
+connections accepted from then on) change at once; listen, state_file and restart_grace_ms
+need a restart. A file that does not check out changes nothing."
+)]
 struct Args {
     /// TOML configuration (every key: config/settings.example.toml). Without
     /// it the built-in defaults serve 127.0.0.1:20934 to loopback peers.
@@ -23,7 +37,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -34,32 +47,77 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    let dirs = StateDirs::from_env();
     if let Some(path) = &args.check_config {
-        let config = Config::load(path)?;
-        config.check_paths()?;
+        let (config, located) = read_config(path, &dirs)?;
+        // The default place's directory is made at start; a named one must exist.
+        if !matches!(located, Located::DefaultPlace(_)) {
+            config.check_paths()?;
+        }
         println!("{}: valid", path.display());
         for line in config.summary() {
             println!("  {line}");
         }
+        if let Some(note) = state_file_note(&located) {
+            println!("  note: {note}");
+        }
         return Ok(());
     }
-    let config = match &args.config {
-        Some(path) => {
-            let config = Config::load(path)?;
-            info!("configuration read from {}", path.display());
-            config
-        }
-        None => {
-            info!("no --config given: using the built-in defaults");
-            Config::default()
-        }
+    let (config, located) = match &args.config {
+        Some(path) => read_config(path, &dirs)?,
+        None => state_location::locate(Config::default(), &dirs)?,
     };
+    log_level::install(config.log_level)?;
+    match &args.config {
+        Some(path) => info!("configuration read from {}", path.display()),
+        None => info!("no --config given: using the built-in defaults"),
+    }
+    if let Some(note) = state_file_note(&located) {
+        info!("{note}");
+    }
+    if let Located::DefaultPlace(dir) = &located {
+        state_location::prepare(dir)?;
+    }
     let mut server = Server::bind(config)?;
     server.handle_signals()?;
+    if let Some(path) = args.config {
+        server.reload_from(Box::new(move || {
+            info!("SIGHUP: re-reading {}", path.display());
+            read_config(&path, &dirs)
+                .map(|(config, _)| config)
+                .map_err(|e| e.to_string())
+        }));
+    }
     // Under systemd (Type=notify): the listeners are bound, clients can connect.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!("cannot tell the service manager we are ready: {e}");
     }
     server.run()?;
     Ok(())
+}
+
+/// Reads a configuration file and locates its state file, as a start, a
+/// reload and `--check-config` all do.
+fn read_config(path: &Path, dirs: &StateDirs) -> Result<(Config, Located), Box<dyn Error>> {
+    let config = Config::load(path)?;
+    Ok(state_location::locate(config, dirs)?)
+}
+
+/// A word on where the state file came from, when the configuration did
+/// not name it.
+fn state_file_note(located: &Located) -> Option<String> {
+    match located {
+        Located::Configured | Located::TurnedOff => None,
+        Located::DefaultPlace(dir) => Some(format!(
+            "state_file is not set: the state file is kept in the default place, {} \
+             (STATE_DIRECTORY, else XDG_STATE_HOME/pklock, else ~/.local/state/pklock), \
+             named after the first listen address",
+            dir.display()
+        )),
+        Located::EphemeralPort => Some(
+            "state_file is not set and the first listen port is 0: no state file, as a port \
+             the kernel picks names no lasting server"
+                .to_string(),
+        ),
+    }
 }

@@ -154,6 +154,15 @@ impl Core {
         self.recovery.close_if_due(now).then_some(left)
     }
 
+    /// Applies new settings (a configuration reload): the limits count for
+    /// requests from now on, and nothing held or queued is dropped (see
+    /// [`LockTable::set_limits`]); `hello` reports the new keepalive.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.table
+            .set_limits(settings.max_locks_per_connection, settings.max_lock_entries);
+        self.settings = settings;
+    }
+
     /// Registers a new connection from `addr`.
     pub fn connect(&mut self, addr: SocketAddr) -> ClientId {
         let client = ClientId(self.next_client);

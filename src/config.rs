@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use log::LevelFilter;
 use serde::de::{self, Deserialize, Deserializer};
 
 use crate::allow_list::AllowList;
@@ -55,13 +56,20 @@ pub struct Config {
     /// table's memory ceiling.
     #[serde(deserialize_with = "at_least_one")]
     pub max_lock_entries: usize,
-    /// Where the fencing-token ceiling is kept; none keeps tokens clock-based only.
+    /// Where the fencing-token ceiling is kept; none keeps tokens clock-based
+    /// only. As read from a file, `None` means the key is absent (the default
+    /// place) and an empty path turns it off; [`crate::state_location::locate`]
+    /// turns both into the file to use, after which `None` means none.
     pub state_file: Option<PathBuf>,
     /// After a start, grant nothing for this long, so that clients of a
     /// previous run that could not see it stop have given up their locks.
     /// Default: the earliest release time of `[keepalive]`.
     #[serde(default, deserialize_with = "grace_ms")]
     pub restart_grace_ms: Option<u64>,
+    /// The log level for every line, overriding `RUST_LOG`; none leaves
+    /// `RUST_LOG` in charge (see [`crate::log_level`]).
+    #[serde(deserialize_with = "log_level")]
+    pub log_level: Option<LevelFilter>,
     /// Dead-peer detection.
     pub keepalive: KeepaliveConfig,
 }
@@ -100,6 +108,7 @@ impl Default for Config {
             max_lock_entries: DEFAULT_MAX_LOCK_ENTRIES,
             state_file: None,
             restart_grace_ms: None,
+            log_level: None,
             keepalive: KeepaliveConfig::default(),
         }
     }
@@ -201,6 +210,10 @@ impl Config {
             "per peer: max_connections_per_ip {} (loopback exempt), frame_timeout_ms {}",
             self.max_connections_per_ip, self.frame_timeout_ms
         ));
+        lines.push(match self.log_level {
+            Some(level) => format!("log level: {} (log_level)", level.as_str().to_lowercase()),
+            None => "log level: RUST_LOG's, info when it is not set (no log_level)".to_string(),
+        });
         lines.push(format!(
             "restart grace: {} ms",
             self.restart_grace().as_millis()
@@ -324,6 +337,15 @@ fn grace_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     in_range(d, 0, 3_600_000, "a restart grace in ms").map(Some)
 }
 
+fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LevelFilter>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(|_| {
+        de::Error::custom(format!(
+            "`{text}` is not a log level: use off, error, warn, info, debug or trace"
+        ))
+    })
+}
+
 fn positive_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     // Linux takes whole seconds up to 32767 for keepalive times.
     in_range(d, 1, 32_767_000, "a keepalive time in ms")
@@ -363,6 +385,7 @@ mod tests {
             max_lock_entries = 7
             state_file = "/tmp/tokens"
             restart_grace_ms = 0
+            log_level = "debug"
             [keepalive]
             idle_ms = 7
             interval_ms = 8
@@ -385,6 +408,7 @@ mod tests {
         );
         assert_eq!(c.state_file, Some(PathBuf::from("/tmp/tokens")));
         assert_eq!(c.restart_grace_ms, Some(0));
+        assert_eq!(c.log_level, Some(LevelFilter::Debug));
         assert_eq!(
             c.keepalive,
             KeepaliveConfig {
@@ -455,6 +479,7 @@ mod tests {
             "[keepalive]\nprobes = 128",
             "[keepalive]\nuser_timeout_ms = -1",
             "restart_grace_ms = 3600001",
+            "log_level = \"verbose\"",
         ] {
             assert!(Config::parse(text).is_err(), "{text} was accepted");
         }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
 
 /// Buffers bigger than this are given back once empty, so that a burst does
@@ -68,6 +69,9 @@ pub struct Connection {
     pub requests_this_turn: usize,
     /// Listed as waiting for server-wide room for a `status` reply.
     pub waits_for_room: bool,
+    /// The keepalive set on its socket at accept, which its `hello` reports:
+    /// a reload changes it for later connections only.
+    pub keepalive: Keepalive,
     output: Vec<u8>,
     written: usize,
     registered: Interest,
@@ -82,6 +86,7 @@ impl Connection {
         registry: &Registry,
         token: Token,
         now: Instant,
+        keepalive: Keepalive,
     ) -> io::Result<Connection> {
         registry.register(&mut stream, token, Interest::READABLE)?;
         Ok(Connection {
@@ -98,6 +103,7 @@ impl Connection {
             budget_turn: 0,
             requests_this_turn: 0,
             waits_for_room: false,
+            keepalive,
             output: Vec::new(),
             written: 0,
             registered: Interest::READABLE,
@@ -202,6 +208,7 @@ mod tests {
             poll.registry(),
             Token(0),
             std::time::Instant::now(),
+            Keepalive::effective(&crate::config::KeepaliveConfig::default()),
         )
         .unwrap();
         (poll, conn, peer)

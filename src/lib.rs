@@ -36,11 +36,14 @@ pub mod keepalive;
 #[cfg(feature = "model")]
 pub mod lock_model;
 pub mod lock_table;
+pub mod log_level;
 pub mod proof;
 pub mod protocol;
 pub mod rate_limit;
 pub mod recovery;
+pub mod reload;
 pub mod server;
+pub mod state_location;
 pub mod tokens;
 
 pub use config::Config;

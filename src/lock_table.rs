@@ -514,6 +514,16 @@ impl<T> LockTable<T> {
         }
     }
 
+    /// Changes the limits for requests from now on (a configuration
+    /// reload). Lowering one below what is in use drops nothing: what is held
+    /// or queued stays, and requests are refused until use falls below the
+    /// new limit. Until then `check_invariants` reports the excess, as it
+    /// assumes limits that were in force when every entry came.
+    pub fn set_limits(&mut self, max_per_client: usize, max_entries: usize) {
+        self.max_per_client = max_per_client;
+        self.max_entries = max_entries;
+    }
+
     /// Asks for a lock. Exactly one effect answers the request, now or later.
     pub fn lock(&mut self, request: LockRequest<'_, T>, now: Instant, out: &mut Vec<Effect<T>>) {
         let LockRequest {

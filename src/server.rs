@@ -19,22 +19,26 @@ use rustc_hash::FxHashMap;
 use slab::Slab;
 use socket2::{Domain, SockRef, Socket, Type};
 
+use crate::allow_list::AllowList;
 use crate::commands::{Core, Handled, Outgoing, Settings};
 use crate::config::Config;
 use crate::connection::{Connection, State};
 use crate::frame;
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
+use crate::log_level;
 use crate::proof::{ProofKey, ProofKeyError};
 use crate::protocol::{ErrorCode, Reply};
 use crate::rate_limit::LogLimiter;
 use crate::recovery::Recovery;
+use crate::reload::{self, Reloaded};
 use crate::tokens::{HeldLock, PreviousRun, TokenStore, TokenStoreError};
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+const RELOAD_SIGNAL: Token = Token(usize::MAX - 2);
 /// Listener `i` has token `FIRST_LISTENER - i`; connections use small slab keys.
-const FIRST_LISTENER: usize = usize::MAX - 2;
+const FIRST_LISTENER: usize = usize::MAX - 3;
 
 /// Bytes read from one connection per loop turn before others get a go.
 const READ_BUDGET: usize = 256 * 1024;
@@ -141,6 +145,7 @@ enum CloseReason {
     MessageTooLarge,
     NotReading { unsent: usize, stalled: Duration },
     FrameTimeout(Duration),
+    NoLongerAllowed,
 }
 
 impl fmt::Display for CloseReason {
@@ -160,8 +165,30 @@ impl fmt::Display for CloseReason {
                 "no whole frame within frame_timeout_ms ({} ms), holding no lock",
                 limit.as_millis()
             ),
+            CloseReason::NoLongerAllowed => {
+                f.write_str("not in `allowed` since the configuration was reloaded")
+            }
         }
     }
+}
+
+/// Re-reads the configuration on SIGHUP: the file as it is now, with its
+/// state file located, or the error to log (as `server --check-config`
+/// words it).
+pub type ConfigSource = Box<dyn FnMut() -> Result<Config, String> + Send>;
+
+/// What reloading the configuration needs between SIGHUPs.
+#[derive(Default)]
+struct Reload {
+    /// Readable when SIGHUP arrived.
+    signal: Option<UnixStream>,
+    /// None without a file to re-read.
+    source: Option<ConfigSource>,
+    /// A SIGHUP arrived; the reload runs once this turn's events are handled.
+    asked: bool,
+    /// The keepalive the core's `hello` reports, when it is not the one for
+    /// new connections: that of an older connection, handled last.
+    hello_keepalive: Option<Keepalive>,
 }
 
 /// The lock server.
@@ -185,10 +212,9 @@ pub struct Server {
     to_reap: Vec<usize>,
     closing: Vec<usize>,
     /// Connections whose unsent replies are over the limit and not moving.
+    /// Each may stay stalled as long as the kernel would wait for it, were it
+    /// a vanished peer: the earliest release of its own keepalive.
     stalled: Vec<usize>,
-    /// How long a connection may stay stalled before it is closed: as long
-    /// as the kernel would wait for a vanished peer.
-    stall_limit: Duration,
     backlog: Vec<usize>,
     /// When to try accepting again after a failure for want of resources.
     accept_retry_at: Option<Instant>,
@@ -217,6 +243,7 @@ pub struct Server {
     status_queue: VecDeque<usize>,
     scratch: Vec<u8>,
     reject_log: LogLimiter,
+    reload: Reload,
 }
 
 impl Server {
@@ -273,7 +300,6 @@ impl Server {
             to_reap: Vec::new(),
             closing: Vec::new(),
             stalled: Vec::new(),
-            stall_limit: keepalive.earliest_release(),
             backlog: Vec::new(),
             accept_retry_at: None,
             grace_ends: None,
@@ -289,6 +315,7 @@ impl Server {
             status_queue: VecDeque::new(),
             scratch: vec![0; READ_CHUNK],
             reject_log: LogLimiter::new(20, Duration::from_secs(10)),
+            reload: Reload::default(),
             config,
         };
         server.log_start(first_token);
@@ -342,7 +369,8 @@ impl Server {
         }
     }
 
-    /// Makes SIGTERM and SIGINT stop the server gracefully. Process-wide:
+    /// Makes SIGTERM and SIGINT stop the server gracefully, and SIGHUP
+    /// reload its configuration (see [`Server::reload_from`]). Process-wide:
     /// for the server binary, not for servers embedded in tests.
     pub fn handle_signals(&mut self) -> Result<(), ServerError> {
         let fail = io_error("cannot install the signal handlers");
@@ -364,7 +392,28 @@ impl Server {
             .register(&mut read_end, SIGNALS, Interest::READABLE)
             .map_err(io_error("cannot watch the signal pipe"))?;
         self.signals = Some(read_end);
+
+        let (read_end, write_end) =
+            std::os::unix::net::UnixStream::pair().map_err(io_error("cannot create a pipe"))?;
+        read_end
+            .set_nonblocking(true)
+            .map_err(io_error("cannot set up the signal pipe"))?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, write_end)
+            .map_err(io_error("cannot install the signal handlers"))?;
+        let mut read_end = UnixStream::from_std(read_end);
+        self.poll
+            .registry()
+            .register(&mut read_end, RELOAD_SIGNAL, Interest::READABLE)
+            .map_err(io_error("cannot watch the signal pipe"))?;
+        self.reload.signal = Some(read_end);
         Ok(())
+    }
+
+    /// What SIGHUP re-reads: `source` returns the configuration file as it
+    /// is now, or the error to log. Without one, SIGHUP only logs that there
+    /// is no file to re-read.
+    pub fn reload_from(&mut self, source: ConfigSource) {
+        self.reload.source = Some(source);
     }
 
     /// Serves until shut down (by handle or signal), then closes every
@@ -390,6 +439,7 @@ impl Server {
                 match event.token() {
                     WAKER => {}
                     SIGNALS => self.drain_signals(),
+                    RELOAD_SIGNAL => self.drain_reload_signal(),
                     Token(t)
                         if t <= FIRST_LISTENER && FIRST_LISTENER - t < self.listeners.len() =>
                     {
@@ -408,6 +458,9 @@ impl Server {
             }
             if self.stop.load(Ordering::SeqCst) {
                 break Ok(());
+            }
+            if std::mem::take(&mut self.reload.asked) {
+                self.reload_config(now);
             }
             self.resume_backlog(now);
             self.note_grace_end(now);
@@ -484,11 +537,10 @@ impl Server {
                 State::Closing { deadline, .. } => Some(deadline),
                 State::Open => None,
             });
-        let stall_limit = self.stall_limit;
-        let stalled = self
-            .stalled
-            .iter()
-            .filter_map(|&key| Some(conns.get(key)?.stalled_since? + stall_limit));
+        let stalled = self.stalled.iter().filter_map(|&key| {
+            let conn = conns.get(key)?;
+            Some(conn.stalled_since? + conn.keepalive.earliest_release())
+        });
         let earliest = closing
             .chain(stalled)
             .chain(self.accept_retry_at)
@@ -577,6 +629,142 @@ impl Server {
         }
     }
 
+    fn drain_reload_signal(&mut self) {
+        let Some(signal) = &mut self.reload.signal else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        loop {
+            match signal.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => self.reload.asked = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Re-reads the configuration (SIGHUP) and applies what can change while
+    /// running; a file that cannot be used changes nothing.
+    fn reload_config(&mut self, now: Instant) {
+        let Some(source) = self.reload.source.as_mut() else {
+            info!(
+                "SIGHUP: no configuration file to re-read (started without --config); nothing changes"
+            );
+            return;
+        };
+        let read = match source() {
+            Ok(read) => read,
+            Err(e) => {
+                error!("SIGHUP: {e}; the configuration in effect stays as it was");
+                return;
+            }
+        };
+        let Reloaded {
+            config,
+            needs_restart,
+        } = reload::merge(&self.config, read);
+        for key in &needs_restart {
+            warn!("SIGHUP: {key} changed in the file, but only a restart applies it");
+        }
+        self.apply_config(config, now);
+        info!("configuration reloaded; in effect now:");
+        for line in self.config.summary() {
+            info!("in effect: {line}");
+        }
+    }
+
+    /// Runs on `config` from now on. Nothing held or queued is dropped:
+    /// lowered limits refuse new requests and connections only, and a changed
+    /// `[keepalive]` applies to connections accepted from now on, each
+    /// connection keeping (and being told in its `hello`) the values it was
+    /// set up with. Only connections from peers `allowed` no longer admits
+    /// are closed, releasing their locks.
+    fn apply_config(&mut self, config: Config, now: Instant) {
+        let keepalive = config.effective_keepalive();
+        if keepalive != self.keepalive {
+            let open = self.conns.len();
+            info!(
+                "SIGHUP: [keepalive] changed: connections accepted from now on get it; the {open} \
+                 open one(s) keep what they were set up with"
+            );
+            let longest = self
+                .conns
+                .iter()
+                .map(|(_, conn)| conn.keepalive.earliest_release())
+                .max()
+                .unwrap_or_default();
+            let next_grace = config.restart_grace();
+            if next_grace < longest {
+                // A crash now would start the next run with a grace shorter
+                // than what open connections were told.
+                warn!(
+                    "SIGHUP: open connections were told their locks are released {} ms at the \
+                     earliest, more than the {} ms restart grace the new values give; should the \
+                     server restart while they are open, set restart_grace_ms to at least {} ms \
+                     for that start",
+                    longest.as_millis(),
+                    next_grace.as_millis(),
+                    longest.as_millis()
+                );
+            }
+        }
+        self.keepalive = keepalive;
+        self.core.set_settings(settings_for(&config, keepalive));
+        self.reload.hello_keepalive = None;
+        if config.max_connections > self.config.max_connections {
+            raise_fd_limit(config.max_connections);
+        }
+        log_level::set(config.log_level);
+        self.close_not_allowed(&config.allowed, now);
+        self.config = config;
+    }
+
+    /// Closes the connections of peers `allowed` does not admit, telling
+    /// each why first, as a refusal at accept does.
+    fn close_not_allowed(&mut self, allowed: &AllowList, now: Instant) {
+        let refused: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, conn)| conn.state == State::Open && !allowed.permits(conn.peer.ip()))
+            .map(|(key, _)| key)
+            .collect();
+        if refused.is_empty() {
+            return;
+        }
+        warn!(
+            "SIGHUP: closing {} connection(s) from peers the new `allowed` list refuses",
+            refused.len()
+        );
+        for key in refused {
+            if let Some(conn) = self.conns.get_mut(key) {
+                let before = conn.unsent();
+                Reply::Error {
+                    error: ErrorCode::Denied,
+                    detail: Some(not_allowed(conn.peer.ip())),
+                    limit: None,
+                    id: None,
+                }
+                .encode(conn.output());
+                self.total_unsent += conn.unsent() - before;
+            }
+            self.begin_close(key, CloseReason::NoLongerAllowed, now);
+        }
+    }
+
+    /// Makes the core's `hello` report `keepalive`, that of the connection
+    /// about to be handled: after a reload changed it, a connection set up
+    /// before is still told the values its socket has, so that it never
+    /// counts on a later release than the server gives it.
+    fn hello_reports(&mut self, keepalive: Keepalive) {
+        let reported = self.reload.hello_keepalive.unwrap_or(self.keepalive);
+        if reported != keepalive {
+            self.core
+                .set_settings(settings_for(&self.config, keepalive));
+            self.reload.hello_keepalive = (keepalive != self.keepalive).then_some(keepalive);
+        }
+    }
+
     fn accept(&mut self, index: usize, now: Instant) {
         loop {
             let Some((listener, _)) = self.listeners.get(index) else {
@@ -646,10 +834,7 @@ impl Server {
             refuse(
                 stream,
                 ErrorCode::Denied,
-                Some(format!(
-                    "{} is not in the server's `allowed` list",
-                    peer.ip()
-                )),
+                Some(not_allowed(peer.ip())),
                 None,
             );
             return;
@@ -696,7 +881,16 @@ impl Server {
         let client = self.core.connect(peer);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        match Connection::register(stream, client, peer, self.poll.registry(), Token(key), now) {
+        let registered = Connection::register(
+            stream,
+            client,
+            peer,
+            self.poll.registry(),
+            Token(key),
+            now,
+            self.keepalive,
+        );
+        match registered {
             Ok(conn) => {
                 entry.insert(conn);
                 self.keys.insert(client, key);
@@ -815,6 +1009,10 @@ impl Server {
     /// Cuts whole frames out of the connection's input and hands each to the
     /// core, stopping while its unsent replies are over the limit.
     fn handle_input(&mut self, key: usize, now: Instant) {
+        if let Some(conn) = self.conns.get(key) {
+            let keepalive = conn.keepalive;
+            self.hello_reports(keepalive);
+        }
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -1051,7 +1249,11 @@ impl Server {
         }
         let client = conn.client;
         let peer_closed = matches!(reason, CloseReason::PeerClosed);
-        let flush_first = peer_closed || matches!(reason, CloseReason::MessageTooLarge);
+        let flush_first = peer_closed
+            || matches!(
+                reason,
+                CloseReason::MessageTooLarge | CloseReason::NoLongerAllowed
+            );
         conn.state = State::Closing {
             deadline: now + CLOSE_GRACE,
             write_shut: false,
@@ -1208,7 +1410,6 @@ impl Server {
     /// Closes connections whose replies have gone unread for as long as a
     /// vanished peer is given: they stopped reading.
     fn close_stalled(&mut self, now: Instant) {
-        let limit = self.stall_limit;
         let mut over = Vec::new();
         let conns = &self.conns;
         self.stalled.retain(|&key| {
@@ -1219,7 +1420,7 @@ impl Server {
                 return false;
             };
             let stalled = now.saturating_duration_since(since);
-            if stalled < limit {
+            if stalled < conn.keepalive.earliest_release() {
                 return true;
             }
             over.push((key, conn.unsent(), stalled));
@@ -1313,6 +1514,21 @@ fn refuse(stream: TcpStream, error: ErrorCode, detail: Option<String>, limit: Op
     let mut bytes = Vec::new();
     reply.encode(&mut bytes);
     let _ = (&stream).write(&bytes);
+}
+
+/// Why a peer outside `allowed` is turned away, as it is told.
+fn not_allowed(ip: IpAddr) -> String {
+    format!("{ip} is not in the server's `allowed` list")
+}
+
+/// What the core needs from `config`, with `hello` reporting `keepalive`.
+fn settings_for(config: &Config, keepalive: Keepalive) -> Settings {
+    Settings {
+        max_locks_per_connection: config.max_locks_per_connection,
+        max_lock_entries: config.max_lock_entries,
+        keepalive,
+        status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
+    }
 }
 
 fn is_fd_exhaustion(errno: i32) -> bool {

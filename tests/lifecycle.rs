@@ -190,6 +190,9 @@ fn the_binary_reports_a_port_in_use() {
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "off")
+        // A fixed port without state_file: the default state file goes here.
+        .env("XDG_STATE_HOME", dir.join("xdg-state"))
+        .env_remove("STATE_DIRECTORY")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));

@@ -293,6 +293,11 @@ impl ServerProcess {
                 sh
             }
         };
+        // A config without state_file would keep its state in the default
+        // place: a directory of the test's own, never the real home.
+        command
+            .env("XDG_STATE_HOME", dir.join("xdg-state"))
+            .env_remove("STATE_DIRECTORY");
         command.envs(env.iter().map(|(k, v)| (*k, *v)));
         let mut child = command
             .arg("--config")
@@ -331,6 +336,20 @@ impl ServerProcess {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(_) => panic!("the server never logged {needle:?}"),
+            }
+        }
+    }
+
+    /// Waits for a log line that ends with `tail`, as a line of check-config's
+    /// summary ends a line of the log.
+    pub fn wait_for_log_ending(&mut self, tail: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.ends_with(tail) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("the server never logged a line ending {tail:?}"),
             }
         }
     }
