@@ -64,3 +64,35 @@ fn an_unusable_default_place_stops_the_start_naming_it_and_the_way_out() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_fresh_start_on_the_default_state_file_grants_at_once() {
+    let dir = temp_dir("default-state-fresh");
+    let port = free_port();
+    // Only the address: the default state place, the default grace (10 s).
+    let config = format!("listen = [\"127.0.0.1:{port}\"]\n");
+    let started = std::time::Instant::now();
+    let mut server = ServerProcess::start(&dir, &config);
+    let mut peer = common::Peer::connect(server.addr);
+    let result = peer.rpc(
+        "lock",
+        serde_json::json!(1),
+        serde_json::json!({"lockName": "first", "timeoutMs": 0}),
+    );
+    let took = started.elapsed();
+    assert_eq!(result["status"], "ok", "{result}");
+    eprintln!("first grant {took:?} after starting the server");
+    // A grace would hold it for 10 s.
+    assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    drop(peer);
+    // The next start is no first start: the file says how this run ended.
+    server.signal("KILL");
+    server.wait_exit();
+    let server = ServerProcess::start(&dir, &config);
+    let result = common::Peer::connect(server.addr).rpc(
+        "lock",
+        serde_json::json!(1),
+        serde_json::json!({"lockName": "first", "timeoutMs": 0}),
+    );
+    assert_eq!(result["status"], "timeout", "granted in a crash's grace");
+}
