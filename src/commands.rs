@@ -21,7 +21,7 @@ use crate::protocol::{
     UnlockResult, WaiterStatus,
 };
 use crate::rate_limit::{LogLimiter, escaped};
-use crate::recovery::Recovery;
+use crate::recovery::{Recovery, StillOwed};
 use crate::tokens;
 use crate::tokens::PreviousRun;
 
@@ -152,6 +152,11 @@ impl Core {
     pub fn close_reclaims_if_due(&mut self, now: Instant) -> Option<Option<usize>> {
         let left = self.recovery.listed_left();
         self.recovery.close_if_due(now).then_some(left)
+    }
+
+    /// Grants of the previous run that a stop now must pass on.
+    pub fn still_owed(&self, now: Instant) -> StillOwed {
+        self.recovery.still_owed(now)
     }
 
     /// Applies new settings (a configuration reload): the limits count for

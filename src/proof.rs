@@ -167,18 +167,28 @@ fn random_key() -> io::Result<Vec<u8>> {
     Ok(key)
 }
 
-/// Creates `path` with `text`, mode 0600, refusing to follow or replace
-/// anything already there, and makes it durable.
+/// Creates `path` with `text`, mode 0600, and makes it durable: written to
+/// a temporary file first and renamed into place, so that a crash leaves
+/// either no key or a whole one. Refuses to follow a link planted at the
+/// temporary path.
 fn write_new(path: &Path, text: &str) -> io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+        .open(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()?;
+    fs::rename(&tmp, path)?;
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),

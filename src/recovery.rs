@@ -47,6 +47,18 @@ impl fmt::Display for NotHonoured {
     }
 }
 
+/// Grants of an earlier run that a stop must not forget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StillOwed {
+    /// None: the window is closed (or never opened).
+    Nothing,
+    /// Any grant of the run before a crash may still be reclaimed: the next
+    /// run must take this stop for a crash too.
+    Unknown,
+    /// These grants, listed at the last clean stop and not reclaimed yet.
+    Listed(Vec<HeldLock>),
+}
+
 /// The rules for reclaims during one run.
 #[derive(Debug)]
 pub struct Recovery {
@@ -151,6 +163,29 @@ impl Recovery {
         )
     }
 
+    /// What a stop at `now` must pass on to the next run, beside the grants
+    /// then in force: while the window is open, grants of the previous run
+    /// that may still be reclaimed.
+    pub fn still_owed(&self, now: Instant) -> StillOwed {
+        if self.until.is_none_or(|until| until <= now) {
+            return StillOwed::Nothing;
+        }
+        let Some(listed) = &self.listed else {
+            return StillOwed::Unknown;
+        };
+        let mut owed: Vec<HeldLock> = listed
+            .iter()
+            .filter(|(token, _)| !self.reclaimed.contains(token))
+            .map(|(&token, (name, mode))| HeldLock {
+                lock_name: name.to_string(),
+                mode: *mode,
+                token,
+            })
+            .collect();
+        owed.sort_unstable_by_key(|lock| lock.token);
+        StillOwed::Listed(owed)
+    }
+
     /// Closes the window once its time has come, forgetting the lists;
     /// true when this call closed it.
     pub fn close_if_due(&mut self, now: Instant) -> bool {
@@ -240,6 +275,14 @@ mod tests {
         assert_eq!(recovery.check("s", Mode::Shared, 7, &proof, now), Ok(()));
         recovery.honoured(7);
         assert_eq!(recovery.listed_left(), Some(1));
+        assert_eq!(
+            recovery.still_owed(now),
+            StillOwed::Listed(vec![held("a", Mode::Exclusive, 5)]),
+            "a stop now passes on what is not reclaimed yet"
+        );
+        assert_eq!(recovery.still_owed(now + WINDOW), StillOwed::Nothing);
+        let after_crash = Recovery::new(key, FIRST, &PreviousRun::Unknown, now, WINDOW);
+        assert_eq!(after_crash.still_owed(now), StillOwed::Unknown);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::log_level;
 use crate::proof::{ProofKey, ProofKeyError};
 use crate::protocol::{ErrorCode, Reply};
 use crate::rate_limit::LogLimiter;
-use crate::recovery::Recovery;
+use crate::recovery::{Recovery, StillOwed};
 use crate::reload::{self, Reloaded};
 use crate::tokens::{HeldLock, PreviousRun, TokenStore, TokenStoreError};
 
@@ -326,7 +326,13 @@ impl Server {
         let ms = grace.as_millis();
         match (&previous, window) {
             (PreviousRun::None, _) => {
-                info!("no earlier run in the state file: granting at once");
+                let path = server.tokens.path().map(|p| p.display().to_string());
+                warn!(
+                    "no state file at {} yet: taking this for the first run here, and granting \
+                     at once. If a server ran here moments ago with another state file, the \
+                     locks its clients hold may be granted again (see docs/SAFETY.md)",
+                    path.unwrap_or_default()
+                );
             }
             (PreviousRun::Stopped(held), _) if held.is_empty() => {
                 info!("the previous run stopped holding no lock: granting at once");
@@ -485,8 +491,10 @@ impl Server {
             Ok(()) => {
                 // Listed before any client sees its connection close, so
                 // that the next run knows every lock it may be asked back.
-                let held = self.held_locks();
-                let saved = self.tokens.save_final(self.core.next_token(), &held);
+                let held = self.held_locks(Instant::now());
+                let saved = self
+                    .tokens
+                    .save_final(self.core.next_token(), held.as_deref());
                 self.shut_down(true);
                 saved.map_err(ServerError::Tokens)?;
                 info!("stopped");
@@ -570,9 +578,16 @@ impl Server {
         }
     }
 
-    /// Every grant in force, for the next run to give back.
-    fn held_locks(&self) -> Vec<HeldLock> {
-        let mut held = Vec::new();
+    /// Every grant the next run may be asked back: those in force, and,
+    /// while this run's own window for reclaims is open, those of the
+    /// previous run not reclaimed yet. `None` when that is not known (this
+    /// run followed a crash and still honours reclaims).
+    fn held_locks(&self, now: Instant) -> Option<Vec<HeldLock>> {
+        let mut held = match self.core.still_owed(now) {
+            StillOwed::Unknown => return None,
+            StillOwed::Nothing => Vec::new(),
+            StillOwed::Listed(owed) => owed,
+        };
         for view in self.core.table().iter_from("") {
             for holder in view.holders() {
                 held.push(HeldLock {
@@ -582,7 +597,7 @@ impl Server {
                 });
             }
         }
-        held
+        Some(held)
     }
 
     /// Logs the end of the window for reclaims.

@@ -138,14 +138,15 @@ impl TokenStore {
 
     /// Records `next_token` as the ceiling, so the next start begins right
     /// there instead of a reservation further on, and the grants in force
-    /// at the end. For a clean shutdown.
+    /// at the end (`None`: not known, so the next start takes this stop
+    /// for a crash). For a clean shutdown.
     pub fn save_final(
         &mut self,
         next_token: u64,
-        held: &[HeldLock],
+        held: Option<&[HeldLock]>,
     ) -> Result<(), TokenStoreError> {
         if let Some(path) = &self.path {
-            write_state(path, next_token, Some(held))?;
+            write_state(path, next_token, held)?;
             self.ceiling = next_token;
         }
         Ok(())
@@ -380,7 +381,7 @@ mod tests {
         fs::write(&path, format!("{far}")).unwrap();
         let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Unknown, "a crash");
-        store.save_final(first + 42, &[]).unwrap();
+        store.save_final(first + 42, Some(&[])).unwrap();
         let (_, next) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(next, first + 42);
     }
@@ -406,14 +407,14 @@ mod tests {
                 token: first + 1,
             },
         ];
-        store.save_final(first + 2, &held).unwrap();
+        store.save_final(first + 2, Some(&held)).unwrap();
         let (mut store, _) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Stopped(held));
         // Opening rewrote the file: a crash now must not look clean.
         let (_, next) = TokenStore::open(Some(&path)).unwrap();
         let (again, _) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(again.previous_run(), &PreviousRun::Unknown);
-        store.save_final(next, &[]).unwrap();
+        store.save_final(next, Some(&[])).unwrap();
         let (store, _) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Stopped(Vec::new()));
     }

@@ -438,3 +438,110 @@ fn a_reclaim_is_refused_unless_genuine_in_time_and_uncontested() {
         "{stats}"
     );
 }
+
+#[test]
+fn a_stop_during_the_window_passes_on_what_is_not_reclaimed_yet() {
+    let dir: TempDir = temp_dir("restart-twice");
+    let state = dir.join("tokens");
+    let port = free_port();
+    let config = config(port, &state, "restart_grace_ms = 5000\n");
+    let try_once = |addr, name: &str| {
+        Peer::connect(addr).rpc("lock", json!(1), json!({"lockName": name, "timeoutMs": 0}))
+    };
+
+    // A clean stop while X is held, and another before X is reclaimed.
+    let mut server = ServerProcess::start(&dir, &config);
+    let mut holder = Peer::connect(server.addr);
+    holder.rpc("hello", json!(0), json!({"client": "h"}));
+    let grant = holder.lock("x", 1);
+    let (token, proof) = (grant["token"].clone(), grant["proof"].clone());
+    server.signal("TERM");
+    server.wait_exit();
+    let mut server = ServerProcess::start(&dir, &config);
+    server.signal("TERM");
+    server.wait_exit();
+    let server = ServerProcess::start(&dir, &config);
+    assert_eq!(
+        try_once(server.addr, "x")["status"],
+        "timeout",
+        "x is still owed"
+    );
+    assert_eq!(try_once(server.addr, "y")["status"], "ok");
+    let back = Peer::connect(server.addr).rpc(
+        "lock",
+        json!(1),
+        json!({"lockName": "x", "reclaim": {"token": token, "proof": proof}}),
+    );
+    assert_eq!(back["status"], "ok", "{back}");
+    drop(server);
+
+    // A clean stop of a run that followed a crash, within its grace: the
+    // next run cannot know what was held, and takes it for a crash too.
+    let mut server = ServerProcess::start(&dir, &config);
+    Peer::connect(server.addr).rpc("hello", json!(0), json!({"client": "h"}));
+    server.signal("KILL");
+    server.wait_exit();
+    let mut server = ServerProcess::start(&dir, &config);
+    server.signal("TERM");
+    server.wait_exit();
+    let server = ServerProcess::start(&dir, &config);
+    assert_eq!(
+        try_once(server.addr, "z")["status"],
+        "timeout",
+        "granted in the grace after a crash"
+    );
+}
+
+#[test]
+fn an_unlock_sent_while_the_server_is_away_still_withdraws_the_wait() {
+    let dir: TempDir = temp_dir("restart-withdraw");
+    let state = dir.join("tokens");
+    let port = free_port();
+    let config = pklock::Config {
+        listen: vec![format!("127.0.0.1:{port}").parse().unwrap()],
+        state_file: Some(state.clone()),
+        restart_grace_ms: Some(500),
+        ..pklock::Config::default()
+    };
+    let server = common::TestServer::from_config(config.clone());
+    let addr = server.addr.to_string();
+    let holder = Client::connect(&addr, &ClientOptions::named("holder")).unwrap();
+    let held = holder.lock("x", &LockOptions::exclusive()).unwrap();
+    let waiter =
+        std::sync::Arc::new(Client::connect(&addr, &ClientOptions::named("waiter")).unwrap());
+    let (tx, waiting) = std::sync::mpsc::channel();
+    {
+        let waiter = std::sync::Arc::clone(&waiter);
+        std::thread::spawn(move || {
+            let _ = tx.send(
+                waiter
+                    .lock("x", &LockOptions::exclusive())
+                    .map(|g| g.token()),
+            );
+        });
+    }
+    eventually("the wait is queued", || {
+        status(server.addr).1.get("x") == Some(&1)
+    });
+    server.stop().unwrap();
+    // While no server is there, the waiter gives up its wait.
+    let withdrawing = {
+        let waiter = std::sync::Arc::clone(&waiter);
+        std::thread::spawn(move || waiter.unlock("x"))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let server = common::TestServer::from_config(config);
+    assert!(withdrawing.join().unwrap().unwrap(), "the wait was there");
+    let outcome = waiting.recv_timeout(PATIENCE);
+    assert!(
+        matches!(outcome, Ok(Err(pklock::client::Error::Cancelled))),
+        "the wait went on: {outcome:?}"
+    );
+    assert!(held.is_held());
+    held.unlock().unwrap();
+    let (holders, waiters) = status(server.addr);
+    assert!(
+        holders.is_empty() && waiters.is_empty(),
+        "{holders:?} {waiters:?}"
+    );
+}

@@ -737,3 +737,70 @@ fn result_of<T: DeserializeOwned>(mut reply: Value) -> Result<T, Error> {
         .ok_or_else(|| Error::Protocol(format!("reply without a result: {reply}")))?;
     ok_result(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Server};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    }
+
+    /// A server on `port` with a state file in `dir`, running on a thread.
+    fn serve(
+        port: u16,
+        dir: &std::path::Path,
+    ) -> (crate::server::ShutdownHandle, std::thread::JoinHandle<()>) {
+        let config = Config {
+            listen: vec![format!("127.0.0.1:{port}").parse().unwrap()],
+            state_file: Some(dir.join("state")),
+            ..Config::default()
+        };
+        let server = Server::bind(config).unwrap();
+        let handle = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run().unwrap());
+        (handle, thread)
+    }
+
+    #[test]
+    fn a_pause_across_a_restart_does_not_resume_even_with_the_lock_reclaimed() {
+        let dir = std::env::temp_dir().join(format!("pklock-pause-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let (stop, thread) = serve(port, &dir);
+        let addr = format!("127.0.0.1:{port}");
+        let client = Client::connect(&addr, &ClientOptions::named("paused")).unwrap();
+        let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
+        client.pause_lease();
+        stop.shutdown();
+        thread.join().unwrap();
+        let (stop, thread) = serve(port, &dir);
+        // The reader dials again and reclaims the lock meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let probe = Client::connect(&addr, &ClientOptions::named("probe")).unwrap();
+            let status = probe
+                .status(&StatusFilter::Exact("x".into()), None)
+                .unwrap();
+            if status.locks.first().is_some_and(|l| !l.holders.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never reclaimed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Work stopped across a replaced connection must not go on: the lock
+        // may have been someone else's while it was stopped.
+        assert!(client.resume_lease().is_err());
+        assert!(!guard.is_held());
+        drop(guard);
+        drop(client);
+        stop.shutdown();
+        thread.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -18,7 +18,7 @@ use std::fmt;
 use std::io::{self, ErrorKind};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -89,6 +89,16 @@ struct Pending {
     /// matter only on the connection they were sent on (pings, the unlock
     /// of a dropped guard).
     resend: Option<Resend>,
+    /// Sent again on a new connection after the first was closed.
+    resent: bool,
+}
+
+/// Whether a send may wait for the writer.
+enum Kind {
+    /// The watchdog's ping: never.
+    Ping,
+    /// Anything else.
+    Request,
 }
 
 /// Who the reply goes to.
@@ -161,6 +171,8 @@ struct State {
     /// While set, the caller's work is known to be stopped, so the lease may
     /// run out without a loss (see [`Session::pause_lease`]).
     lease_paused: bool,
+    /// The connection the pause began on.
+    paused_generation: u64,
     /// The socket has been shut down: the server may release everything.
     closed: bool,
     /// An error message the server sent without an id, kept for the loss reason.
@@ -188,6 +200,16 @@ pub(crate) struct Session {
 /// because every critical section is short and does not panic.
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A number from 0 to 999, different in every process and every call.
+fn jitter_permille() -> u32 {
+    let mut bytes = [0u8; 2];
+    match rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
+        Ok(2) => u32::from(u16::from_le_bytes(bytes)) % 1000,
+        // No randomness: the process id still spreads processes apart.
+        _ => std::process::id() % 1000,
+    }
 }
 
 fn grace_end(hello_sent_at: Instant, grants_resume_in: Duration) -> Option<Instant> {
@@ -225,6 +247,7 @@ impl Session {
                 grace_ends: grace_end(hello_sent_at, grants_resume_in),
                 control: stream,
                 lease_paused: false,
+                paused_generation: 1,
                 closed: false,
                 server_error: None,
             }),
@@ -312,6 +335,10 @@ impl Session {
         awaiting: Awaiting,
         resend: Option<Resend>,
     ) -> Result<(), LossReason> {
+        let awaiting_kind = match (command, &awaiting) {
+            ("ping", Awaiting::Nobody) => Kind::Ping,
+            _ => Kind::Request,
+        };
         let (id, generation) = {
             let mut state = locked(&self.state);
             if let Some(reason) = &state.lost {
@@ -331,6 +358,7 @@ impl Session {
                     generation,
                     awaiting,
                     resend,
+                    resent: false,
                 },
             );
             if state.reconnecting {
@@ -340,7 +368,18 @@ impl Session {
             (id, generation)
         };
         let body = json!({"command": command, "id": id, "parameters": parameters}).to_string();
-        let mut writer = locked(&self.writer);
+        let mut writer = match (self.writer.try_lock(), &awaiting_kind) {
+            (Ok(writer), _) => writer,
+            (Err(TryLockError::Poisoned(poisoned)), _) => poisoned.into_inner(),
+            // The watchdog's ping: someone else is writing, which will
+            // bring an answer too; never wait behind a blocked write, or
+            // the lease could not run out.
+            (Err(TryLockError::WouldBlock), Kind::Ping) => {
+                locked(&self.state).pending.remove(&id);
+                return Ok(());
+            }
+            (Err(TryLockError::WouldBlock), Kind::Request) => locked(&self.writer),
+        };
         if writer.0 != generation {
             // A reconnect came in between, and sent it on the new connection.
             return Ok(());
@@ -482,14 +521,19 @@ impl Session {
     /// caller must not let the work go on before [`Session::resume_lease`]
     /// succeeds.
     pub(crate) fn pause_lease(&self) {
-        locked(&self.state).lease_paused = true;
+        let mut state = locked(&self.state);
+        state.lease_paused = true;
+        state.paused_generation = state.generation;
+        drop(state);
         self.changed.notify_all();
     }
 
     /// Ends a pause once the server has answered a request sent after this
-    /// call: the connection, and so every lock on it, is then known to have
-    /// lasted through the pause. Declares the loss when no answer comes
-    /// within the lease.
+    /// call on the connection the pause began on: that connection, and so
+    /// every lock on it, is then known to have lasted through the pause.
+    /// Declares the loss when no answer comes within the lease, or when the
+    /// connection was replaced meanwhile (a lock reclaimed after a restart
+    /// may have been someone else's while the work was stopped).
     pub(crate) fn resume_lease(&self) -> Result<(), LossReason> {
         let asked_at = Instant::now();
         let rx = self.send("ping", Value::Null)?;
@@ -497,6 +541,15 @@ impl Session {
         let mut state = locked(&self.state);
         if let Some(reason) = &state.lost {
             return Err(reason.clone());
+        }
+        if state.generation != state.paused_generation || state.reconnecting {
+            drop(state);
+            let reason = LossReason::Closed(
+                " while the work was stopped; the locks may have been someone else's since"
+                    .to_string(),
+            );
+            self.declare_lost(reason.clone());
+            return Err(reason);
         }
         if answered && state.confirmed_at >= asked_at {
             state.lease_paused = false;
@@ -593,8 +646,7 @@ impl Session {
             }
             // Jitter, so that many clients of one restarted server do not
             // all dial at the same instants.
-            let jitter = Instant::now().elapsed().subsec_nanos() % 1000;
-            let wait = pause.mul_f64(0.5 + f64::from(jitter) / 2000.0);
+            let wait = pause.mul_f64(0.5 + f64::from(jitter_permille()) / 2000.0);
             let _ = self
                 .changed
                 .wait_timeout(state, wait)
@@ -615,8 +667,13 @@ impl Session {
             )));
             return None;
         }
-        let reader = dialed.stream.try_clone().ok()?;
-        let control = dialed.stream.try_clone().ok()?;
+        let (reader, control) = match (dialed.stream.try_clone(), dialed.stream.try_clone()) {
+            (Ok(reader), Ok(control)) => (reader, control),
+            (Err(e), _) | (_, Err(e)) => {
+                self.declare_lost(LossReason::Broken(e.to_string()));
+                return None;
+            }
+        };
         let mut writer = locked(&self.writer);
         let mut state = locked(&self.state);
         if state.lost.is_some() {
@@ -638,7 +695,9 @@ impl Session {
                 (Some(mode), Some(token), Some(proof)) => {
                     reclaims.push((name.clone(), mode, token, proof.clone()));
                 }
-                (_, Some(_), None) => {
+                // Still on its way: the request is sent again below.
+                (_, None, _) => {}
+                _ => {
                     let lock = name.clone();
                     drop(state);
                     drop(writer);
@@ -648,8 +707,6 @@ impl Session {
                     });
                     return None;
                 }
-                // Still on its way: the request is sent again below.
-                _ => {}
             }
         }
         if reclaims.is_empty() {
@@ -674,6 +731,7 @@ impl Session {
                     generation,
                     awaiting: Awaiting::Reclaim(name),
                     resend: None,
+                    resent: false,
                 },
             );
         }
@@ -691,13 +749,8 @@ impl Session {
             let Some(resend) = &pending.resend else {
                 continue;
             };
-            if resend.command == "unlock" {
-                // The closed connection took the lock, or the wait, with it.
-                if let Awaiting::Caller(reply) = pending.awaiting {
-                    let _ = reply.send(json!({"id": id, "result": {"status": "ok"}}));
-                }
-                continue;
-            }
+            // Unlocks too, after the requests and reclaims before them: an
+            // unlock may be meant to withdraw a wait sent again above.
             let mut parameters = resend.parameters.clone();
             if let Some(deadline) = resend.deadline {
                 let left = deadline.saturating_duration_since(now);
@@ -706,6 +759,7 @@ impl Session {
             bodies.push(json!({"command": resend.command, "id": id, "parameters": parameters}));
             pending.sent_at = now;
             pending.generation = generation;
+            pending.resent = true;
             state.pending.insert(id, pending);
         }
         drop(state);
@@ -754,6 +808,15 @@ impl Session {
                 }
             }
             Awaiting::Caller(reply) => {
+                let resent_unlock = pending.resent
+                    && pending
+                        .resend
+                        .as_ref()
+                        .is_some_and(|r| r.command == "unlock");
+                let status = result.and_then(|r| r.get("status")).and_then(Value::as_str);
+                // The closed connection took the lock, or the wait, with it:
+                // what a re-sent unlock asked for is done.
+                let done_by_the_close = resent_unlock && status == Some("notFound");
                 if let Some(resend) = pending.resend.as_ref().filter(|r| r.command == "lock") {
                     // Noted here, before the caller can see it, so that a
                     // reconnect from now on reclaims it.
@@ -777,6 +840,10 @@ impl Session {
                     state.confirmed_at = state.confirmed_at.max(pending.sent_at);
                 }
                 drop(state);
+                let message = match done_by_the_close {
+                    true => json!({"id": id, "result": {"status": "ok"}}),
+                    false => message,
+                };
                 // The waiter may have given up; that is fine.
                 let _ = reply.send(message);
             }
