@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use log::{info, warn};
+use pklock::proof::ProofKey;
 use pklock::state_location::{self, Located, StateDirs};
 use pklock::{Config, Server, log_level};
 
@@ -18,9 +19,11 @@ use pklock::{Config, Server, log_level};
     after_help = "\
 State file: unless the configuration sets state_file, the fencing-token state is kept in
 $STATE_DIRECTORY (systemd's StateDirectory=), else $XDG_STATE_HOME/pklock, else
-~/.local/state/pklock (created, mode 0700), in a file named after the first listen address,
-such as state-127.0.0.1-20934; there is none when that port is 0. state_file = \"\" turns it
-off (fencing tokens then follow the clock only).
+~/.local/state/pklock (created, mode 0700), in a file named after the first listen port,
+such as state-20934 (none when that port is 0), with the key that signs grants beside it
+(state-20934.key). It also lists the locks held at a clean stop, for their holders to
+reclaim after the restart. state_file = \"\" turns it off: fencing tokens then follow the
+clock only, locks cannot be reclaimed, and every start waits restart_grace_ms.
 
 SIGHUP re-reads the --config file: allowed, the limits, log_level and [keepalive] (for
 connections accepted from then on) change at once; listen, state_file and restart_grace_ms
@@ -53,6 +56,8 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         // The default place's directory is made at start; a named one must exist.
         if !matches!(located, Located::DefaultPlace(_)) {
             config.check_paths()?;
+        } else if let Some(state) = &config.state_file {
+            ProofKey::check(&ProofKey::path_beside(state))?;
         }
         println!("{}: valid", path.display());
         for line in config.summary() {
@@ -111,7 +116,7 @@ fn state_file_note(located: &Located) -> Option<String> {
         Located::DefaultPlace(dir) => Some(format!(
             "state_file is not set: the state file is kept in the default place, {} \
              (STATE_DIRECTORY, else XDG_STATE_HOME/pklock, else ~/.local/state/pklock), \
-             named after the first listen address",
+             named after the first listen port",
             dir.display()
         )),
         Located::EphemeralPort => Some(

@@ -11,6 +11,7 @@ use serde::de::{self, Deserialize, Deserializer};
 
 use crate::allow_list::AllowList;
 use crate::keepalive::Keepalive;
+use crate::proof::ProofKey;
 
 /// The default port, as the original pkLockServer.
 pub const DEFAULT_PORT: u16 = 20934;
@@ -235,15 +236,14 @@ impl Config {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
-        if dir.is_dir() {
-            Ok(())
-        } else {
-            Err(format!(
+        if !dir.is_dir() {
+            return Err(format!(
                 "state_file {}: the directory {} does not exist",
                 path.display(),
                 dir.display()
-            ))
+            ));
         }
+        ProofKey::check(&ProofKey::path_beside(path)).map_err(|e| e.to_string())
     }
 
     /// Reads and checks a configuration file.

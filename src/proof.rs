@@ -101,6 +101,34 @@ impl ProofKey {
         Ok(proof_key)
     }
 
+    /// Where the key of a server with `state_file` is kept: beside it, as
+    /// `<state file>.key`.
+    pub fn path_beside(state_file: &Path) -> PathBuf {
+        let mut name = state_file.as_os_str().to_owned();
+        name.push(".key");
+        PathBuf::from(name)
+    }
+
+    /// Checks, without reading or making it, that the key at `path` could
+    /// be used: absent (it would be made), or readable by its owner alone.
+    pub fn check(path: &Path) -> Result<(), ProofKeyError> {
+        match fs::metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProofKeyError {
+                path: path.to_path_buf(),
+                message: format!("cannot read its permissions: {e}"),
+            }),
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(ProofKeyError {
+                path: path.to_path_buf(),
+                message: format!(
+                    "it is readable by others (mode {:o}); run chmod 600 on it",
+                    meta.permissions().mode() & 0o777
+                ),
+            }),
+            Ok(_) => Ok(()),
+        }
+    }
+
     /// A key of this process only: proofs it signs do not survive a restart.
     pub fn ephemeral() -> ProofKey {
         // Without randomness, a key from the clock and pid still differs from

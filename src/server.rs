@@ -254,7 +254,7 @@ impl Server {
         let (tokens, first_token) =
             TokenStore::open(config.state_file.as_deref()).map_err(ServerError::Tokens)?;
         let key = match tokens.path() {
-            Some(path) => ProofKey::open(&key_path(path)).map_err(ServerError::Key)?,
+            Some(path) => ProofKey::open(&ProofKey::path_beside(path)).map_err(ServerError::Key)?,
             None => ProofKey::ephemeral(),
         };
         raise_fd_limit(config.max_connections);
@@ -338,9 +338,9 @@ impl Server {
                 info!("the previous run stopped holding no lock: granting at once");
             }
             (PreviousRun::Stopped(held), true) => info!(
-                "the previous run stopped holding {} lock(s): their holders may reclaim them for \
-                 the next {ms} ms, and nothing else is granted on those locks meanwhile; other \
-                 locks are granted at once",
+                "the previous run stopped cleanly, listing {} grant(s) of its own or still owed \
+                 from the run before: their holders may reclaim them for the next {ms} ms, and \
+                 nothing else is granted on those locks meanwhile; other locks are granted at once",
                 held.len()
             ),
             (PreviousRun::Unknown, true) => {
@@ -675,6 +675,8 @@ impl Server {
                 return;
             }
         };
+        // What the next start will wait, by the file as it is now.
+        let next_start_grace = read.restart_grace();
         let Reloaded {
             config,
             needs_restart,
@@ -682,7 +684,7 @@ impl Server {
         for key in &needs_restart {
             warn!("SIGHUP: {key} changed in the file, but only a restart applies it");
         }
-        self.apply_config(config, now);
+        self.apply_config(config, next_start_grace, now);
         info!("configuration reloaded; in effect now:");
         for line in self.config.summary() {
             info!("in effect: {line}");
@@ -695,7 +697,7 @@ impl Server {
     /// connection keeping (and being told in its `hello`) the values it was
     /// set up with. Only connections from peers `allowed` no longer admits
     /// are closed, releasing their locks.
-    fn apply_config(&mut self, config: Config, now: Instant) {
+    fn apply_config(&mut self, config: Config, next_start_grace: Duration, now: Instant) {
         let keepalive = config.effective_keepalive();
         if keepalive != self.keepalive {
             let open = self.conns.len();
@@ -709,7 +711,7 @@ impl Server {
                 .map(|(_, conn)| conn.keepalive.earliest_release())
                 .max()
                 .unwrap_or_default();
-            let next_grace = config.restart_grace();
+            let next_grace = next_start_grace;
             if next_grace < longest {
                 // A crash now would start the next run with a grace shorter
                 // than what open connections were told.
@@ -1505,14 +1507,6 @@ impl Server {
         self.conns.clear();
         self.keys.clear();
     }
-}
-
-/// Where the key that signs grant proofs is kept: beside the state file,
-/// as `<state file>.key`.
-pub fn key_path(state_file: &std::path::Path) -> std::path::PathBuf {
-    let mut name = state_file.as_os_str().to_owned();
-    name.push(".key");
-    std::path::PathBuf::from(name)
 }
 
 /// Tells a peer why it is turned away, then closes. Best effort and never

@@ -1,6 +1,6 @@
 //! Where the token state file lives when the configuration names none:
 //! systemd's `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/pklock`, else
-//! `~/.local/state/pklock`, in a file named after the first listen address.
+//! `~/.local/state/pklock`, in a file named after the first listen port.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, DirBuilder, OpenOptions};
@@ -76,9 +76,11 @@ impl StateDirs {
 }
 
 /// The default state file's name for a server whose first listen address
-/// is `addr`: `state-127.0.0.1-20934`, `state-__1-20934` for `[::1]:20934`
-/// (colons, awkward in file names, become underscores, which IPv6 text never
-/// holds). None for port 0.
+/// is `addr`: `state-20934`. Keyed by the port only, so that a server moved
+/// from 127.0.0.1 to 0.0.0.0 on the same port (the usual step from a trial
+/// to a network service) keeps its state, and with it its holders' locks
+/// across that restart; two servers of one account cannot share a port.
+/// None for port 0.
 ///
 /// Port 0 gets no default file. The state file speaks for "the previous run
 /// of this server", and a server on a port picked by the kernel has no
@@ -86,21 +88,14 @@ impl StateDirs {
 /// server that happens to get the same port would take this run's state for
 /// its own, and every run would leave one more file behind.
 pub fn file_name(addr: SocketAddr) -> Option<String> {
-    if addr.port() == 0 {
-        return None;
+    match addr.port() {
+        0 => None,
+        port => Some(format!("{PREFIX}{port}")),
     }
-    let host = match addr {
-        SocketAddr::V4(v4) => v4.ip().to_string(),
-        SocketAddr::V6(v6) => {
-            let mut host = v6.ip().to_string().replace(':', "_");
-            if v6.scope_id() != 0 {
-                host.push_str(&format!("%{}", v6.scope_id()));
-            }
-            host
-        }
-    };
-    Some(format!("state-{host}-{}", addr.port()))
 }
+
+/// How default state files are named: this, then the port.
+pub const PREFIX: &str = "state-";
 
 /// Turns `state_file` as read (absent, `""` or a path) into the file to use:
 /// absent means the default place for the first listen address.
@@ -195,21 +190,15 @@ mod tests {
     }
 
     #[test]
-    fn file_names_are_keyed_by_address_and_port() {
+    fn file_names_are_keyed_by_the_port() {
         let name = |a: &str| file_name(a.parse().unwrap());
+        assert_eq!(name("127.0.0.1:20934").as_deref(), Some("state-20934"));
         assert_eq!(
-            name("127.0.0.1:20934").as_deref(),
-            Some("state-127.0.0.1-20934")
+            name("0.0.0.0:20934"),
+            name("127.0.0.1:20934"),
+            "moved to the network, same state"
         );
-        assert_eq!(
-            name("0.0.0.0:20935").as_deref(),
-            Some("state-0.0.0.0-20935")
-        );
-        assert_eq!(name("[::1]:20934").as_deref(), Some("state-__1-20934"));
-        assert_eq!(
-            name("[fe80::1%2]:20934").as_deref(),
-            Some("state-fe80__1%2-20934")
-        );
+        assert_eq!(name("[::1]:20935").as_deref(), Some("state-20935"));
         assert_eq!(name("127.0.0.1:0"), None);
     }
 
@@ -224,13 +213,13 @@ mod tests {
         assert_eq!(
             located("", &d),
             (
-                Some(PathBuf::from("/x/pklock/state-127.0.0.1-20934")),
+                Some(PathBuf::from("/x/pklock/state-20934")),
                 Located::DefaultPlace(PathBuf::from("/x/pklock"))
             )
         );
         assert_eq!(
             located("listen = [\"[::]:7000\", \"0.0.0.0:7000\"]", &d).0,
-            Some(PathBuf::from("/x/pklock/state-__-7000"))
+            Some(PathBuf::from("/x/pklock/state-7000"))
         );
     }
 

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use log::warn;
 
 use crate::lock_table::Mode;
+use crate::state_location;
 
 /// The largest token: above 2^53, JSON readers that hold numbers as doubles
 /// (JavaScript, and PHP on overflow) would round tokens together.
@@ -98,7 +99,21 @@ impl TokenStore {
         };
         let (ceiling, previous) = match read_state(path)? {
             Some(stored) => (stored.ceiling, stored.previous),
-            None => (0, PreviousRun::None),
+            None => match state_beside(path) {
+                // Another default state file here: a server ran in this
+                // place under another port (or name). Its clients may hold
+                // locks they will come here for: not a first start.
+                Some((other, ceiling)) => {
+                    warn!(
+                        "no state file at {} yet, but {} is beside it: a server ran here before, \
+                         so this start waits out the restart grace as after a crash",
+                        path.display(),
+                        other.display()
+                    );
+                    (ceiling, PreviousRun::Unknown)
+                }
+                None => (0, PreviousRun::None),
+            },
         };
         let first = ceiling.max(clock);
         // The reservation below replaces the file: the list of held locks
@@ -160,6 +175,38 @@ impl TokenStore {
         self.ceiling = ceiling;
         Ok(())
     }
+}
+
+/// Another default state file in `path`'s directory, with its ceiling (0
+/// if unreadable), if there is one.
+fn state_beside(path: &Path) -> Option<(PathBuf, u64)> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let own = path.file_name()?;
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|other| {
+            other.file_name().is_some_and(|name| {
+                let name = name.to_string_lossy();
+                name != own.to_string_lossy()
+                    && name.starts_with(state_location::PREFIX)
+                    && !name.ends_with(".key")
+                    && !name.ends_with(".tmp")
+            })
+        })
+        .map(|other| {
+            let ceiling = fs::read_to_string(&other)
+                .ok()
+                .and_then(|text| text.lines().next()?.trim().parse::<u64>().ok())
+                .filter(|&ceiling| ceiling <= MAX_TOKEN)
+                .unwrap_or(0);
+            (other, ceiling)
+        })
+        .max_by_key(|(_, ceiling)| *ceiling)
 }
 
 fn clock_micros() -> u64 {
@@ -417,6 +464,26 @@ mod tests {
         store.save_final(next, Some(&[])).unwrap();
         let (store, _) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Stopped(Vec::new()));
+    }
+
+    #[test]
+    fn a_missing_file_beside_another_server_s_is_no_first_start() {
+        let path = temp_path("beside");
+        let dir = path.parent().unwrap().to_path_buf();
+        let own = dir.join("state-20935");
+        let far = clock_micros() + 10_000_000_000;
+        fs::write(dir.join("state-20934.key"), "not a state file\n").unwrap();
+        let (store, _) = TokenStore::open(Some(&own)).unwrap();
+        assert_eq!(
+            store.previous_run(),
+            &PreviousRun::None,
+            "a key is no state"
+        );
+        fs::remove_file(&own).unwrap();
+        fs::write(dir.join("state-20934"), format!("{far}\n")).unwrap();
+        let (store, first) = TokenStore::open(Some(&own)).unwrap();
+        assert_eq!(store.previous_run(), &PreviousRun::Unknown);
+        assert!(first >= far, "tokens continue above the other's ceiling");
     }
 
     #[test]

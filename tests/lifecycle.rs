@@ -264,6 +264,37 @@ fn check_config_validates_and_exits() {
     );
 }
 
+#[test]
+fn check_config_refuses_a_grant_key_others_can_read() {
+    let dir = temp_dir("check-config-key");
+    let state = dir.join("tokens");
+    let config = dir.join("settings.toml");
+    std::fs::write(&config, format!("state_file = \"{}\"\n", state.display())).unwrap();
+    let key = dir.join("tokens.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_server"))
+            .arg("--check-config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let output = check();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "the server would refuse to start"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("readable by others") && stderr.contains("tokens.key"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert!(check().status.success());
+}
+
 fn with_grace(config: Config, grace_ms: u64) -> Config {
     Config {
         restart_grace_ms: Some(grace_ms),

@@ -437,6 +437,19 @@ fn a_reclaim_is_refused_unless_genuine_in_time_and_uncontested() {
         (&json!(1), &json!(6), &json!(1)),
         "{stats}"
     );
+    let shown = Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .args(["--server", &server.addr.to_string(), "stats"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let line = |key: &str| {
+        shown
+            .lines()
+            .find(|l| l.starts_with(key))
+            .map(|l| l[key.len()..].trim().to_string())
+    };
+    assert_eq!(line("reclaim conflicts").as_deref(), Some("1"), "{shown}");
+    assert_eq!(line("reclaims refused").as_deref(), Some("6"), "{shown}");
 }
 
 #[test]

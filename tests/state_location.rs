@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 }
 
 #[test]
-fn without_state_file_the_state_is_kept_in_xdg_state_home_keyed_by_address() {
+fn without_state_file_the_state_is_kept_in_xdg_state_home_keyed_by_port() {
     let dir = temp_dir("default-state");
     let port = free_port();
     let state_home = dir.join("xdg-state");
@@ -28,7 +28,7 @@ fn without_state_file_the_state_is_kept_in_xdg_state_home_keyed_by_address() {
         &dir,
         &format!("listen = [\"127.0.0.1:{port}\"]\nrestart_grace_ms = 0\n"),
     );
-    let file = state_home.join(format!("pklock/state-127.0.0.1-{port}"));
+    let file = state_home.join(format!("pklock/state-{port}"));
     assert!(file.is_file(), "no state file at {}", file.display());
     let mode = std::fs::metadata(state_home.join("pklock"))
         .unwrap()

@@ -123,7 +123,7 @@ pub fn stats(server: &str, as_json: bool) -> Result<String, Failure> {
 }
 
 fn stats_lines(s: &StatsResult) -> String {
-    let rows: [(&str, String); 10] = [
+    let rows: [(&str, String); 14] = [
         ("uptime", human(Duration::from_millis(s.uptime_ms))),
         ("connections", s.connections.to_string()),
         ("locks", s.locks.to_string()),
@@ -137,6 +137,10 @@ fn stats_lines(s: &StatsResult) -> String {
         ),
         ("rejected connections", s.rejected_connections.to_string()),
         ("bad messages", s.bad_messages.to_string()),
+        ("frame timeouts", s.frame_timeouts.to_string()),
+        ("reclaims", s.reclaims.to_string()),
+        ("reclaims refused", s.reclaims_refused.to_string()),
+        ("reclaim conflicts", s.reclaim_conflicts.to_string()),
     ];
     rows.iter()
         .map(|(key, value)| format!("{key:<24}{value}\n"))
