@@ -606,6 +606,7 @@ impl Core {
             reclaims: totals.reclaims,
             reclaims_refused: self.reclaims_refused,
             reclaim_conflicts: self.reclaim_conflicts,
+            awaiting_reclaim: self.table.reserved(),
         };
         self.reply(from, id, Outcome::Stats(Box::new(result)), out);
     }

@@ -986,6 +986,10 @@ pub struct StatsResult {
     /// believed they held it, which honest clients never do.
     #[serde(default)]
     pub reclaim_conflicts: u64,
+    /// Locks held at the last clean stop whose holders have not reclaimed
+    /// them yet: granted to nobody else until they do, or the window ends.
+    #[serde(default)]
+    pub awaiting_reclaim: usize,
 }
 
 impl Serialize for Reply {

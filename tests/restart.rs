@@ -215,6 +215,7 @@ fn check_everything_came_back(
     let stats = common::stats(server.addr);
     assert_eq!(stats["reclaims"], json!(HOLDERS + 3));
     assert_eq!(stats["reclaimConflicts"], json!(0));
+    assert_eq!(stats["awaitingReclaim"], json!(0));
 }
 
 #[test]
@@ -479,6 +480,7 @@ fn a_stop_during_the_window_passes_on_what_is_not_reclaimed_yet() {
         "timeout",
         "x is still owed"
     );
+    assert_eq!(common::stats(server.addr)["awaitingReclaim"], json!(1));
     assert_eq!(try_once(server.addr, "y")["status"], "ok");
     let back = Peer::connect(server.addr).rpc(
         "lock",

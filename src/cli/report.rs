@@ -123,7 +123,7 @@ pub fn stats(server: &str, as_json: bool) -> Result<String, Failure> {
 }
 
 fn stats_lines(s: &StatsResult) -> String {
-    let rows: [(&str, String); 14] = [
+    let rows: [(&str, String); 15] = [
         ("uptime", human(Duration::from_millis(s.uptime_ms))),
         ("connections", s.connections.to_string()),
         ("locks", s.locks.to_string()),
@@ -141,6 +141,7 @@ fn stats_lines(s: &StatsResult) -> String {
         ("reclaims", s.reclaims.to_string()),
         ("reclaims refused", s.reclaims_refused.to_string()),
         ("reclaim conflicts", s.reclaim_conflicts.to_string()),
+        ("awaiting reclaim", s.awaiting_reclaim.to_string()),
     ];
     rows.iter()
         .map(|(key, value)| format!("{key:<24}{value}\n"))
