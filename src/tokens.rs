@@ -62,6 +62,9 @@ pub enum PreviousRun {
 #[derive(Debug)]
 pub struct TokenStore {
     path: Option<PathBuf>,
+    /// Held open, locked, while this server uses the state file, so that
+    /// no second server takes the same file (their ceilings would cross).
+    _in_use: Option<File>,
     /// No token at or above this has been reserved on disk.
     ceiling: u64,
     previous: PreviousRun,
@@ -92,11 +95,13 @@ impl TokenStore {
         let Some(path) = path else {
             let store = TokenStore {
                 path: None,
+                _in_use: None,
                 ceiling: u64::MAX,
                 previous: PreviousRun::Unknown,
             };
             return Ok((store, clock));
         };
+        let in_use = claim(path)?;
         let (ceiling, previous) = match read_state(path)? {
             Some(stored) => (stored.ceiling, stored.previous),
             None => match state_beside(path) {
@@ -120,6 +125,7 @@ impl TokenStore {
         // is not to be trusted again after a crash of this run.
         let mut store = TokenStore {
             path: Some(path.to_path_buf()),
+            _in_use: Some(in_use),
             ceiling: first,
             previous,
         };
@@ -177,6 +183,34 @@ impl TokenStore {
     }
 }
 
+/// Locks `<path>.lock` for this process, or fails if another holds it.
+fn claim(path: &Path) -> Result<File, TokenStoreError> {
+    let fail = |message: String| TokenStoreError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(fail(
+            "another server is using it (it holds the lock on its .lock file); give each \
+             server a state file of its own (state_file), or listen on another port"
+                .to_string(),
+        )),
+        Err(e) => Err(fail(format!("cannot lock {}: {e}", lock_path.display()))),
+    }
+}
+
 /// Another default state file in `path`'s directory, with its ceiling (0
 /// if unreadable), if there is one.
 fn state_beside(path: &Path) -> Option<(PathBuf, u64)> {
@@ -196,6 +230,7 @@ fn state_beside(path: &Path) -> Option<(PathBuf, u64)> {
                     && name.starts_with(state_location::PREFIX)
                     && !name.ends_with(".key")
                     && !name.ends_with(".tmp")
+                    && !name.ends_with(".lock")
             })
         })
         .map(|other| {
@@ -429,6 +464,7 @@ mod tests {
         let (mut store, first) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Unknown, "a crash");
         store.save_final(first + 42, Some(&[])).unwrap();
+        drop(store);
         let (_, next) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(next, first + 42);
     }
@@ -455,13 +491,15 @@ mod tests {
             },
         ];
         store.save_final(first + 2, Some(&held)).unwrap();
-        let (mut store, _) = TokenStore::open(Some(&path)).unwrap();
+        drop(store);
+        let (store, _) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Stopped(held));
+        drop(store);
         // Opening rewrote the file: a crash now must not look clean.
-        let (_, next) = TokenStore::open(Some(&path)).unwrap();
-        let (again, _) = TokenStore::open(Some(&path)).unwrap();
+        let (mut again, next) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(again.previous_run(), &PreviousRun::Unknown);
-        store.save_final(next, Some(&[])).unwrap();
+        again.save_final(next, Some(&[])).unwrap();
+        drop(again);
         let (store, _) = TokenStore::open(Some(&path)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Stopped(Vec::new()));
     }
@@ -479,11 +517,25 @@ mod tests {
             &PreviousRun::None,
             "a key is no state"
         );
+        drop(store);
         fs::remove_file(&own).unwrap();
         fs::write(dir.join("state-20934"), format!("{far}\n")).unwrap();
         let (store, first) = TokenStore::open(Some(&own)).unwrap();
         assert_eq!(store.previous_run(), &PreviousRun::Unknown);
         assert!(first >= far, "tokens continue above the other's ceiling");
+    }
+
+    #[test]
+    fn two_stores_cannot_share_one_file() {
+        let path = temp_path("shared");
+        let (first, _) = TokenStore::open(Some(&path)).unwrap();
+        let e = TokenStore::open(Some(&path)).unwrap_err().to_string();
+        assert!(e.contains("another server is using it"), "{e}");
+        drop(first);
+        assert!(
+            TokenStore::open(Some(&path)).is_ok(),
+            "free once the first is gone"
+        );
     }
 
     #[test]
