@@ -62,7 +62,7 @@ impl Fleet {
             .args([lock, "--", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("{name}.err"))).unwrap())
             .spawn()
             .unwrap();
         self.runs.insert(name.to_string(), child);
@@ -70,6 +70,11 @@ impl Fleet {
 
     fn started(&self, name: &str) -> bool {
         self.dir.join(format!("{name}.started")).exists()
+    }
+
+    /// What `pklock run` said on stderr so far.
+    fn said(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.err"))).unwrap_or_default()
     }
 
     fn stopped(&self, name: &str) -> bool {
@@ -212,6 +217,9 @@ fn check_everything_came_back(
     for guard in guards {
         assert!(guard.is_held(), "{} lost", guard.name());
     }
+    eventually("pklock run says it reclaimed its lock", || {
+        fleet.said("contended").contains("reclaimed \"contended\"")
+    });
     let stats = common::stats(server.addr);
     assert_eq!(stats["reclaims"], json!(HOLDERS + 3));
     assert_eq!(stats["reclaimConflicts"], json!(0));

@@ -103,7 +103,29 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
         fit_stop_time,
         ..ClientOptions::named(client_name(what, &host))
     };
-    Client::connect(server, &options).map_err(|e| match e {
+    let connected = Client::connect(server, &options).map(|client| {
+        let server = server.to_string();
+        client.on_resumed(move |resumed| {
+            let locks: Vec<String> = resumed
+                .reclaimed
+                .iter()
+                .map(|name| format!("{name:?}"))
+                .collect();
+            let after = resumed.after.as_millis();
+            match locks.is_empty() {
+                true => say(format_args!(
+                    "the server at {server} closed the connection; reconnected after {after} ms"
+                )),
+                false => say(format_args!(
+                    "the server at {server} closed the connection; reconnected after {after} ms \
+                     and reclaimed {}",
+                    locks.join(", ")
+                )),
+            }
+        });
+        client
+    });
+    connected.map_err(|e| match e {
         // Nothing the user asked for can fit a server that says it may
         // release at once.
         Error::UnsafeLease {

@@ -4,6 +4,11 @@
 //! on one connection. A lease watchdog declares the locks lost before the
 //! server can release them (the timing argument is in docs/SAFETY.md).
 //!
+//! A closed connection is not a loss: the client connects again and
+//! reclaims its locks from the restarted server ([`Client::on_resumed`]
+//! says when); only if the lease runs out first, or a reclaim is refused,
+//! are the locks lost.
+//!
 //! A loss tells the holder to stop; it does not release. The connection
 //! stays open until every guard is dropped (or the client is), so if the
 //! network only faltered the server hands the lock on only once the work is
@@ -34,8 +39,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-pub use self::session::LossReason;
 use self::session::{Dialed, Session};
+pub use self::session::{LossReason, Resumed};
 use crate::frame;
 pub use crate::lock_table::Mode;
 pub use crate::protocol::{HelloResult, StatsResult, StatusFilter, StatusResult};
@@ -496,6 +501,13 @@ impl Client {
     /// guards: a connection that is still whole keeps the locks until then.
     pub fn on_lost(&self, callback: impl FnOnce(&LossReason) + Send + 'static) {
         self.session.on_lost(Box::new(callback));
+    }
+
+    /// Calls `callback` each time the server closed the connection and the
+    /// client carried on over a new one, every lock reclaimed (after a
+    /// server restart), on the client's reader thread. Keep it short.
+    pub fn on_resumed(&self, callback: impl Fn(&Resumed) + Send + 'static) {
+        self.session.on_resumed(Box::new(callback));
     }
 
     fn call(&self, command: &str, parameters: Value) -> Result<Value, Error> {

@@ -163,6 +163,9 @@ struct State {
     reclaims_left: usize,
     /// When those reclaims were sent.
     reclaims_sent_at: Instant,
+    /// When the server closed the connection being replaced, and the locks
+    /// reclaimed so far, until every reclaim is answered.
+    resuming: Option<(Instant, Vec<String>)>,
     /// When the server's restart grace ends, if it had not at the last hello.
     grace_ends: Option<Instant>,
     /// The socket requests go to, for shutting it down without waiting for
@@ -180,6 +183,17 @@ struct State {
 }
 
 type LossCallback = Box<dyn FnOnce(&LossReason) + Send>;
+type ResumeCallback = Box<dyn Fn(&Resumed) + Send>;
+
+/// A session carried over to a new connection after the server closed the
+/// old one: every lock held was reclaimed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// How long after the close every lock was back.
+    pub after: Duration,
+    /// The locks reclaimed, by name.
+    pub reclaimed: Vec<String>,
+}
 
 /// Shared by the client, its guards, and its two threads.
 pub(crate) struct Session {
@@ -188,6 +202,7 @@ pub(crate) struct Session {
     state: Mutex<State>,
     changed: Condvar,
     callbacks: Mutex<Vec<LossCallback>>,
+    resume_callbacks: Mutex<Vec<ResumeCallback>>,
     lease: Duration,
     heartbeat: Duration,
     /// The server's earliest release time the lease was fitted to: a
@@ -244,6 +259,7 @@ impl Session {
                 reconnecting: false,
                 reclaims_left: 0,
                 reclaims_sent_at: hello_sent_at,
+                resuming: None,
                 grace_ends: grace_end(hello_sent_at, grants_resume_in),
                 control: stream,
                 lease_paused: false,
@@ -253,6 +269,7 @@ impl Session {
             }),
             changed: Condvar::new(),
             callbacks: Mutex::new(Vec::new()),
+            resume_callbacks: Mutex::new(Vec::new()),
             lease,
             heartbeat,
             earliest_release,
@@ -614,6 +631,7 @@ impl Session {
                 return None;
             }
             state.reconnecting = true;
+            state.resuming = Some((Instant::now(), Vec::new()));
         }
         let mut pause = FIRST_REDIAL_PAUSE;
         let most = MAX_REDIAL_PAUSE.min(self.heartbeat);
@@ -709,10 +727,14 @@ impl Session {
                 }
             }
         }
-        if reclaims.is_empty() {
+        let resumed = match reclaims.is_empty() {
             // Nothing to take back: the hello's answer confirms the lease.
-            state.confirmed_at = state.confirmed_at.max(dialed.hello_sent_at);
-        }
+            true => {
+                state.confirmed_at = state.confirmed_at.max(dialed.hello_sent_at);
+                state.resuming.take()
+            }
+            false => None,
+        };
         state.reclaims_left = reclaims.len();
         state.reclaims_sent_at = now;
         for (name, mode, token, proof) in reclaims {
@@ -772,7 +794,26 @@ impl Session {
         }
         drop(writer);
         self.changed.notify_all();
+        if let Some((closed_at, reclaimed)) = resumed {
+            self.tell_resumed(closed_at, reclaimed);
+        }
         Some(reader)
+    }
+
+    /// Runs `callback` each time the session moves to a new connection with
+    /// every lock reclaimed.
+    pub(crate) fn on_resumed(&self, callback: ResumeCallback) {
+        locked(&self.resume_callbacks).push(callback);
+    }
+
+    fn tell_resumed(&self, closed_at: Instant, reclaimed: Vec<String>) {
+        let resumed = Resumed {
+            after: closed_at.elapsed(),
+            reclaimed,
+        };
+        for callback in locked(&self.resume_callbacks).iter() {
+            callback(&resumed);
+        }
     }
 
     fn dispatch(&self, message: Value) {
@@ -801,10 +842,18 @@ impl Session {
                     return;
                 }
                 state.reclaims_left = state.reclaims_left.saturating_sub(1);
+                if let Some((_, reclaimed)) = &mut state.resuming {
+                    reclaimed.push(name);
+                }
                 if state.reclaims_left == 0 {
                     // Every lock is held on this connection again, since
                     // the reclaims were sent at the latest.
                     state.confirmed_at = state.confirmed_at.max(state.reclaims_sent_at);
+                    if let Some((closed_at, mut reclaimed)) = state.resuming.take() {
+                        drop(state);
+                        reclaimed.sort_unstable();
+                        self.tell_resumed(closed_at, reclaimed);
+                    }
                 }
             }
             Awaiting::Caller(reply) => {
