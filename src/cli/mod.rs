@@ -103,7 +103,7 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
         fit_stop_time,
         ..ClientOptions::named(client_name(what, &host))
     };
-    let connected = Client::connect(server, &options).map(|client| {
+    let connected = Client::connect(server, &options).inspect(|client| {
         let server = server.to_string();
         client.on_resumed(move |resumed| {
             let locks: Vec<String> = resumed
@@ -123,7 +123,6 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
                 )),
             }
         });
-        client
     });
     connected.map_err(|e| match e {
         // Nothing the user asked for can fit a server that says it may
