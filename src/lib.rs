@@ -28,6 +28,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod durable;
 pub mod duration;
 pub mod frame;
 #[cfg(feature = "model")]

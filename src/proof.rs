@@ -5,13 +5,14 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use crate::durable;
 use crate::lock_table::Mode;
 
 /// Bytes of the MAC sent as the proof (hex-encoded, twice as many digits).
@@ -90,8 +91,11 @@ impl ProofKey {
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     let key = random_key().map_err(|e| fail(format!("no randomness: {e}")))?;
-                    write_new(path, &encode_hex(&key))
-                        .map_err(|e| fail(format!("cannot create it: {e}")))?;
+                    // Written whole or not at all: a crash must not leave a
+                    // key file that stops every later start.
+                    let text = format!("{}\n", encode_hex(&key));
+                    durable::replace(path, text.as_bytes())
+                        .map_err(|(what, e)| fail(format!("cannot {what}: {e}")))?;
                     key
                 }
                 Err(e) => return Err(fail(format!("cannot read it: {e}"))),
@@ -193,35 +197,6 @@ fn random_key() -> io::Result<Vec<u8>> {
             .map_err(io::Error::from)?;
     }
     Ok(key)
-}
-
-/// Creates `path` with `text`, mode 0600, and makes it durable: written to
-/// a temporary file first and renamed into place, so that a crash leaves
-/// either no key or a whole one. Refuses to follow a link planted at the
-/// temporary path.
-fn write_new(path: &Path, text: &str) -> io::Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    fs::File::open(dir)?.sync_all()
 }
 
 fn encode_hex(bytes: &[u8]) -> String {

@@ -11,13 +11,14 @@
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::warn;
 
+use crate::durable;
 use crate::lock_table::Mode;
 use crate::state_location;
 
@@ -214,12 +215,8 @@ fn claim(path: &Path) -> Result<File, TokenStoreError> {
 /// Another default state file in `path`'s directory, with its ceiling (0
 /// if unreadable), if there is one.
 fn state_beside(path: &Path) -> Option<(PathBuf, u64)> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
     let own = path.file_name()?;
-    fs::read_dir(dir)
+    fs::read_dir(durable::directory_of(path))
         .ok()?
         .filter_map(Result::ok)
         .map(|entry| entry.path())
@@ -323,8 +320,7 @@ fn read_held<'a>(
     Ok(held)
 }
 
-/// Replaces the file atomically and durably: write a temporary file, fsync
-/// it, rename it over the old one, fsync the directory.
+/// Replaces the file atomically and durably (see [`durable::replace`]).
 /// `held` is the list of grants in force at a clean stop; `None` while the
 /// server runs (a crash then leaves no list).
 fn write_state(
@@ -336,24 +332,6 @@ fn write_state(
         path: path.to_path_buf(),
         message: format!("cannot {what}: {e}"),
     };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    // A file left by a crash, or planted: removing it removes a symlink
-    // itself, never its target, and create_new refuses to follow one.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(fail("remove an old temporary file", e));
-        }
-        _ => {}
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| fail("create the temporary file", e))?;
     let mut text = format!("{ceiling}\n");
     match held {
         None => {}
@@ -369,17 +347,7 @@ fn write_state(
             }
         }
     }
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| fail("write the temporary file", e))?;
-    fs::rename(&tmp, path).map_err(|e| fail("rename the temporary file into place", e))?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail("fsync its directory", e))
+    durable::replace(path, text.as_bytes()).map_err(|(what, e)| fail(what, e))
 }
 
 #[cfg(test)]
