@@ -16,9 +16,9 @@ use crate::lock_table::{
 };
 use crate::proof::ProofKey;
 use crate::protocol::{
-    self, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, ReclaimClaim, Reply,
-    Request, RequestId, ServerName, StatsResult, StatusFilter, StatusResult, UnlockForm,
-    UnlockResult, WaiterStatus,
+    self, ClusterRole, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, ReclaimClaim,
+    Reply, Request, RequestId, Role, ServerName, StatsResult, StatusFilter, StatusResult,
+    UnlockForm, UnlockResult, WaiterStatus,
 };
 use crate::rate_limit::{LogLimiter, escaped};
 use crate::recovery::{Recovery, StillOwed};
@@ -92,6 +92,8 @@ pub struct Core {
     /// The grants listed at the last clean stop have all been reclaimed
     /// (and this was logged).
     told_all_reclaimed: bool,
+    /// In cluster mode, this server's role; `None` for a single server.
+    cluster: Option<ClusterRole>,
 }
 
 impl Core {
@@ -128,7 +130,19 @@ impl Core {
             reclaim_conflicts: 0,
             reclaim_log: LogLimiter::new(50, Duration::from_secs(10)),
             told_all_reclaimed: false,
+            cluster: None,
         }
+    }
+
+    /// Sets the role `hello` reports; a standby answers `notLeader` to
+    /// every request but `hello`, `ping` and `stats`.
+    pub fn set_cluster_role(&mut self, role: ClusterRole) {
+        self.cluster = Some(role);
+    }
+
+    /// The role set by [`Core::set_cluster_role`], if any.
+    pub fn cluster_role(&self) -> Option<&ClusterRole> {
+        self.cluster.as_ref()
     }
 
     /// Sets the rules for reclaims after a restart, and holds back what
@@ -220,7 +234,39 @@ impl Core {
         status_room: usize,
         out: &mut Vec<Outgoing>,
     ) -> Handled {
-        match protocol::parse(body) {
+        let parsed = protocol::parse(body);
+        if let (
+            Some(ClusterRole {
+                role: Role::Standby,
+                leader,
+            }),
+            Ok(request),
+        ) = (&self.cluster, &parsed)
+        {
+            let id = match request {
+                Request::Hello { .. } | Request::Ping { .. } | Request::Stats { .. } => None,
+                Request::Lock { id, .. } | Request::Status { id, .. } => Some(Some(id.clone())),
+                Request::Unlock {
+                    form: UnlockForm::Rpc { id },
+                    ..
+                } => Some(Some(id.clone())),
+                Request::Unlock {
+                    form: UnlockForm::V1 { .. },
+                    ..
+                } => Some(None),
+            };
+            if let Some(id) = id {
+                out.push(Outgoing {
+                    to: from,
+                    reply: Reply::NotLeader {
+                        leader: leader.clone(),
+                        id,
+                    },
+                });
+                return Handled::Done;
+            }
+        }
+        match parsed {
             Ok(Request::Lock {
                 id,
                 lock,
@@ -518,6 +564,7 @@ impl Core {
             earliest_release_ms: millis(keepalive.earliest_release()),
             grants_resume_in_ms: millis(self.table.grants_resume_in(now)),
             reclaim_for_ms: millis(self.recovery.open_for(now)),
+            cluster: self.cluster.clone(),
         };
         self.reply(from, id, Outcome::Hello(Box::new(result)), out);
     }

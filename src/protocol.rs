@@ -662,6 +662,15 @@ pub enum Reply {
         /// The name as the peer spelled it (absent when it was unusable).
         lock_name: Option<Box<RawValue>>,
     },
+    /// `{"error":"notLeader","leader":L}`: a standby's answer to every
+    /// request but `hello`, `ping` and `stats`; `leader` is where to go
+    /// (`null` while there is no leader).
+    NotLeader {
+        /// The leader's advertised address, if there is one.
+        leader: Option<String>,
+        /// The id, when the request had one.
+        id: Option<RequestId>,
+    },
     /// `{"error":E,"detail":...}` for messages that are not requests.
     Error {
         /// The error word.
@@ -863,6 +872,28 @@ pub struct HelloResult {
     /// holders that reclaim them (0: it does not, or no longer).
     #[serde(default)]
     pub reclaim_for_ms: u64,
+    /// In cluster mode: this server's role and the leader it knows of.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterRole>,
+}
+
+/// A cluster member's role, as `hello` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterRole {
+    /// `leader` or `standby`.
+    pub role: Role,
+    /// The leader's advertised address (`null` while there is none).
+    pub leader: Option<String>,
+}
+
+/// Whether a cluster member serves locks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    /// It holds the leadership in etcd and serves every request.
+    Leader,
+    /// It answers `notLeader` to everything but `hello`, `ping` and `stats`.
+    Standby,
 }
 
 /// Name and version.
@@ -1012,6 +1043,15 @@ impl Serialize for Reply {
                 map.serialize_entry("result", word)?;
                 if let Some(name) = lock_name {
                     map.serialize_entry("lockName", name)?;
+                }
+                map.end()
+            }
+            Reply::NotLeader { leader, id } => {
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("error", "notLeader")?;
+                map.serialize_entry("leader", leader)?;
+                if let Some(id) = id {
+                    map.serialize_entry("id", id)?;
                 }
                 map.end()
             }
