@@ -25,6 +25,17 @@ use crate::recovery::{Recovery, StillOwed};
 use crate::tokens;
 use crate::tokens::PreviousRun;
 
+/// Far enough ahead to mean never, near enough not to overflow an `Instant`.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The last token a term whose reservation ends below `ceiling` may grant,
+/// within what a restart can continue after.
+fn last_grantable(ceiling: u64) -> u64 {
+    ceiling
+        .saturating_sub(1)
+        .min(tokens::MAX_TOKEN - tokens::RESERVATION - 1)
+}
+
 /// A reply and the connection it goes to.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -138,6 +149,48 @@ impl Core {
     /// every request but `hello`, `ping` and `stats`.
     pub fn set_cluster_role(&mut self, role: ClusterRole) {
         self.cluster = Some(role);
+    }
+
+    /// Leads from now on, as a new term: a fresh lock table (a standby
+    /// holds nothing) whose tokens start at `first_token` and stay below
+    /// `ceiling`, with the reclaim rules of `recovery` (see [`Core::recover`]).
+    pub fn lead(
+        &mut self,
+        first_token: u64,
+        ceiling: u64,
+        recovery: Recovery,
+        previous: &PreviousRun,
+        advertise: String,
+    ) {
+        self.table = LockTable::new(
+            first_token,
+            self.settings.max_locks_per_connection,
+            self.settings.max_lock_entries,
+        );
+        self.table.stop_granting_after(last_grantable(ceiling));
+        self.recover(recovery, previous);
+        self.told_all_reclaimed = false;
+        self.cluster = Some(ClusterRole {
+            role: Role::Leader,
+            leader: Some(advertise),
+        });
+    }
+
+    /// Grants nothing from now on and answers `notLeader`, naming `leader`.
+    /// The caller closes the connections of a term that ended.
+    pub fn stand_by(&mut self, leader: Option<String>, now: Instant) {
+        self.table.hold_grants_until(now + NEVER);
+        self.cluster = Some(ClusterRole {
+            role: Role::Standby,
+            leader,
+        });
+    }
+
+    /// More tokens were reserved: grants may go on up to below `ceiling`.
+    pub fn allow_tokens_below(&mut self, ceiling: u64, now: Instant, out: &mut Vec<Outgoing>) {
+        self.table
+            .grant_tokens_up_to(last_grantable(ceiling), now, &mut self.effects);
+        self.send_effects(out);
     }
 
     /// The role set by [`Core::set_cluster_role`], if any.
@@ -562,7 +615,14 @@ impl Core {
             },
             release_after_ms: millis(keepalive.release_after()),
             earliest_release_ms: millis(keepalive.earliest_release()),
-            grants_resume_in_ms: millis(self.table.grants_resume_in(now)),
+            // A standby grants nothing, but says so with `role`, not a wait.
+            grants_resume_in_ms: match &self.cluster {
+                Some(ClusterRole {
+                    role: Role::Standby,
+                    ..
+                }) => 0,
+                _ => millis(self.table.grants_resume_in(now)),
+            },
             reclaim_for_ms: millis(self.recovery.open_for(now)),
             cluster: self.cluster.clone(),
         };
