@@ -120,6 +120,7 @@ impl Election {
             following: None,
             trouble_log: LogLimiter::new(5, Duration::from_secs(10)),
             in_trouble: false,
+            stale_lease: None,
         };
         let thread = thread::Builder::new()
             .name("election".to_string())
@@ -198,6 +199,9 @@ struct Campaign {
     following: Option<Option<String>>,
     trouble_log: LogLimiter,
     in_trouble: bool,
+    /// A lease given up whose revocation has not gone through: its key
+    /// would lead on, in this server's name, until it expired.
+    stale_lease: Option<i64>,
 }
 
 impl Campaign {
@@ -225,6 +229,10 @@ impl Campaign {
     /// One lease: a candidacy, leading if it comes first, until the lease
     /// is lost or given up.
     fn candidacy(&mut self) -> Result<Ended, EtcdError> {
+        if let Some(stale) = self.stale_lease {
+            self.etcd.revoke(stale)?;
+            self.stale_lease = None;
+        }
         let sent = Instant::now();
         let lease = self.etcd.grant(term::ttl_secs(self.ttl))?;
         let key = format!("{}/{:x}", self.election, lease.id).into_bytes();
@@ -265,7 +273,7 @@ impl Campaign {
                 // The loop steps down by itself at this instant; a later
                 // renewal cannot make this term safe again.
                 self.end_term(&mut me, "the leadership lease could not be renewed in time");
-                let _ = self.etcd.revoke(me.lease);
+                self.give_up(me.lease);
                 return Ok(Ended::Again);
             }
             if now >= me.next_renewal && !self.renew(&mut me) {
@@ -290,7 +298,7 @@ impl Campaign {
                 Ok(Ask::Reserve { .. }) => {}
                 Ok(Ask::SteppedDown { term }) if me.term == Some(term) => {
                     me.term = None;
-                    let _ = self.etcd.revoke(me.lease);
+                    self.give_up(me.lease);
                     return Ok(Ended::Again);
                 }
                 Ok(Ask::SteppedDown { .. }) => {}
@@ -515,6 +523,14 @@ impl Campaign {
             .get(&key)?
             .map(|kv| kv.value)
             .ok_or_else(|| EtcdError("the grant-proof key vanished from etcd".to_string()))
+    }
+
+    /// Revokes a lease this server no longer stands on, now or before the
+    /// next candidacy.
+    fn give_up(&mut self, lease: i64) {
+        if self.etcd.revoke(lease).is_err() {
+            self.stale_lease = Some(lease);
+        }
     }
 
     fn end_term(&mut self, me: &mut Candidacy, why: &str) {

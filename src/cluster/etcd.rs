@@ -116,10 +116,16 @@ impl Etcd {
         Ok((ttl > 0).then_some(Lease { id, ttl_secs: ttl }))
     }
 
-    /// Revokes a lease, deleting the keys attached to it.
+    /// Revokes a lease, deleting the keys attached to it; a lease etcd
+    /// no longer knows (expired) is as good as revoked.
     pub fn revoke(&mut self, id: i64) -> Result<(), EtcdError> {
-        self.call("/v3/lease/revoke", &json!({ "ID": id }))
-            .map(|_| ())
+        match self.exchange("/v3/lease/revoke", &json!({ "ID": id }))? {
+            (200..=299 | 404, _) => Ok(()),
+            (status, text) => Err(EtcdError(format!(
+                "/v3/lease/revoke answered {status}: {}",
+                text.trim()
+            ))),
+        }
     }
 
     /// The key, if it exists.
@@ -191,9 +197,20 @@ impl Etcd {
         Ok((succeeded, revision))
     }
 
-    /// Posts `body` to the current endpoint; on failure the next call goes
-    /// to the next endpoint.
+    /// Posts `body` to the current endpoint and reads the answer; on
+    /// failure the next call goes to the next endpoint.
     fn call(&mut self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let (status, text) = self.exchange(path, body)?;
+        if !(200..300).contains(&status) {
+            return Err(EtcdError(format!(
+                "{path} answered {status}: {}",
+                text.trim()
+            )));
+        }
+        serde_json::from_str(&text).map_err(|e| EtcdError(format!("{path}: {e}")))
+    }
+
+    fn exchange(&mut self, path: &str, body: &Value) -> Result<(u16, String), EtcdError> {
         let endpoint = self
             .endpoints
             .get(self.current)
@@ -206,7 +223,7 @@ impl Etcd {
         result
     }
 
-    fn post(&self, endpoint: &str, path: &str, body: &Value) -> Result<Value, EtcdError> {
+    fn post(&self, endpoint: &str, path: &str, body: &Value) -> Result<(u16, String), EtcdError> {
         let url = format!("http://{endpoint}{path}");
         let fail = |e: &dyn fmt::Display| EtcdError(format!("etcd at {endpoint}: {e}"));
         let mut response = self
@@ -220,17 +237,14 @@ impl Etcd {
                 }
                 e => fail(&e),
             })?;
-        let status = response.status();
+        let status = response.status().as_u16();
         let text = response
             .body_mut()
             .with_config()
             .limit(MAX_ANSWER_BYTES)
             .read_to_string()
             .map_err(|e| fail(&e))?;
-        if !status.is_success() {
-            return Err(fail(&format!("{path} answered {status}: {}", text.trim())));
-        }
-        serde_json::from_str(&text).map_err(|e| fail(&format!("{path}: {e}")))
+        Ok((status, text))
     }
 }
 
