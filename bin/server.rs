@@ -112,7 +112,7 @@ fn read_config(path: &Path, dirs: &StateDirs) -> Result<(Config, Located), Box<d
 /// not name it.
 fn state_file_note(located: &Located) -> Option<String> {
     match located {
-        Located::Configured | Located::TurnedOff => None,
+        Located::Configured | Located::TurnedOff | Located::InEtcd => None,
         Located::DefaultPlace(dir) => Some(format!(
             "state_file is not set: the state file is kept in the default place, {} \
              (STATE_DIRECTORY, else XDG_STATE_HOME/pklock, else ~/.local/state/pklock), \

@@ -73,6 +73,41 @@ pub struct Config {
     pub log_level: Option<LevelFilter>,
     /// Dead-peer detection.
     pub keepalive: KeepaliveConfig,
+    /// Several servers, one leader elected in etcd; absent: a single server.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The election in etcd that makes one of several servers the leader.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd's client URLs, `http://host:port`.
+    #[serde(deserialize_with = "etcd_endpoints")]
+    pub etcd_endpoints: Vec<String>,
+    /// The election's name: the key prefix of the candidates, and the
+    /// stem of the keys beside it (`<election>.tokens`, ...).
+    #[serde(default = "default_election", deserialize_with = "election_name")]
+    pub election: String,
+    /// What clients are told to dial for this server; by default the first
+    /// `listen` address, unless that is a wildcard.
+    #[serde(default, deserialize_with = "advertise_address")]
+    pub advertise: Option<String>,
+    /// The etcd lease of the leadership: a leader that cannot renew it
+    /// steps down within this long, and another takes over after it.
+    #[serde(default = "default_lease_ttl", deserialize_with = "lease_ttl")]
+    pub lease_ttl_ms: u64,
+}
+
+/// The default `lease_ttl_ms`: failover well within the default client
+/// lease (half the default earliest release, 5 s).
+pub const DEFAULT_LEASE_TTL_MS: u64 = 3_000;
+
+fn default_election() -> String {
+    "/pklock/leader".to_string()
+}
+
+fn default_lease_ttl() -> u64 {
+    DEFAULT_LEASE_TTL_MS
 }
 
 /// TCP keepalive and TCP_USER_TIMEOUT, as asked for (see
@@ -111,6 +146,7 @@ impl Default for Config {
             restart_grace_ms: None,
             log_level: None,
             keepalive: KeepaliveConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -219,10 +255,20 @@ impl Config {
             "restart grace: {} ms",
             self.restart_grace().as_millis()
         ));
-        lines.push(match &self.state_file {
-            Some(path) => format!("state file: {}", path.display()),
-            None => "state file: none (fencing tokens are clock-based)".to_string(),
-        });
+        match &self.cluster {
+            Some(cluster) => lines.push(format!(
+                "cluster: etcd at {}, election {}, advertised as {}, leadership lease {} ms \
+                 (fencing tokens and grant proofs are kept in etcd; no state file)",
+                cluster.etcd_endpoints.join(", "),
+                cluster.election,
+                cluster.advertise.as_deref().unwrap_or("?"),
+                cluster.lease_ttl_ms
+            )),
+            None => lines.push(match &self.state_file {
+                Some(path) => format!("state file: {}", path.display()),
+                None => "state file: none (fencing tokens are clock-based)".to_string(),
+            }),
+        }
         lines
     }
 
@@ -270,12 +316,32 @@ impl Config {
         };
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|e| fail(line_of(text, &e), None, e.message().to_string()))?;
-        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             let key = (key != "." && !key.is_empty()).then_some(key);
             let inner = e.into_inner();
             fail(line_of(text, &inner), key, inner.message().to_string())
-        })
+        })?;
+        let first_listen = config.listen.first().copied();
+        if let Some(cluster) = &mut config.cluster
+            && cluster.advertise.is_none()
+        {
+            match first_listen {
+                Some(addr) if !addr.ip().is_unspecified() => {
+                    cluster.advertise = Some(addr.to_string());
+                }
+                _ => {
+                    return Err(fail(
+                        None,
+                        Some("cluster.advertise".to_string()),
+                        "needed when the first `listen` address is a wildcard: the address \
+                         clients are told to dial for this server, such as 10.0.0.5:20934"
+                            .to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(config)
     }
 }
 
@@ -337,6 +403,62 @@ fn grace_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     in_range(d, 0, 3_600_000, "a restart grace in ms").map(Some)
 }
 
+fn etcd_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let urls = Vec::<String>::deserialize(d)?;
+    if urls.is_empty() {
+        return Err(de::Error::custom("at least one etcd URL is needed"));
+    }
+    urls.iter()
+        .map(|url| {
+            let rest = url.strip_prefix("http://").ok_or_else(|| {
+                de::Error::custom(format!(
+                    "`{url}`: only http:// etcd URLs are supported (put etcd's client port \
+                     on loopback or a private network, or behind a TLS-terminating proxy)"
+                ))
+            })?;
+            let host_port = rest.trim_end_matches('/');
+            host_and_port(host_port)
+                .map(|()| host_port.to_string())
+                .map_err(|why| de::Error::custom(format!("`{url}`: {why}")))
+        })
+        .collect()
+}
+
+fn election_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(de::Error::custom(
+            "an election name is 1 to 256 bytes of printable text, such as /pklock/leader",
+        ));
+    }
+    Ok(name)
+}
+
+fn advertise_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let address = String::deserialize(d)?;
+    host_and_port(&address).map_err(|why| de::Error::custom(format!("`{address}`: {why}")))?;
+    Ok(Some(address))
+}
+
+/// Checks `host:port` (a name, an IPv4 address, or `[IPv6]`, and a port).
+fn host_and_port(text: &str) -> Result<(), String> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("expected host:port, such as 10.0.0.5:20934".to_string());
+    };
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = !host.is_empty()
+        && (host.starts_with('[') && host.ends_with(']') || !host.contains(['/', ' ', '[', ']']));
+    if !port_ok || !host_ok {
+        return Err("expected host:port, such as 10.0.0.5:20934".to_string());
+    }
+    Ok(())
+}
+
+fn lease_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    // etcd grants leases in whole seconds, and none under about 2 s.
+    in_range(d, 2_000, 600_000, "a leadership lease in ms")
+}
+
 fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LevelFilter>, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map(Some).map_err(|_| {
@@ -362,6 +484,36 @@ fn user_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_needs_etcd_and_takes_the_rest_from_defaults_and_listen() {
+        let c = Config::parse("[cluster]\netcd_endpoints = [\"http://10.0.0.9:2379/\"]\n").unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.etcd_endpoints, vec!["10.0.0.9:2379"]);
+        assert_eq!(cluster.election, "/pklock/leader");
+        assert_eq!(cluster.advertise.as_deref(), Some("127.0.0.1:20934"));
+        assert_eq!(cluster.lease_ttl_ms, DEFAULT_LEASE_TTL_MS);
+
+        let error = |text: &str| Config::parse(text).unwrap_err().to_string();
+        let wildcard = error(
+            "listen = [\"0.0.0.0:20934\"]\n[cluster]\netcd_endpoints = [\"http://e:2379\"]\n",
+        );
+        assert!(wildcard.contains("cluster.advertise"), "{wildcard}");
+        let missing = error("[cluster]\nelection = \"/x\"\n");
+        assert!(missing.contains("etcd_endpoints"), "{missing}");
+        let https = error("[cluster]\netcd_endpoints = [\"https://e:2379\"]\n");
+        assert!(https.contains("only http://"), "{https}");
+        let short = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nlease_ttl_ms = 500\n");
+        assert!(
+            short.contains("lease_ttl_ms") && short.contains("2000"),
+            "{short}"
+        );
+        let advertise =
+            error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nadvertise = \"10.0.0.5\"\n");
+        assert!(advertise.contains("host:port"), "{advertise}");
+        let typo = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nleader = 1\n");
+        assert!(typo.contains("leader"), "{typo}");
+    }
 
     #[test]
     fn empty_text_gives_the_defaults() {

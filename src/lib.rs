@@ -25,6 +25,7 @@ pub mod allow_list;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod connection;

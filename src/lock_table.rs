@@ -1054,6 +1054,18 @@ impl<T> LockTable<T> {
         self.books.last_token = last;
     }
 
+    /// Raises the last token that may be granted to `last` (more tokens
+    /// were reserved), serving the queues that waited for want of tokens.
+    pub fn grant_tokens_up_to(&mut self, last: u64, now: Instant, out: &mut Vec<Effect<T>>) {
+        let was_exhausted = self.tokens_exhausted();
+        self.books.last_token = self.books.last_token.max(last);
+        if was_exhausted && !self.tokens_exhausted() {
+            for (name, queue) in self.queues.iter_mut() {
+                settle(queue, name, &mut self.books, &mut self.clients, now, out);
+            }
+        }
+    }
+
     /// Whether every token up to the last allowed has been granted.
     pub fn tokens_exhausted(&self) -> bool {
         self.books.next_token > self.books.last_token

@@ -144,6 +144,16 @@ impl ProofKey {
         ProofKey::from_bytes(&key)
     }
 
+    /// A key shared by several servers (cluster mode keeps it in etcd).
+    pub fn from_secret(secret: &[u8]) -> ProofKey {
+        ProofKey::from_bytes(secret)
+    }
+
+    /// A new random secret for [`ProofKey::from_secret`].
+    pub fn new_secret() -> io::Result<Vec<u8>> {
+        random_key()
+    }
+
     fn from_bytes(key: &[u8]) -> ProofKey {
         // HMAC takes a key of any length.
         let keyed = match <Hmac<Sha256> as KeyInit>::new_from_slice(key) {

@@ -44,9 +44,13 @@ pub fn merge(running: &Config, read: Config) -> Reloaded {
                 .map_or("the default".to_string(), |ms| ms.to_string())
         ));
     }
+    if read.cluster != running.cluster {
+        needs_restart.push("`[cluster]`".to_string());
+    }
     Reloaded {
         config: Config {
             listen: running.listen.clone(),
+            cluster: running.cluster.clone(),
             state_file: running.state_file.clone(),
             restart_grace_ms: running.restart_grace_ms,
             ..read

@@ -20,6 +20,7 @@ use slab::Slab;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::allow_list::AllowList;
+use crate::cluster::election::{Ask, Election, News};
 use crate::commands::{Core, Handled, Outgoing, Settings};
 use crate::config::Config;
 use crate::connection::{Connection, State};
@@ -32,7 +33,7 @@ use crate::protocol::{ErrorCode, Reply};
 use crate::rate_limit::LogLimiter;
 use crate::recovery::{Recovery, StillOwed};
 use crate::reload::{self, Reloaded};
-use crate::tokens::{HeldLock, PreviousRun, TokenStore, TokenStoreError};
+use crate::tokens::{HeldLock, PreviousRun, RESERVATION, TokenStore, TokenStoreError};
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -146,6 +147,7 @@ enum CloseReason {
     NotReading { unsent: usize, stalled: Duration },
     FrameTimeout(Duration),
     NoLongerAllowed,
+    SteppedDown,
 }
 
 impl fmt::Display for CloseReason {
@@ -168,6 +170,7 @@ impl fmt::Display for CloseReason {
             CloseReason::NoLongerAllowed => {
                 f.write_str("not in `allowed` since the configuration was reloaded")
             }
+            CloseReason::SteppedDown => f.write_str("this server stepped down as the leader"),
         }
     }
 }
@@ -189,6 +192,24 @@ struct Reload {
     /// The keepalive the core's `hello` reports, when it is not the one for
     /// new connections: that of an older connection, handled last.
     hello_keepalive: Option<Keepalive>,
+}
+
+/// Cluster mode: the election, and the term this server leads, if any.
+struct Cluster {
+    election: Election,
+    advertise: String,
+    term: Option<Term>,
+}
+
+/// A term as leader.
+struct Term {
+    number: u64,
+    /// Safe until then, unless the election says it was renewed.
+    until: Instant,
+    /// Tokens below this are reserved in etcd.
+    ceiling: u64,
+    /// More tokens have been asked for.
+    reserving: bool,
 }
 
 /// The lock server.
@@ -244,6 +265,7 @@ pub struct Server {
     scratch: Vec<u8>,
     reject_log: LogLimiter,
     reload: Reload,
+    cluster: Option<Cluster>,
 }
 
 impl Server {
@@ -316,9 +338,19 @@ impl Server {
             scratch: vec![0; READ_CHUNK],
             reject_log: LogLimiter::new(20, Duration::from_secs(10)),
             reload: Reload::default(),
+            cluster: None,
             config,
         };
         server.log_start(first_token);
+        if let Some(cluster) = &server.config.cluster {
+            server.core.stand_by(None, now);
+            server.cluster = Some(Cluster {
+                election: Election::start(cluster, Arc::clone(&server.waker)),
+                advertise: cluster.advertise.clone().unwrap_or_default(),
+                term: None,
+            });
+            return Ok(server);
+        }
         let previous = server.tokens.previous_run().clone();
         let recovery = Recovery::new(key, first_token, &previous, now, grace);
         let window = recovery.closes_at().is_some();
@@ -462,6 +494,7 @@ impl Server {
                     }
                 }
             }
+            self.follow_election(now);
             if self.stop.load(Ordering::SeqCst) {
                 break Ok(());
             }
@@ -473,6 +506,7 @@ impl Server {
             self.note_reclaims_end(now);
             self.core.expire(now, &mut self.outgoing);
             self.note_tokens_exhausted();
+            self.reserve_tokens_ahead();
             self.close_stalled(now);
             self.close_silent(now);
             if let Err(e) = self.write_replies(now) {
@@ -488,6 +522,12 @@ impl Server {
                 .map_err(ServerError::Tokens)
         });
         match outcome {
+            Ok(()) if self.cluster.is_some() => {
+                self.resign();
+                self.shut_down(true);
+                info!("stopped");
+                Ok(())
+            }
             Ok(()) => {
                 // Listed before any client sees its connection close, so
                 // that the next run knows every lock it may be asked back.
@@ -509,6 +549,195 @@ impl Server {
         }
     }
 
+    /// Applies what the election says, and steps down once the term is no
+    /// longer safe.
+    fn follow_election(&mut self, now: Instant) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let news: Vec<News> = cluster.election.news().collect();
+        for news in news {
+            self.apply_news(news, now);
+        }
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        if let Some(term) = &cluster.term
+            && now >= term.until
+        {
+            let number = term.number;
+            cluster.election.ask(Ask::SteppedDown { term: number });
+            self.step_down(
+                "the leadership lease in etcd could not be renewed in time, so another server \
+                 may lead soon",
+                now,
+            );
+        }
+    }
+
+    fn apply_news(&mut self, news: News, now: Instant) {
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let current = cluster.term.as_ref().map(|t| t.number);
+        match news {
+            News::Leading(leadership) => {
+                let grace = self.config.restart_grace();
+                let ms = grace.as_millis();
+                let recovery = Recovery::new(
+                    leadership.key,
+                    leadership.first_token,
+                    &leadership.previous,
+                    now,
+                    grace,
+                );
+                let window = recovery.closes_at().is_some();
+                self.core.lead(
+                    leadership.first_token,
+                    leadership.ceiling,
+                    recovery,
+                    &leadership.previous,
+                    cluster.advertise.clone(),
+                );
+                cluster.term = Some(Term {
+                    number: leadership.term,
+                    until: leadership.until,
+                    ceiling: leadership.ceiling,
+                    reserving: false,
+                });
+                self.told_tokens_exhausted = false;
+                info!(
+                    "leading now, as {}: fencing tokens from {}",
+                    cluster.advertise, leadership.first_token
+                );
+                match (&leadership.previous, window) {
+                    (PreviousRun::None, _) => {
+                        info!("the first leader of this election: granting at once")
+                    }
+                    (PreviousRun::Stopped(held), _) if held.is_empty() => {
+                        info!("the previous leader resigned holding no lock: granting at once");
+                    }
+                    (PreviousRun::Stopped(held), true) => info!(
+                        "the previous leader resigned, listing {} grant(s): their holders may \
+                         reclaim them for the next {ms} ms, and nothing else is granted on those \
+                         locks meanwhile; other locks are granted at once",
+                        held.len()
+                    ),
+                    (PreviousRun::Unknown, true) => {
+                        info!(
+                            "the previous leader did not resign: no lock is granted for the \
+                             first {ms} ms, so that its clients have reclaimed their locks here \
+                             or given them up (restart_grace_ms)"
+                        );
+                        self.grace_ends = Some(now + grace);
+                    }
+                    (_, false) => {}
+                }
+            }
+            News::Renewed { term, until } => {
+                if let Some(t) = cluster.term.as_mut().filter(|t| t.number == term) {
+                    t.until = until;
+                }
+            }
+            News::Reserved { term, ceiling } => {
+                if let Some(t) = cluster.term.as_mut().filter(|t| t.number == term) {
+                    t.ceiling = ceiling;
+                    t.reserving = false;
+                    self.core
+                        .allow_tokens_below(ceiling, now, &mut self.outgoing);
+                    self.deliver();
+                }
+            }
+            News::Lost { term, why } => {
+                if current == Some(term) {
+                    self.step_down(&why, now);
+                }
+            }
+            News::Following(leader) => {
+                if current.is_none() {
+                    match &leader {
+                        Some(leader) => info!("standing by: the leader is {leader}"),
+                        None => warn!("standing by: no leader is known"),
+                    }
+                    self.core.stand_by(leader, now);
+                }
+            }
+            News::Resigned(_) => {}
+        }
+    }
+
+    /// Ends this server's term: grants nothing more, and closes every
+    /// connection at once, so that clients go to the next leader and
+    /// reclaim their locks there.
+    fn step_down(&mut self, why: &str, now: Instant) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.term = None;
+        }
+        self.core.stand_by(None, now);
+        self.grace_ends = None;
+        let open: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Open)
+            .map(|(key, _)| key)
+            .collect();
+        error!(
+            "stepping down as the leader: {why}; closing {} connection(s) so that their \
+             clients reclaim their locks at the next leader",
+            open.len()
+        );
+        for key in open {
+            self.begin_close(key, CloseReason::SteppedDown, now);
+            // Closed now, replies unsent: nothing of this term after its end.
+            if let Some(conn) = self.conns.get(key) {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            }
+            self.to_reap.push(key);
+        }
+    }
+
+    /// Asks etcd for more tokens when half the term's reservation is used,
+    /// long before grants would have to wait for them.
+    fn reserve_tokens_ahead(&mut self) {
+        let next_token = self.core.next_token();
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let Some(term) = &mut cluster.term else {
+            return;
+        };
+        if !term.reserving && next_token.saturating_add(RESERVATION / 2) > term.ceiling {
+            term.reserving = cluster.election.ask(Ask::Reserve { term: term.number });
+        }
+    }
+
+    /// On a stop in cluster mode: leaves the grants in force for the next
+    /// leader (when leading), then resigns, before any connection closes.
+    fn resign(&mut self) {
+        let leading = self.cluster.as_ref().is_some_and(|c| c.term.is_some());
+        let held = if leading {
+            self.held_locks(Instant::now())
+        } else {
+            None
+        };
+        let ttl = Duration::from_millis(self.config.cluster.as_ref().map_or(0, |c| c.lease_ttl_ms));
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        if !cluster.election.ask(Ask::Resign { held }) {
+            warn!("the election thread has ended: leaving the leadership to its lease in etcd");
+            return;
+        }
+        match cluster.election.wait_resigned(ttl) {
+            Ok(()) if leading => info!("resigned the leadership in etcd"),
+            Ok(()) => info!("withdrew from the election in etcd"),
+            Err(e) => warn!(
+                "could not resign cleanly ({e}): the next leader takes over when the lease \
+                 runs out, and waits out the restart grace"
+            ),
+        }
+    }
+
     fn log_start(&self, first_token: u64) {
         for (_, addr) in &self.listeners {
             info!("listening on {addr}");
@@ -516,6 +745,14 @@ impl Server {
         // The first summary line lists the configured addresses; the bound ones are above.
         for line in self.config.summary().iter().skip(1) {
             info!("{line}");
+        }
+        if let Some(cluster) = &self.config.cluster {
+            info!(
+                "cluster mode: campaigning in etcd ({}) as {}; fencing tokens come from etcd",
+                cluster.etcd_endpoints.join(", "),
+                cluster.advertise.as_deref().unwrap_or_default()
+            );
+            return;
         }
         match self.tokens.path() {
             Some(path) => info!(
@@ -560,6 +797,12 @@ impl Server {
                     .then_some(self.next_sweep),
             )
             .chain(self.core.next_deadline())
+            .chain(
+                self.cluster
+                    .as_ref()
+                    .and_then(|c| c.term.as_ref())
+                    .map(|t| t.until),
+            )
             .min()?;
         Some(earliest.saturating_duration_since(now))
     }

@@ -36,6 +36,9 @@ pub enum Located {
     DefaultPlace(PathBuf),
     /// The configuration names none and the first listen port is 0: none.
     EphemeralPort,
+    /// Cluster mode: the token ceiling and the grant key live in etcd, and
+    /// any `state_file` is not used.
+    InEtcd,
 }
 
 impl StateDirs {
@@ -100,6 +103,10 @@ pub const PREFIX: &str = "state-";
 /// Turns `state_file` as read (absent, `""` or a path) into the file to use:
 /// absent means the default place for the first listen address.
 pub fn locate(mut config: Config, dirs: &StateDirs) -> Result<(Config, Located), String> {
+    if config.cluster.is_some() {
+        config.state_file = None;
+        return Ok((config, Located::InEtcd));
+    }
     match &config.state_file {
         Some(path) if path.as_os_str().is_empty() => {
             config.state_file = None;

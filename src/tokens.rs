@@ -241,7 +241,9 @@ fn state_beside(path: &Path) -> Option<(PathBuf, u64)> {
         .max_by_key(|(_, ceiling)| *ceiling)
 }
 
-fn clock_micros() -> u64 {
+/// The wall clock in microseconds since 1970: where tokens start when no
+/// ceiling says higher.
+pub fn clock_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
