@@ -879,3 +879,115 @@ impl Budget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeepaliveConfig;
+    use serde_json::{Value, json};
+
+    fn core() -> Core {
+        let settings = Settings {
+            max_locks_per_connection: 100,
+            max_lock_entries: 1000,
+            keepalive: Keepalive::effective(&KeepaliveConfig::default()),
+            status_budget_bytes: 64 << 10,
+        };
+        Core::new(settings, 100, Instant::now())
+    }
+
+    fn ask(core: &mut Core, from: ClientId, message: Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        core.handle(
+            from,
+            message.to_string().as_bytes(),
+            Instant::now(),
+            &mut out,
+        );
+        out.iter()
+            .map(|o| {
+                let mut bytes = Vec::new();
+                o.reply.encode(&mut bytes);
+                serde_json::from_slice(bytes.get(4..).unwrap_or_default()).unwrap_or(Value::Null)
+            })
+            .collect()
+    }
+
+    fn lock(id: u64, name: &str) -> Value {
+        json!({"command": "lock", "id": id, "parameters": {"lockName": name}})
+    }
+
+    #[test]
+    fn a_standby_sends_every_lock_request_to_the_leader_and_answers_the_rest() {
+        let mut core = core();
+        let now = Instant::now();
+        core.stand_by(Some("10.0.0.5:20934".to_string()), now);
+        let a = core.connect("127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()));
+        let not_leader = json!([{"error": "notLeader", "leader": "10.0.0.5:20934", "id": 1}]);
+        assert_eq!(json!(ask(&mut core, a, lock(1, "x"))), not_leader);
+        let unlock = json!({"command": "unlock", "id": 1, "parameters": {"lockName": "x"}});
+        assert_eq!(json!(ask(&mut core, a, unlock)), not_leader);
+        let status = json!({"command": "status", "id": 1});
+        assert_eq!(json!(ask(&mut core, a, status)), not_leader);
+        // The original client's unlock has no id.
+        let v1 = json!({"command": "unlock", "lockName": "x"});
+        assert_eq!(
+            json!(ask(&mut core, a, v1)),
+            json!([{"error": "notLeader", "leader": "10.0.0.5:20934"}])
+        );
+        let hello = ask(&mut core, a, json!({"command": "hello", "id": 2}));
+        assert_eq!(hello[0]["result"]["role"], "standby");
+        assert_eq!(hello[0]["result"]["leader"], "10.0.0.5:20934");
+        assert_eq!(hello[0]["result"]["grantsResumeInMs"], 0);
+        let ping = ask(&mut core, a, json!({"command": "ping", "id": 3}));
+        assert_eq!(ping[0]["result"]["status"], "ok");
+        let stats = ask(&mut core, a, json!({"command": "stats", "id": 4}));
+        assert_eq!(stats[0]["result"]["status"], "ok");
+        assert_eq!(core.table().totals().held, 0);
+
+        core.stand_by(None, now);
+        assert_eq!(
+            json!(ask(&mut core, a, lock(5, "x"))),
+            json!([{"error": "notLeader", "leader": null, "id": 5}])
+        );
+    }
+
+    #[test]
+    fn a_new_term_grants_from_its_first_token_and_waits_for_more_tokens_at_its_ceiling() {
+        let mut core = core();
+        let now = Instant::now();
+        core.stand_by(None, now);
+        let a = core.connect("127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()));
+        let recovery = Recovery::new(
+            ProofKey::ephemeral(),
+            5_000,
+            &PreviousRun::None,
+            now,
+            Duration::ZERO,
+        );
+        // Two tokens reserved: 5000 and 5001.
+        core.lead(
+            5_000,
+            5_002,
+            recovery,
+            &PreviousRun::None,
+            "a:1".to_string(),
+        );
+        let hello = ask(&mut core, a, json!({"command": "hello", "id": 1}));
+        assert_eq!(hello[0]["result"]["role"], "leader");
+        assert_eq!(hello[0]["result"]["leader"], "a:1");
+        assert_eq!(ask(&mut core, a, lock(2, "x"))[0]["result"]["token"], 5_000);
+        assert_eq!(ask(&mut core, a, lock(3, "y"))[0]["result"]["token"], 5_001);
+        // The reservation is used up: the request waits, it is not refused.
+        assert_eq!(ask(&mut core, a, lock(4, "z")), Vec::<Value>::new());
+        let mut out = Vec::new();
+        core.allow_tokens_below(6_000, now, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let mut bytes = Vec::new();
+        out[0].reply.encode(&mut bytes);
+        let granted: Value =
+            serde_json::from_slice(bytes.get(4..).unwrap_or_default()).unwrap_or(Value::Null);
+        assert_eq!(granted["id"], 4);
+        assert_eq!(granted["result"]["token"], 5_002);
+    }
+}

@@ -486,6 +486,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_cluster_needs_etcd_and_takes_the_rest_from_defaults_and_listen() {
+        let c = Config::parse("[cluster]\netcd_endpoints = [\"http://10.0.0.9:2379/\"]\n").unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.etcd_endpoints, vec!["10.0.0.9:2379"]);
+        assert_eq!(cluster.election, "/pklock/leader");
+        assert_eq!(cluster.advertise.as_deref(), Some("127.0.0.1:20934"));
+        assert_eq!(cluster.lease_ttl_ms, DEFAULT_LEASE_TTL_MS);
+
+        let error = |text: &str| Config::parse(text).unwrap_err().to_string();
+        let wildcard = error(
+            "listen = [\"0.0.0.0:20934\"]\n[cluster]\netcd_endpoints = [\"http://e:2379\"]\n",
+        );
+        assert!(wildcard.contains("cluster.advertise"), "{wildcard}");
+        let missing = error("[cluster]\nelection = \"/x\"\n");
+        assert!(missing.contains("etcd_endpoints"), "{missing}");
+        let https = error("[cluster]\netcd_endpoints = [\"https://e:2379\"]\n");
+        assert!(https.contains("only http://"), "{https}");
+        let short = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nlease_ttl_ms = 500\n");
+        assert!(
+            short.contains("lease_ttl_ms") && short.contains("2000"),
+            "{short}"
+        );
+        let advertise =
+            error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nadvertise = \"10.0.0.5\"\n");
+        assert!(advertise.contains("host:port"), "{advertise}");
+        let typo = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nleader = 1\n");
+        assert!(typo.contains("leader"), "{typo}");
+    }
+
+    #[test]
     fn empty_text_gives_the_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let c = Config::default();

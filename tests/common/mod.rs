@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -301,6 +302,9 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// The server binary.
+    pub const BINARY: &str = env!("CARGO_BIN_EXE_server");
+
     /// Starts `server --config <config_text>` and waits until it listens.
     pub fn start(dir: &Path, config_text: &str) -> ServerProcess {
         ServerProcess::start_with(dir, config_text, None, &[])
@@ -314,9 +318,7 @@ impl ServerProcess {
         fd_limit: Option<u32>,
         env: &[(&str, &Path)],
     ) -> ServerProcess {
-        let config = dir.join("settings.toml");
-        std::fs::write(&config, config_text).unwrap();
-        let server = env!("CARGO_BIN_EXE_server");
+        let server = ServerProcess::BINARY;
         let mut command = match fd_limit {
             None => Command::new(server),
             Some(limit) => {
@@ -327,12 +329,21 @@ impl ServerProcess {
                 sh
             }
         };
+        command.envs(env.iter().map(|(k, v)| (*k, *v)));
+        ServerProcess::launch(dir, config_text, command)
+    }
+
+    /// Starts `command` (which runs the server binary, its path being
+    /// [`ServerProcess::BINARY`], with the arguments to follow) with
+    /// `--config <config_text>`, and waits until it listens.
+    pub fn launch(dir: &Path, config_text: &str, mut command: Command) -> ServerProcess {
+        let config = dir.join("settings.toml");
+        std::fs::write(&config, config_text).unwrap();
         // A config without state_file would keep its state in the default
         // place: a directory of the test's own, never the real home.
         command
             .env("XDG_STATE_HOME", dir.join("xdg-state"))
             .env_remove("STATE_DIRECTORY");
-        command.envs(env.iter().map(|(k, v)| (*k, *v)));
         let mut child = command
             .arg("--config")
             .arg(&config)

@@ -80,18 +80,42 @@ impl Netns {
         Ok(netns)
     }
 
+    /// `program` to be run inside the namespace (by `ip netns exec`, which
+    /// execs it: the child's pid is the program's).
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
     /// Drops (or accepts) every packet in and out of the namespace, in one
     /// atomic ruleset.
     pub fn set_policy(&self, policy: &str) -> Result<(), String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "iptables-restore"])
+        self.restore(&format!(
+            "*filter\n:INPUT {policy} [0:0]\n:FORWARD {policy} [0:0]\n:OUTPUT {policy} [0:0]\nCOMMIT\n"
+        ))
+    }
+
+    /// Drops only the namespace's TCP traffic with `ip:port` (both
+    /// directions, in one atomic ruleset), leaving everything else through;
+    /// [`Netns::heal`] lifts it.
+    pub fn cut_port(&self, ip: Ipv4Addr, port: u16) {
+        self.restore(&format!(
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+             -A OUTPUT -p tcp -d {ip} --dport {port} -j DROP\n\
+             -A INPUT -p tcp -s {ip} --sport {port} -j DROP\nCOMMIT\n"
+        ))
+        .expect("cut the traffic to one port");
+    }
+
+    /// Replaces the namespace's filter table with `rules` (iptables-save format).
+    fn restore(&self, rules: &str) -> Result<(), String> {
+        let mut child = self
+            .command("iptables-restore")
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("iptables-restore: {e}"))?;
-        let rules = format!(
-            "*filter\n:INPUT {policy} [0:0]\n:FORWARD {policy} [0:0]\n:OUTPUT {policy} [0:0]\nCOMMIT\n"
-        );
         child
             .stdin
             .take()
