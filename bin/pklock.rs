@@ -45,8 +45,9 @@ Exit codes:
 #[derive(Parser)]
 #[command(name = "pklock", version, after_help = EXIT_CODES)]
 struct Cli {
-    /// Server address (HOST:PORT).
-    #[arg(long, global = true, env = "PKLOCK_SERVER", default_value = cli::DEFAULT_SERVER, value_parser = host_and_port)]
+    /// Server address (HOST:PORT), or a cluster's addresses separated by
+    /// commas (HOST:PORT,HOST:PORT,...): the leader among them is used.
+    #[arg(long, global = true, env = "PKLOCK_SERVER", default_value = cli::DEFAULT_SERVER, value_parser = cli::server_list)]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -133,18 +134,6 @@ impl LockArgs {
             conflict_code: self.conflict_exit_code,
             lost_code: self.lost_exit_code,
         }
-    }
-}
-
-/// `HOST:PORT`, with a port number.
-fn host_and_port(text: &str) -> Result<String, String> {
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-            Ok(text.to_string())
-        }
-        _ => Err(format!(
-            "`{text}` is not HOST:PORT, such as 127.0.0.1:20934 or locks.internal:20934"
-        )),
     }
 }
 

@@ -8,19 +8,24 @@ use std::time::Duration;
 
 use clap::Parser;
 use pklock::client::{self, Client, ClientOptions, LockOptions};
-use pklock::duration;
+use pklock::{cli, duration};
 
 /// Takes a lock, holds it, gives it up: run several at once to watch the
 /// lock pass from one to the next in order.
 #[derive(Parser)]
 #[command(name = "test_client", version)]
 struct Args {
-    /// Server host.
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    /// Server port.
-    #[arg(long, default_value_t = pklock::config::DEFAULT_PORT)]
-    port: u16,
+    /// Server address (HOST:PORT), or a cluster's addresses separated by
+    /// commas; instead of --host and --port. Default: PKLOCK_SERVER, when
+    /// neither --host nor --port is given.
+    #[arg(long, value_name = "HOST:PORT,...", value_parser = cli::server_list, conflicts_with_all = ["host", "port"])]
+    server: Option<String>,
+    /// Server host [default: localhost].
+    #[arg(long)]
+    host: Option<String>,
+    /// Server port [default: 20934].
+    #[arg(long)]
+    port: Option<u16>,
     /// Lock name.
     #[arg(long = "lock", default_value = "test")]
     lock: String,
@@ -41,6 +46,8 @@ const UNAVAILABLE: u8 = 69;
 const SOFTWARE: u8 = 70;
 /// The lock was lost while held.
 const LOST: u8 = 75;
+/// Bad arguments: the code clap exits with for the others.
+const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     match run(Args::parse()) {
@@ -52,12 +59,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// The server list: `--server`; else `--host` and `--port` as the original
+/// took them; else PKLOCK_SERVER, as `pklock` reads it; else localhost.
+fn server(args: &Args) -> Result<String, (u8, String)> {
+    if let Some(list) = &args.server {
+        return Ok(list.clone());
+    }
+    if args.host.is_none() && args.port.is_none() {
+        if let Some(list) = std::env::var_os("PKLOCK_SERVER") {
+            let list = list.to_string_lossy();
+            return cli::server_list(&list).map_err(|e| (USAGE, format!("PKLOCK_SERVER: {e}")));
+        }
+    }
+    let host = args.host.as_deref().unwrap_or("localhost");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = args.port.unwrap_or(pklock::config::DEFAULT_PORT);
+    Ok(match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    })
+}
+
 fn run(args: Args) -> Result<(), (u8, String)> {
-    let host = args.host.trim_start_matches('[').trim_end_matches(']');
-    let server = match host.contains(':') {
-        true => format!("[{host}]:{}", args.port),
-        false => format!("{host}:{}", args.port),
-    };
+    let server = server(&args)?;
     let options = ClientOptions::named(format!("test_client pid {}", std::process::id()));
     let client = Client::connect(&server, &options).map_err(|e| match e {
         client::Error::Connect { .. } => (

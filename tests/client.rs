@@ -17,7 +17,7 @@ use serde_json::json;
 const SHORT_RELEASE: &str = "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[keepalive]\nidle_ms = 1000\ninterval_ms = 1000\nprobes = 2\nuser_timeout_ms = 2000\n";
 
 fn connect(server: &TestServer, name: &str) -> Client {
-    Client::connect(&server.addr.to_string(), &ClientOptions::named(name)).expect("connect")
+    Client::connect(server.addr.to_string(), &ClientOptions::named(name)).expect("connect")
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn a_lease_longer_than_the_server_allows_is_refused() {
         lease: Some(Duration::from_secs(9)),
         ..ClientOptions::named("greedy")
     };
-    match Client::connect(&server.addr.to_string(), &options) {
+    match Client::connect(server.addr.to_string(), &options) {
         Err(Error::UnsafeLease {
             earliest_release, ..
         }) => assert_eq!(earliest_release, Duration::from_secs(10)),
@@ -242,7 +242,7 @@ fn silent_server() -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
 #[test]
 fn silence_from_the_server_expires_the_lease() {
     let (addr, fake) = silent_server();
-    let client = Client::connect(&addr.to_string(), &ClientOptions::named("app")).unwrap();
+    let client = Client::connect(addr.to_string(), &ClientOptions::named("app")).unwrap();
     assert_eq!(client.lease(), Duration::from_millis(500));
     let granted_at = Instant::now();
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
@@ -270,7 +270,7 @@ fn silence_from_the_server_expires_the_lease() {
 fn a_stopped_server_is_detected_by_the_lease_before_it_could_release() {
     let dir = temp_dir("sigstop");
     let server = ServerProcess::start(&dir, SHORT_RELEASE);
-    let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
+    let client = Client::connect(server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     assert_eq!(client.hello().earliest_release_ms, 2000);
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
     server.signal("STOP");
@@ -302,7 +302,7 @@ fn a_guard_declared_lost_keeps_others_out_until_it_is_dropped() {
     // could release (2 s): the connection never broke, only confidence in it.
     let dir = temp_dir("lost-guard");
     let server = ServerProcess::start(&dir, SHORT_RELEASE);
-    let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
+    let client = Client::connect(server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
     let (tx, rx) = mpsc::channel();
     client.on_lost(move |reason| {
@@ -341,7 +341,7 @@ fn a_guard_declared_lost_keeps_others_out_until_it_is_dropped() {
 fn dropping_a_lost_client_releases_even_with_guards_left() {
     let dir = temp_dir("lost-client");
     let server = ServerProcess::start(&dir, SHORT_RELEASE);
-    let client = Client::connect(&server.addr.to_string(), &ClientOptions::named("app")).unwrap();
+    let client = Client::connect(server.addr.to_string(), &ClientOptions::named("app")).unwrap();
     let guard = client.lock("x", &LockOptions::exclusive()).unwrap();
     let mut waiter = Peer::connect(server.addr);
     waiter.ask("x", 1);
@@ -362,7 +362,7 @@ fn a_lease_too_short_to_survive_a_late_ping_is_refused() {
         ..ClientOptions::named("hasty")
     };
     assert!(matches!(
-        Client::connect(&server.addr.to_string(), &options),
+        Client::connect(server.addr.to_string(), &options),
         Err(Error::UnsafeLease { .. })
     ));
     let options = ClientOptions {
@@ -370,7 +370,7 @@ fn a_lease_too_short_to_survive_a_late_ping_is_refused() {
         ..ClientOptions::named("slow to stop")
     };
     assert!(matches!(
-        Client::connect(&server.addr.to_string(), &options),
+        Client::connect(server.addr.to_string(), &options),
         Err(Error::UnsafeLease { .. })
     ));
 }
@@ -383,7 +383,7 @@ fn a_server_that_is_not_pklock_is_named_as_such() {
         let (mut stream, _) = listener.accept().unwrap();
         let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
     });
-    match Client::connect(&addr.to_string(), &ClientOptions::named("x")) {
+    match Client::connect(addr.to_string(), &ClientOptions::named("x")) {
         Err(Error::Protocol(detail)) => assert!(
             detail.contains("does not answer as a pklock server"),
             "{detail}"

@@ -181,7 +181,7 @@ fn fleet_in_place(
     fleet.start(addr, "contended", "contended", &[]);
     eventually("the contended lock held", || fleet.started("contended"));
     fleet.start(addr, "contended-waiter", "contended", &[]);
-    let client = Client::connect(&addr.to_string(), &ClientOptions::named("library")).unwrap();
+    let client = Client::connect(addr.to_string(), &ClientOptions::named("library")).unwrap();
     let guards = vec![
         client.lock("shared", &LockOptions::shared()).unwrap(),
         client.lock("own", &LockOptions::exclusive()).unwrap(),

@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::client::{
-    Client, ClientOptions, Error, LockGuard, LockOptions, Mode, longest_stop_time,
+    Client, ClientOptions, Error, LockGuard, LockOptions, Mode, Resumed, longest_stop_time,
 };
 use crate::protocol::MAX_CLIENT_NAME_BYTES;
 
@@ -87,6 +87,42 @@ pub enum StopTime {
     AtMost(Duration),
 }
 
+/// `HOST:PORT`, or several separated by commas, each with a port number:
+/// `--server` and `PKLOCK_SERVER`. Returns the list as the client library
+/// takes it (blanks around the commas removed).
+pub fn server_list(text: &str) -> Result<String, String> {
+    let mut addresses = Vec::new();
+    for address in text.split(',').map(str::trim) {
+        if address.is_empty() {
+            return Err(match text.trim().is_empty() {
+                true => {
+                    "no server address given: HOST:PORT, or several separated by commas".to_string()
+                }
+                false => format!(
+                    "`{text}` has an empty address in it: separate HOST:PORT addresses by \
+                     single commas"
+                ),
+            });
+        }
+        match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                addresses.push(address);
+            }
+            _ => {
+                let within = match address == text {
+                    true => String::new(),
+                    false => format!(" (in `{text}`)"),
+                };
+                return Err(format!(
+                    "`{address}`{within} is not HOST:PORT, such as 127.0.0.1:20934 or \
+                     locks.internal:20934"
+                ));
+            }
+        }
+    }
+    Ok(addresses.join(","))
+}
+
 /// Connects with a client name that says who is asking, from where;
 /// `stop_time` is `run`'s kill grace (zero for the others).
 pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, Failure> {
@@ -104,25 +140,7 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
         ..ClientOptions::named(client_name(what, &host))
     };
     let connected = Client::connect(server, &options).inspect(|client| {
-        let server = server.to_string();
-        client.on_resumed(move |resumed| {
-            let locks: Vec<String> = resumed
-                .reclaimed
-                .iter()
-                .map(|name| format!("{name:?}"))
-                .collect();
-            let after = resumed.after.as_millis();
-            match locks.is_empty() {
-                true => say(format_args!(
-                    "the server at {server} closed the connection; reconnected after {after} ms"
-                )),
-                false => say(format_args!(
-                    "the server at {server} closed the connection; reconnected after {after} ms \
-                     and reclaimed {}",
-                    locks.join(", ")
-                )),
-            }
-        });
+        client.on_resumed(|resumed| say(format_args!("{}", resumed_message(resumed))));
     });
     connected.map_err(|e| match e {
         // Nothing the user asked for can fit a server that says it may
@@ -148,6 +166,31 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
         }
         _ => Failure::new(exit::SOFTWARE, e.to_string()),
     })
+}
+
+/// What `pklock` says when it carried on over a new connection: naming the
+/// new server when a cluster's leader changed.
+fn resumed_message(resumed: &Resumed) -> String {
+    let previous = &resumed.previous;
+    let after = resumed.after.as_millis();
+    let mut message = match resumed.server == *previous {
+        true => {
+            format!("the server at {previous} closed the connection; reconnected after {after} ms")
+        }
+        false => format!(
+            "the connection to the server at {previous} ended; reconnected to {} after {after} ms",
+            resumed.server
+        ),
+    };
+    if !resumed.reclaimed.is_empty() {
+        let locks: Vec<String> = resumed
+            .reclaimed
+            .iter()
+            .map(|name| format!("{name:?}"))
+            .collect();
+        message += &format!(" and reclaimed {}", locks.join(", "));
+    }
+    message
 }
 
 /// `what (host pid N)`, cut to the server's limit on client names.
@@ -246,6 +289,45 @@ mod tests {
         assert_eq!(
             client_name("pklock run x", "h"),
             format!("pklock run x (h pid {})", std::process::id())
+        );
+    }
+
+    #[test]
+    fn server_lists_are_checked_address_by_address() {
+        assert_eq!(server_list("a:1").as_deref(), Ok("a:1"));
+        assert_eq!(server_list("a:1, b:2").as_deref(), Ok("a:1,b:2"));
+        assert_eq!(server_list("[::1]:5,b:2").as_deref(), Ok("[::1]:5,b:2"));
+        let error = |text| server_list(text).unwrap_err();
+        assert_eq!(
+            error("localhost"),
+            "`localhost` is not HOST:PORT, such as 127.0.0.1:20934 or locks.internal:20934"
+        );
+        assert!(error("a:1,b").starts_with("`b` (in `a:1,b`) is not HOST:PORT"));
+        assert!(error("a:1,:2").starts_with("`:2` (in `a:1,:2`) is not HOST:PORT"));
+        assert!(error("a:1,b:99999").starts_with("`b:99999` (in"));
+        assert!(error("a:1,,b:2").contains("`a:1,,b:2` has an empty address"));
+        assert!(error("a:1,").contains("has an empty address"));
+        assert!(error("").starts_with("no server address given"));
+    }
+
+    #[test]
+    fn the_resume_message_names_the_new_server_only_when_it_changed() {
+        let mut resumed = Resumed {
+            after: Duration::from_millis(40),
+            reclaimed: vec!["a".into(), "b".into()],
+            server: "x:1".into(),
+            previous: "x:1".into(),
+        };
+        assert_eq!(
+            resumed_message(&resumed),
+            "the server at x:1 closed the connection; reconnected after 40 ms and reclaimed \
+             \"a\", \"b\""
+        );
+        resumed.server = "y:2".into();
+        resumed.reclaimed.clear();
+        assert_eq!(
+            resumed_message(&resumed),
+            "the connection to the server at x:1 ended; reconnected to y:2 after 40 ms"
         );
     }
 

@@ -154,7 +154,8 @@ pub fn ping(server: &str) -> Result<String, Failure> {
     let round_trip = client.ping().map_err(|e| query_failed("ping", e))?;
     let hello = client.hello();
     Ok(format!(
-        "{server}: {} {} answered in {:.2} ms\n",
+        "{}: {} {} answered in {:.2} ms\n",
+        client.server(),
         hello.server.name,
         hello.server.version,
         round_trip.as_secs_f64() * 1000.0

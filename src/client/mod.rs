@@ -9,6 +9,14 @@
 //! says when); only if the lease runs out first, or a reclaim is refused,
 //! are the locks lost.
 //!
+//! A client may be given several addresses ([`ServerList`]): the servers of
+//! a cluster, of which one at a time is the leader. It uses the one that
+//! answers `hello` as the leader (or as a single server, with no role),
+//! follows a standby to the leader it names, and never sends a standby
+//! anything but `hello`. When the leader steps down it closes the
+//! connections, or answers `notLeader`; either way the client finds the new
+//! leader and reclaims its locks there, as after a restart.
+//!
 //! A loss tells the holder to stop; it does not release. The connection
 //! stays open until every guard is dropped (or the client is), so if the
 //! network only faltered the server hands the lock on only once the work is
@@ -20,6 +28,7 @@
 //! use pklock::client::{Client, ClientOptions, LockOptions};
 //! use std::time::Duration;
 //!
+//! // One address, or a cluster's: "locks-a:20934,locks-b:20934".
 //! let client = Client::connect("127.0.0.1:20934", &ClientOptions::named("nightly-backup"))?;
 //! let guard = client.lock("backup", &LockOptions::exclusive().wait(Duration::from_secs(30)))?;
 //! println!("token {}", guard.token());
@@ -28,6 +37,7 @@
 //! # Ok::<(), pklock::client::Error>(())
 //! ```
 
+mod leader;
 mod session;
 
 use std::fmt;
@@ -39,6 +49,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use self::leader::Finder;
+pub use self::leader::ServerList;
 use self::session::{Dialed, Session};
 pub use self::session::{LossReason, Resumed};
 use crate::frame;
@@ -141,9 +153,10 @@ impl LockOptions {
 /// What went wrong.
 #[derive(Debug)]
 pub enum Error {
-    /// No connection could be made.
+    /// No connection could be made (to any of the addresses, for a list:
+    /// `source` then says what each one did).
     Connect {
-        /// The address asked for.
+        /// The address, or the list, asked for.
         server: String,
         /// Why.
         source: io::Error,
@@ -232,21 +245,41 @@ impl std::error::Error for Error {
 pub struct Client {
     session: Arc<Session>,
     hello: HelloResult,
-    server: String,
     stop_time: Duration,
     /// The restart grace has been mentioned on stderr.
     grace_told: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
-    /// Connects to `server` (`host:port`), says `hello` and starts the lease
-    /// watchdog.
-    pub fn connect(server: &str, options: &ClientOptions) -> Result<Client, Error> {
+    /// Connects to the server at `servers` (`"host:port"`, or several of
+    /// them: see [`ServerList`]), says `hello` and starts the lease watchdog.
+    ///
+    /// Of several addresses, the first that answers as a cluster's leader or
+    /// as a single server is used; a standby's is left for the leader it
+    /// names. While the servers that answer are all standbys between leaders,
+    /// it tries again until [`ClientOptions::connect_timeout`]; once every
+    /// address has failed otherwise, it gives up with the most telling of
+    /// their errors, whose message names each address and what it did.
+    pub fn connect(servers: impl ServerList, options: &ClientOptions) -> Result<Client, Error> {
+        let addresses = servers.addresses();
+        let list = addresses.join(",");
+        if addresses.is_empty() || addresses.iter().any(String::is_empty) {
+            return Err(Error::Connect {
+                server: list,
+                source: io::Error::new(io::ErrorKind::InvalidInput, "an empty address in the list"),
+            });
+        }
+        let finder = Arc::new(Finder::new(
+            addresses,
+            &options.client_name,
+            options.connect_timeout,
+        ));
+        let (dialed, hello) = find_first(&finder, options.connect_timeout)?;
+        let found_at = dialed.server.clone();
         let connect_error = |source| Error::Connect {
-            server: server.to_string(),
+            server: found_at.clone(),
             source,
         };
-        let (dialed, hello) = dial(server, &options.client_name, options.connect_timeout)?;
 
         let earliest = Duration::from_millis(hello.earliest_release_ms);
         let stop_time = match options.fit_stop_time {
@@ -272,29 +305,31 @@ impl Client {
             .max(Duration::from_millis(10));
 
         let reader = dialed.stream.try_clone().map_err(connect_error)?;
-        let redial = {
-            let server = server.to_string();
-            let name = options.client_name.clone();
-            let connect_timeout = options.connect_timeout;
-            Box::new(move |left: Duration| {
-                match dial(&server, &name, connect_timeout.min(left)) {
-                    Ok((dialed, _)) => Ok(dialed),
-                    // Refused for good: not allowed, or a bad hello.
-                    Err(e @ Error::Denied(_)) => Err((false, e.to_string())),
-                    Err(Error::Refused { status, error }) if status != "tooManyConnections" => {
-                        Err((false, format!("{status}: {error}")))
-                    }
-                    Err(e) => Err((true, e.to_string())),
+        let redial = Box::new(move |left: Duration, hint: Option<&str>| {
+            let deadline = Instant::now() + left;
+            match finder.round(deadline, hint) {
+                Ok((dialed, _)) => Ok(dialed),
+                Err(failed) => {
+                    // Refused for good (not allowed, or a bad hello) by every
+                    // server that answered.
+                    let again = failed.worth_retrying();
+                    let error = failed.into_error(&finder.list());
+                    Err((
+                        again,
+                        match error {
+                            Error::Refused { status, error } => format!("{status}: {error}"),
+                            e => e.to_string(),
+                        },
+                    ))
                 }
-            })
-        };
-        let session =
-            Arc::new(Session::new(dialed, lease, heartbeat, redial).map_err(connect_error)?);
+            }
+        });
+        let session = Session::new(dialed, lease, heartbeat, redial);
+        let session = Arc::new(session.map_err(connect_error)?);
         session.spawn_threads(reader).map_err(connect_error)?;
         Ok(Client {
             session,
             hello,
-            server: server.to_string(),
             stop_time,
             grace_told: Default::default(),
         })
@@ -332,19 +367,21 @@ impl Client {
             std::io::stderr(),
             "pklock: the server at {} restarted moments ago and grants locks again in {:.1} s \
              (restart grace)",
-            self.server,
+            self.server(),
             left.as_secs_f64()
         );
     }
 
-    /// What the server said in `hello`.
+    /// What the server said in `hello` when the client connected.
     pub fn hello(&self) -> &HelloResult {
         &self.hello
     }
 
-    /// The address this client connected to.
-    pub fn server(&self) -> &str {
-        &self.server
+    /// The address of the server the client talks to now: of a list, the
+    /// one in use (a cluster's leader, perhaps not in the list), which
+    /// changes when the client moves to a new leader.
+    pub fn server(&self) -> String {
+        self.session.server()
     }
 
     /// How long without an answer before the locks are declared lost.
@@ -616,6 +653,26 @@ impl fmt::Debug for LockGuard {
     }
 }
 
+/// The first round of `finder`'s addresses, and more, backing off between
+/// them as a reconnect does, while a standby says a cluster is there
+/// without a leader yet, for at most `timeout`.
+fn find_first(finder: &Finder, timeout: Duration) -> Result<(Dialed, HelloResult), Error> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = session::FIRST_REDIAL_PAUSE;
+    loop {
+        let failed = match finder.round(deadline, None) {
+            Ok(found) => return Ok(found),
+            Err(failed) => failed,
+        };
+        let wait = session::jittered(pause);
+        if !failed.standby_answered || Instant::now() + wait >= deadline {
+            return Err(failed.into_error(&finder.list()));
+        }
+        std::thread::sleep(wait);
+        pause = (pause * 2).min(session::MAX_REDIAL_PAUSE);
+    }
+}
+
 /// Connects and says `hello`: the stream, ready for requests, and the answer.
 fn dial(
     server: &str,
@@ -683,6 +740,7 @@ fn dial(
     }
     let hello: HelloResult = result_of(reply)?;
     let dialed = Dialed {
+        server: server.to_string(),
         stream,
         hello_sent_at,
         earliest_release: Duration::from_millis(hello.earliest_release_ms),

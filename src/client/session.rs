@@ -3,10 +3,13 @@
 //! the read side and reconnects when the server closes it, and the watchdog
 //! thread that pings and declares the session lost when the lease runs out.
 //!
-//! A close is not a loss: the server may have restarted. The reader dials
-//! again, reclaims every lock held with its token and proof, and sends the
-//! waiting requests again; the lease keeps running meanwhile, and is
-//! confirmed again only once every lock is back.
+//! A close is not a loss: the server may have restarted, or a cluster's
+//! leader stepped down. The reader dials again (finding the leader anew),
+//! reclaims every lock held with its token and proof, and sends the waiting
+//! requests again; the lease keeps running meanwhile, and is confirmed again
+//! only once every lock is back. A `notLeader` answer is taken as such a
+//! close: the leader changed under the connection, which the client then
+//! closes itself; the request is sent again to the new leader.
 //!
 //! Declaring a loss is not releasing: the socket stays open, and with it any
 //! lock the server still counts as ours, until every guard is dropped or the
@@ -26,12 +29,12 @@ use serde_json::{Value, json};
 use crate::frame;
 use crate::lock_table::Mode;
 
-/// First pause between attempts to reconnect; it doubles up to
-/// [`MAX_REDIAL_PAUSE`] (or the heartbeat, if shorter).
-const FIRST_REDIAL_PAUSE: Duration = Duration::from_millis(20);
-/// Longest pause between attempts to reconnect: a restarted server is
-/// found within this of its start.
-const MAX_REDIAL_PAUSE: Duration = Duration::from_millis(250);
+/// First pause between attempts to reconnect (each a round of the server
+/// list); it doubles up to [`MAX_REDIAL_PAUSE`] (or the heartbeat, if shorter).
+pub(crate) const FIRST_REDIAL_PAUSE: Duration = Duration::from_millis(20);
+/// Longest pause between attempts to reconnect: a restarted server, or a
+/// newly elected leader, is found within this of its start.
+pub(crate) const MAX_REDIAL_PAUSE: Duration = Duration::from_millis(250);
 
 /// Largest reply the client accepts.
 const MAX_REPLY_BYTES: usize = 64 << 20;
@@ -128,14 +131,18 @@ struct Held {
     proof: Option<String>,
 }
 
-/// Dials the server again: a connected stream that has said `hello`, the
-/// time the hello was sent, its `earliestReleaseMs`, and how long the server
-/// still holds grants back. `Err` carries whether to try again.
+/// Dials a server to use again, within the time given and trying the
+/// leader a `notLeader` answer named first: a connected stream that has
+/// said `hello`, the time the hello was sent, its `earliestReleaseMs`, and
+/// how long the server still holds grants back. `Err` carries whether to
+/// try again.
 pub(crate) type Dialer =
-    Box<dyn Fn(Duration) -> Result<Dialed, (bool, String)> + Send + Sync + 'static>;
+    Box<dyn Fn(Duration, Option<&str>) -> Result<Dialed, (bool, String)> + Send + Sync + 'static>;
 
 /// A new connection, ready for requests.
 pub(crate) struct Dialed {
+    /// The address it was made to.
+    pub(crate) server: String,
     pub(crate) stream: TcpStream,
     pub(crate) hello_sent_at: Instant,
     pub(crate) earliest_release: Duration,
@@ -163,9 +170,12 @@ struct State {
     reclaims_left: usize,
     /// When those reclaims were sent.
     reclaims_sent_at: Instant,
-    /// When the server closed the connection being replaced, and the locks
-    /// reclaimed so far, until every reclaim is answered.
-    resuming: Option<(Instant, Vec<String>)>,
+    /// The connection being replaced, until every reclaim is answered.
+    resuming: Option<Resuming>,
+    /// The address requests go to.
+    server: String,
+    /// Where a `notLeader` answer said the leader is, for the next dial.
+    leader_hint: Option<String>,
     /// When the server's restart grace ends, if it had not at the last hello.
     grace_ends: Option<Instant>,
     /// The socket requests go to, for shutting it down without waiting for
@@ -182,6 +192,17 @@ struct State {
     server_error: Option<String>,
 }
 
+/// A connection being replaced.
+struct Resuming {
+    /// When it closed (the first close, if the next connection closed too
+    /// before every lock was back).
+    closed_at: Instant,
+    /// The address it was made to.
+    previous: String,
+    /// The locks reclaimed so far.
+    reclaimed: Vec<String>,
+}
+
 type LossCallback = Box<dyn FnOnce(&LossReason) + Send>;
 type ResumeCallback = Box<dyn Fn(&Resumed) + Send>;
 
@@ -193,6 +214,11 @@ pub struct Resumed {
     pub after: Duration,
     /// The locks reclaimed, by name.
     pub reclaimed: Vec<String>,
+    /// The address of the server the session went on with.
+    pub server: String,
+    /// The address of the server whose connection closed: another one when
+    /// a cluster's leader changed.
+    pub previous: String,
 }
 
 /// Shared by the client, its guards, and its two threads.
@@ -227,6 +253,13 @@ fn jitter_permille() -> u32 {
     }
 }
 
+/// `pause`, between a half and the whole of it: many clients of one
+/// restarted server (or one new leader) then do not all dial at the same
+/// instants.
+pub(crate) fn jittered(pause: Duration) -> Duration {
+    pause.mul_f64(0.5 + f64::from(jitter_permille()) / 2000.0)
+}
+
 fn grace_end(hello_sent_at: Instant, grants_resume_in: Duration) -> Option<Instant> {
     (!grants_resume_in.is_zero()).then(|| hello_sent_at + grants_resume_in)
 }
@@ -241,6 +274,7 @@ impl Session {
         dialer: Dialer,
     ) -> io::Result<Session> {
         let Dialed {
+            server,
             stream,
             hello_sent_at,
             earliest_release,
@@ -260,6 +294,8 @@ impl Session {
                 reclaims_left: 0,
                 reclaims_sent_at: hello_sent_at,
                 resuming: None,
+                server,
+                leader_hint: None,
                 grace_ends: grace_end(hello_sent_at, grants_resume_in),
                 control: stream,
                 lease_paused: false,
@@ -275,6 +311,11 @@ impl Session {
             earliest_release,
             dialer,
         })
+    }
+
+    /// The address requests go to now.
+    pub(crate) fn server(&self) -> String {
+        locked(&self.state).server.clone()
     }
 
     /// When the server's restart grace ends, as of the last hello.
@@ -601,6 +642,16 @@ impl Session {
                         "the server sent a message that is not JSON".to_string(),
                     ));
                 };
+                if message.get("error").and_then(Value::as_str) == Some("notLeader") {
+                    // The leader changed under this connection: nothing it
+                    // answers counts any more. The request stays pending, to
+                    // go to the new leader with the reclaims.
+                    let leader = message.get("leader").and_then(Value::as_str);
+                    log::debug!("the server answered notLeader (leader: {leader:?})");
+                    locked(&self.state).leader_hint = leader.map(str::to_string);
+                    let _ = reader.shutdown(Shutdown::Both);
+                    break None;
+                }
                 self.dispatch(message);
             };
             let reason = reason.or_else(|| {
@@ -631,24 +682,36 @@ impl Session {
                 return None;
             }
             state.reconnecting = true;
-            state.resuming = Some((Instant::now(), Vec::new()));
+            // A connection that closes before every lock was back on it
+            // counts from the first close, and from the server before.
+            let (closed_at, previous) = match state.resuming.take() {
+                Some(resuming) => (resuming.closed_at, resuming.previous),
+                None => (Instant::now(), state.server.clone()),
+            };
+            state.resuming = Some(Resuming {
+                closed_at,
+                previous,
+                reclaimed: Vec::new(),
+            });
         }
         let mut pause = FIRST_REDIAL_PAUSE;
         let most = MAX_REDIAL_PAUSE.min(self.heartbeat);
         loop {
-            let left = {
-                let state = locked(&self.state);
+            let (left, hint) = {
+                let mut state = locked(&self.state);
                 if state.lost.is_some() {
                     return None;
                 }
-                match state.lease_paused {
+                let left = match state.lease_paused {
                     true => self.lease,
                     false => {
                         (state.confirmed_at + self.lease).saturating_duration_since(Instant::now())
                     }
-                }
+                };
+                // Tried once: a stale hint must not lead every round.
+                (left, state.leader_hint.take())
             };
-            match (self.dialer)(left.max(Duration::from_millis(1))) {
+            match (self.dialer)(left.max(Duration::from_millis(1)), hint.as_deref()) {
                 Ok(dialed) => return self.resume_on(dialed),
                 Err((false, detail)) => {
                     self.declare_lost(LossReason::Closed(format!(
@@ -662,9 +725,7 @@ impl Session {
             if state.lost.is_some() {
                 return None;
             }
-            // Jitter, so that many clients of one restarted server do not
-            // all dial at the same instants.
-            let wait = pause.mul_f64(0.5 + f64::from(jitter_permille()) / 2000.0);
+            let wait = jittered(pause);
             let _ = self
                 .changed
                 .wait_timeout(state, wait)
@@ -702,6 +763,7 @@ impl Session {
         let generation = state.generation;
         state.reconnecting = false;
         state.control = control;
+        state.server = dialed.server;
         state.server_error = None;
         state.grace_ends = grace_end(dialed.hello_sent_at, dialed.grants_resume_in);
         *writer = (generation, dialed.stream);
@@ -794,8 +856,8 @@ impl Session {
         }
         drop(writer);
         self.changed.notify_all();
-        if let Some((closed_at, reclaimed)) = resumed {
-            self.tell_resumed(closed_at, reclaimed);
+        if let Some(resuming) = resumed {
+            self.tell_resumed(resuming);
         }
         Some(reader)
     }
@@ -806,10 +868,13 @@ impl Session {
         locked(&self.resume_callbacks).push(callback);
     }
 
-    fn tell_resumed(&self, closed_at: Instant, reclaimed: Vec<String>) {
+    fn tell_resumed(&self, mut resuming: Resuming) {
+        resuming.reclaimed.sort_unstable();
         let resumed = Resumed {
-            after: closed_at.elapsed(),
-            reclaimed,
+            after: resuming.closed_at.elapsed(),
+            reclaimed: resuming.reclaimed,
+            server: self.server(),
+            previous: resuming.previous,
         };
         for callback in locked(&self.resume_callbacks).iter() {
             callback(&resumed);
@@ -842,17 +907,16 @@ impl Session {
                     return;
                 }
                 state.reclaims_left = state.reclaims_left.saturating_sub(1);
-                if let Some((_, reclaimed)) = &mut state.resuming {
-                    reclaimed.push(name);
+                if let Some(resuming) = &mut state.resuming {
+                    resuming.reclaimed.push(name);
                 }
                 if state.reclaims_left == 0 {
                     // Every lock is held on this connection again, since
                     // the reclaims were sent at the latest.
                     state.confirmed_at = state.confirmed_at.max(state.reclaims_sent_at);
-                    if let Some((closed_at, mut reclaimed)) = state.resuming.take() {
+                    if let Some(resuming) = state.resuming.take() {
                         drop(state);
-                        reclaimed.sort_unstable();
-                        self.tell_resumed(closed_at, reclaimed);
+                        self.tell_resumed(resuming);
                     }
                 }
             }
