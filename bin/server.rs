@@ -25,9 +25,13 @@ such as state-20934 (none when that port is 0), with the key that signs grants b
 reclaim after the restart. state_file = \"\" turns it off: fencing tokens then follow the
 clock only, locks cannot be reclaimed, and every start waits restart_grace_ms.
 
+Cluster mode: with a [cluster] section, several servers share an etcd election; the
+leader serves and the others answer notLeader. The token ceiling, the grant key and the
+locks held at a clean stop then live in etcd, and no state file is used.
+
 SIGHUP re-reads the --config file: allowed, the limits, log_level and [keepalive] (for
-connections accepted from then on) change at once; listen, state_file and restart_grace_ms
-need a restart. A file that does not check out changes nothing."
+connections accepted from then on) change at once; listen, state_file, restart_grace_ms
+and [cluster] need a restart. A file that does not check out changes nothing."
 )]
 struct Args {
     /// TOML configuration (every key: config/settings.example.toml). Without

@@ -472,6 +472,9 @@ impl Server {
             let now = Instant::now();
             self.turn += 1;
             self.turn_status_left = TURN_STATUS_BUDGET;
+            // Before any request of this turn: a term that has run out
+            // grants nothing more, and a new one serves this turn's requests.
+            self.follow_election(now);
             self.wake_status_waiters();
             for event in events.iter() {
                 match event.token() {
@@ -494,7 +497,6 @@ impl Server {
                     }
                 }
             }
-            self.follow_election(now);
             if self.stop.load(Ordering::SeqCst) {
                 break Ok(());
             }

@@ -88,6 +88,9 @@ impl Etcd {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
             .http_status_as_error(false)
+            // Straight to etcd: an HTTP_PROXY meant for downloads must not
+            // carry the election.
+            .proxy(None)
             .build();
         Etcd {
             endpoints,
