@@ -173,3 +173,72 @@ fn test_client_takes_an_ipv6_host_in_brackets() {
         );
     }
 }
+
+#[test]
+fn test_client_takes_a_server_list_from_the_flag_or_the_environment() {
+    let server = TestServer::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let list = format!("{dead},{}", server.addr);
+    let from_flag = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .env_remove("PKLOCK_SERVER")
+        .args(["--server", &list, "--hold", "0", "--linger", "0"])
+        .output()
+        .unwrap();
+    let from_environment = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .env("PKLOCK_SERVER", &list)
+        .args(["--hold", "0", "--linger", "0"])
+        .output()
+        .unwrap();
+    for output in [from_flag, from_environment] {
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "Got lock\nOffering to unlock\n"
+        );
+    }
+    // --host and --port still mean what they did, whatever PKLOCK_SERVER says.
+    let output = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .env("PKLOCK_SERVER", dead.to_string())
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &server.addr.port().to_string(),
+        ])
+        .args(["--hold", "0", "--linger", "0"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
+#[test]
+fn test_client_refuses_a_bad_server_list_clearly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .env_remove("PKLOCK_SERVER")
+        .args(["--server", "127.0.0.1:1,localhost"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`localhost` (in `127.0.0.1:1,localhost`) is not HOST:PORT"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .env("PKLOCK_SERVER", "127.0.0.1:1,,127.0.0.1:2")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("PKLOCK_SERVER: `127.0.0.1:1,,127.0.0.1:2` has an empty address"),
+        "{stderr}"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_test_client"))
+        .args(["--server", "127.0.0.1:1", "--port", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "--server with --port");
+}

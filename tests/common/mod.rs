@@ -61,6 +61,40 @@ impl TestServer {
         }
     }
 
+    /// Like [`TestServer::with`], for a server taking over the state file
+    /// of one just stopped: a process another test forks meanwhile holds
+    /// the file's lock until its exec closes the inherited descriptor, so
+    /// binding is tried again for a while.
+    pub fn taking_over(tweak: impl Fn(&mut Config)) -> TestServer {
+        let start = Instant::now();
+        loop {
+            let mut config = Config {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                restart_grace_ms: Some(0),
+                ..Config::default()
+            };
+            tweak(&mut config);
+            match Server::bind(config) {
+                Ok(server) => {
+                    let addrs = server.local_addrs();
+                    let handle = server.shutdown_handle();
+                    let thread = std::thread::spawn(move || server.run());
+                    return TestServer {
+                        addr: addrs[0],
+                        addrs,
+                        handle,
+                        thread: Some(thread),
+                    };
+                }
+                Err(e) if start.elapsed() < PATIENCE => {
+                    eprintln!("binding again: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("server binds: {e:?}"),
+            }
+        }
+    }
+
     /// A new raw connection to the server.
     pub fn peer(&self) -> Peer {
         Peer::connect(self.addr)
