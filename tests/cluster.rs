@@ -574,11 +574,12 @@ fn ten_leader_crashes_in_a_row_stop_no_holder_and_never_grant_a_lock_twice() {
         );
         // Every holder reclaimed its grant, with its token, within its lease
         // (before the grace ended).
+        fleet.assert_none_stopped(&format!("round {round}"));
         let after = jobs(cluster.members[next].addr);
         assert_eq!(after, before, "round {round}: holders at the new leader");
-        fleet.assert_none_stopped(&format!("round {round}"));
-        eventually("the contended lock granted again", || {
-            hot.grants() > hot_grants
+        // Served in turn at the new leader, as many as were waiting.
+        eventually("the contended lock granted to its waiters", || {
+            hot.grants() >= hot_grants + 2
         });
         eprintln!(
             "crash {round}: new leader {elected:?} after the SIGKILL, first fresh grant \
