@@ -106,15 +106,12 @@ fn main() -> ExitCode {
         Single::start().and_then(|mut s| run(&mut s, &single)),
     );
     if !cluster.length.is_zero() {
-        match etcd_or_skip("chaos", &[]) {
-            None => {}
-            Some(etcd) => {
-                let root = temp_dir("chaos-cluster");
-                report(
-                    "cluster",
-                    Cluster::start(etcd, &root).and_then(|mut c| run(&mut c, &cluster)),
-                );
-            }
+        if let Some(etcd) = etcd_or_skip("chaos", &[]) {
+            let root = temp_dir("chaos-cluster");
+            report(
+                "cluster",
+                Cluster::start(etcd, &root).and_then(|mut c| run(&mut c, &cluster)),
+            );
         }
     }
     match failed {
@@ -260,9 +257,10 @@ trait Service {
 
 /// One server, restarted in place.
 struct Single {
-    dir: TempDir,
-    config: String,
+    /// First, so that it stops before its directory goes.
     server: ServerProcess,
+    config: String,
+    dir: TempDir,
 }
 
 impl Single {
@@ -276,9 +274,9 @@ impl Single {
         );
         let server = start_server(&dir, &config);
         Ok(Single {
-            dir,
-            config,
             server,
+            config,
+            dir,
         })
     }
 }
