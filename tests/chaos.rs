@@ -17,8 +17,9 @@
 //! started writing. New grants must carry new, higher tokens, across every
 //! restart and failover. Grants must keep flowing: no gap over 2 s, or over
 //! 2 s plus the restart grace across a restart, plus the leadership's lease
-//! too across a failover (the next leader waits out the lease of a crashed
-//! one, then its grace). At the end no dead worker may still hold.
+//! and a second too across a failover (the next leader waits out the lease
+//! of a crashed one, and etcd's and its own checks, then its grace). At the
+//! end no dead worker may still hold.
 //!
 //! The single server runs for 20 s (`PKLOCK_CHAOS_SECS`), the cluster for
 //! 25 s (`PKLOCK_CHAOS_CLUSTER_SECS`, 0 to leave it out). Without etcd the
@@ -58,6 +59,10 @@ const SERVERS: usize = 3;
 /// The leadership's etcd lease (the least allowed): after a leader's crash
 /// the next one leads within this long.
 const LEASE_TTL: Duration = Duration::from_millis(2000);
+/// After a leader's crash, how late the next can be beyond the lease: etcd
+/// revokes an expired lease at its next check (every 500 ms), and a standby
+/// looks at the election every tenth of the lease.
+const EXPIRY_LAG: Duration = Duration::from_secs(1);
 /// The next failover comes this long after the last one ended.
 const FAILOVER_EVERY: Duration = Duration::from_secs(3);
 /// How long a failover may go without a leader.
@@ -91,7 +96,7 @@ fn main() -> ExitCode {
         length: seconds("PKLOCK_CHAOS_CLUSTER_SECS", 25),
         every: FAILOVER_EVERY,
         strikes: "failovers",
-        across: MAX_GAP + LEASE_TTL + RESTART_GRACE,
+        across: MAX_GAP + LEASE_TTL + EXPIRY_LAG + RESTART_GRACE,
     };
     let mut failed = false;
     let mut report = |phase: &str, outcome: Result<String, String>| match outcome {
