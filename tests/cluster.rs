@@ -900,6 +900,7 @@ fn with_etcd_down_the_leader_stops_serving_and_serving_resumes_when_it_returns()
             .process()
             .wait_for_log("stepping down as the leader");
         eprintln!("etcd {how}: the leader closed its connections {stepped:?} after ({line})");
+        assert!(line.contains("etcd"), "the log says why: {line}");
         assert!(
             stepped < LEASE_TTL + SLACK,
             "etcd {how}: stepped down {stepped:?} after"
