@@ -900,6 +900,7 @@ fn with_etcd_down_the_leader_stops_serving_and_serving_resumes_when_it_returns()
             .process()
             .wait_for_log("stepping down as the leader");
         eprintln!("etcd {how}: the leader closed its connections {stepped:?} after ({line})");
+        assert!(line.contains("etcd"), "the log says why: {line}");
         assert!(
             stepped < LEASE_TTL + SLACK,
             "etcd {how}: stepped down {stepped:?} after"
@@ -927,4 +928,76 @@ fn with_etcd_down_the_leader_stops_serving_and_serving_resumes_when_it_returns()
             "etcd {how}: served again {served:?} after etcd came back"
         );
     }
+}
+
+/// The token ceiling as etcd holds it.
+fn ceiling_in(etcd: &mut pklock::cluster::etcd::Etcd) -> u64 {
+    let kv = etcd
+        .get(b"/pklock-test/leader.tokens")
+        .expect("etcd answers")
+        .expect("a leader reserved tokens");
+    String::from_utf8_lossy(&kv.value)
+        .parse()
+        .expect("the ceiling is a number")
+}
+
+#[test]
+fn tokens_go_on_above_the_ceiling_in_etcd_even_with_the_clock_behind_and_stay_under_2_53() {
+    use pklock::cluster::etcd::{Etcd as EtcdClient, Op};
+    let _turn = turn();
+    let Some(etcd) = etcd_or_skip("ceiling", &[]) else {
+        return;
+    };
+    let endpoint = etcd.endpoint();
+    let host_port = endpoint.trim_start_matches("http://").to_string();
+    let mut client = EtcdClient::new(vec![host_port], Duration::from_secs(5));
+    let put = |client: &mut EtcdClient, ceiling: u64| {
+        let op = Op::Put {
+            key: b"/pklock-test/leader.tokens".to_vec(),
+            value: ceiling.to_string().into_bytes(),
+            lease: 0,
+        };
+        assert!(client.txn(&[], &[op]).expect("etcd answers").0);
+    };
+    // Far ahead of the wall clock in microseconds (about 1.8e15 in 2026).
+    let ahead = 4_000_000_000_000_000;
+    put(&mut client, ahead);
+    let mut cluster = Cluster::on_loopback("ceiling", &etcd, 2);
+    let first = cluster.leader();
+    let token = Peer::connect(cluster.members[first].addr).take("a", 1);
+    assert!(token >= ahead, "token {token} below the ceiling {ahead}");
+    let reserved = ceiling_in(&mut client);
+    assert!(
+        reserved > token,
+        "ceiling {reserved} not above token {token}"
+    );
+
+    // After a crash the next leader starts above everything reserved.
+    cluster.members[first].kill();
+    let second = cluster.leader();
+    assert_ne!(first, second);
+    let mut peer = Peer::connect(cluster.members[second].addr);
+    let reply = peer.call(json!({"command": "lock", "id": 2,
+        "parameters": {"lockName": "b", "timeoutMs": (GRACE + SLACK).as_millis() as u64}}));
+    let next = reply["result"]["token"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert!(
+        next >= reserved,
+        "token {next} below the old ceiling {reserved}"
+    );
+
+    // Near 2^53 nothing is granted rather than a token JSON readers round:
+    // requests wait (here past the grace, when they would otherwise be served).
+    drop(peer);
+    put(&mut client, (1 << 53) - 10);
+    cluster.members[second].kill();
+    cluster.members[first].start();
+    let leader = cluster.leader();
+    assert_eq!(leader, first);
+    let mut peer = Peer::connect(cluster.members[leader].addr);
+    let wait = GRACE + SLACK;
+    let reply = peer.call(json!({"command": "lock", "id": 3,
+        "parameters": {"lockName": "c", "timeoutMs": wait.as_millis() as u64}}));
+    assert_eq!(reply["result"]["status"], "timeout", "{reply}");
 }
