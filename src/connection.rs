@@ -2,12 +2,13 @@
 //! replies not yet written (with the partial-write offset), the readiness it
 //! wants, and whether it is closing. Knows no lock rules and no JSON.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+use rustix::net::{RecvFlags, SendFlags};
 
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
@@ -121,11 +122,17 @@ impl Connection {
     }
 
     /// Reads into `buf`, retrying on EINTR. `Ok(0)` is the peer's close.
+    ///
+    /// The socket calls are rustix's system calls rather than libc's
+    /// wrappers: those are thread-cancellation points, which cost every
+    /// call extra work once the process has a second thread (the cluster's
+    /// election).
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.stream.read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
+            match rustix::net::recv(&self.stream, &mut *buf, RecvFlags::empty()) {
+                Ok((n, _)) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -135,7 +142,10 @@ impl Connection {
     pub fn flush(&mut self) -> io::Result<usize> {
         let before = self.written;
         while self.written < self.output.len() {
-            match self.stream.write(&self.output[self.written..]) {
+            let pending = self.output.get(self.written..).unwrap_or_default();
+            match rustix::net::send(&self.stream, pending, SendFlags::NOSIGNAL)
+                .map_err(io::Error::from)
+            {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
