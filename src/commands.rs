@@ -105,6 +105,8 @@ pub struct Core {
     told_all_reclaimed: bool,
     /// In cluster mode, this server's role; `None` for a single server.
     cluster: Option<ClusterRole>,
+    /// When this server last took the leadership.
+    term_started: Option<Instant>,
 }
 
 impl Core {
@@ -142,6 +144,7 @@ impl Core {
             reclaim_log: LogLimiter::new(50, Duration::from_secs(10)),
             told_all_reclaimed: false,
             cluster: None,
+            term_started: None,
         }
     }
 
@@ -161,7 +164,9 @@ impl Core {
         recovery: Recovery,
         previous: &PreviousRun,
         advertise: String,
+        now: Instant,
     ) {
+        self.term_started = Some(now);
         self.table = LockTable::new(
             first_token,
             self.settings.max_locks_per_connection,
@@ -531,8 +536,15 @@ impl Core {
             if !self.told_all_reclaimed && self.recovery.listed_left() == Some(0) {
                 self.told_all_reclaimed = true;
                 info!(
-                    "every lock held at the last stop has been reclaimed, {} ms after the start",
-                    millis(now.saturating_duration_since(self.started))
+                    "every lock held at the last stop has been reclaimed, {} ms after {}",
+                    millis(
+                        now.saturating_duration_since(self.term_started.unwrap_or(self.started))
+                    ),
+                    if self.term_started.is_some() {
+                        "taking the leadership"
+                    } else {
+                        "the start"
+                    }
                 );
             }
         }
@@ -972,6 +984,7 @@ mod tests {
             recovery,
             &PreviousRun::None,
             "a:1".to_string(),
+            now,
         );
         let hello = ask(&mut core, a, json!({"command": "hello", "id": 1}));
         assert_eq!(hello[0]["result"]["role"], "leader");

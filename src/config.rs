@@ -441,6 +441,11 @@ fn advertise_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, 
     Ok(Some(address))
 }
 
+/// Whether `text` is `host:port`, as `advertise` takes it.
+pub fn is_host_and_port(text: &str) -> bool {
+    host_and_port(text).is_ok()
+}
+
 /// Checks `host:port` (a name, an IPv4 address, or `[IPv6]`, and a port).
 fn host_and_port(text: &str) -> Result<(), String> {
     let Some((host, port)) = text.rsplit_once(':') else {

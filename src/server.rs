@@ -33,7 +33,7 @@ use crate::protocol::{ErrorCode, Reply};
 use crate::rate_limit::LogLimiter;
 use crate::recovery::{Recovery, StillOwed};
 use crate::reload::{self, Reloaded};
-use crate::tokens::{HeldLock, PreviousRun, RESERVATION, TokenStore, TokenStoreError};
+use crate::tokens::{HeldLock, MAX_TOKEN, PreviousRun, RESERVATION, TokenStore, TokenStoreError};
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -70,6 +70,9 @@ const STATUS_OUTPUT_CEILING: usize = 64 << 20;
 const SEND_BUFFER_BYTES: usize = 64 << 10;
 /// Lock-table entries from which a shrink to a quarter hands memory back.
 const TRIM_AFTER_ENTRIES: usize = 50_000;
+/// The longest a stopping leader waits for etcd to take its resignation
+/// before closing its connections anyway.
+const RESIGN_WAIT: Duration = Duration::from_secs(2);
 /// At most this often, connections owing a frame past `frame_timeout_ms`
 /// are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
@@ -345,7 +348,11 @@ impl Server {
         if let Some(cluster) = &server.config.cluster {
             server.core.stand_by(None, now);
             server.cluster = Some(Cluster {
-                election: Election::start(cluster, Arc::clone(&server.waker)),
+                election: Election::start(
+                    cluster,
+                    server.config.restart_grace(),
+                    Arc::clone(&server.waker),
+                ),
                 advertise: cluster.advertise.clone().unwrap_or_default(),
                 term: None,
             });
@@ -511,6 +518,9 @@ impl Server {
             self.reserve_tokens_ahead();
             self.close_stalled(now);
             self.close_silent(now);
+            // A turn may have taken a while: no reply of a term leaves after
+            // its end.
+            self.end_term_if_due(Instant::now());
             if let Err(e) = self.write_replies(now) {
                 break Err(e);
             }
@@ -561,6 +571,11 @@ impl Server {
         for news in news {
             self.apply_news(news, now);
         }
+        self.end_term_if_due(now);
+    }
+
+    /// Steps down once the term is no longer safe.
+    fn end_term_if_due(&mut self, now: Instant) {
         let Some(cluster) = &mut self.cluster else {
             return;
         };
@@ -584,7 +599,19 @@ impl Server {
         let current = cluster.term.as_ref().map(|t| t.number);
         match news {
             News::Leading(leadership) => {
-                let grace = self.config.restart_grace();
+                if current.is_some() {
+                    // Not sent while a term is current; if it were, that
+                    // term's connections must not carry over.
+                    self.step_down("a new term began before the last one ended", now);
+                }
+                let Some(cluster) = &mut self.cluster else {
+                    return;
+                };
+                // The previous leader's clients may count on its grace.
+                let grace = self
+                    .config
+                    .restart_grace()
+                    .max(leadership.previous_grace.unwrap_or_default());
                 let ms = grace.as_millis();
                 let recovery = Recovery::new(
                     leadership.key,
@@ -600,6 +627,7 @@ impl Server {
                     recovery,
                     &leadership.previous,
                     cluster.advertise.clone(),
+                    now,
                 );
                 cluster.term = Some(Term {
                     number: leadership.term,
@@ -708,7 +736,10 @@ impl Server {
         let Some(term) = &mut cluster.term else {
             return;
         };
-        if !term.reserving && next_token.saturating_add(RESERVATION / 2) > term.ceiling {
+        if !term.reserving
+            && term.ceiling < MAX_TOKEN
+            && next_token.saturating_add(RESERVATION / 2) > term.ceiling
+        {
             term.reserving = cluster.election.ask(Ask::Reserve { term: term.number });
         }
     }
@@ -722,7 +753,9 @@ impl Server {
         } else {
             None
         };
-        let ttl = Duration::from_millis(self.config.cluster.as_ref().map_or(0, |c| c.lease_ttl_ms));
+        // Never longer than the lease, nor than clients' pings can wait.
+        let ttl = Duration::from_millis(self.config.cluster.as_ref().map_or(0, |c| c.lease_ttl_ms))
+            .min(RESIGN_WAIT);
         let Some(cluster) = &mut self.cluster else {
             return;
         };
@@ -732,7 +765,7 @@ impl Server {
         }
         match cluster.election.wait_resigned(ttl) {
             Ok(()) if leading => info!("resigned the leadership in etcd"),
-            Ok(()) => info!("withdrew from the election in etcd"),
+            Ok(()) => info!("left the election"),
             Err(e) => warn!(
                 "could not resign cleanly ({e}): the next leader takes over when the lease \
                  runs out, and waits out the restart grace"
@@ -811,13 +844,21 @@ impl Server {
 
     /// Logs, once, that no lock can be granted any more for want of tokens.
     fn note_tokens_exhausted(&mut self) {
-        if !self.told_tokens_exhausted && self.core.table().tokens_exhausted() {
+        // In cluster mode the table also stops at the end of a reservation,
+        // until the next one arrives: that is no end of the token space.
+        let at_end = self.core.next_token() > MAX_TOKEN - RESERVATION - 1;
+        if !self.told_tokens_exhausted && at_end && self.core.table().tokens_exhausted() {
             self.told_tokens_exhausted = true;
+            let restart = if self.cluster.is_some() {
+                "Tokens restart lower only if the ceiling in etcd (<election>.tokens) is \
+                 lowered by hand"
+            } else {
+                "Tokens restart from the clock only with a new state file"
+            };
             error!(
                 "fencing tokens have reached {}, the last one under 2^53 that a restart can \
-                 continue after: no lock is granted any more. Tokens restart from the clock \
-                 only with a new state file (and every protected resource must then forget \
-                 the tokens it has seen)",
+                 continue after: no lock is granted any more. {restart} (and every protected \
+                 resource must then forget the tokens it has seen)",
                 self.core.next_token() - 1
             );
         }

@@ -1001,3 +1001,110 @@ fn tokens_go_on_above_the_ceiling_in_etcd_even_with_the_clock_behind_and_stay_un
         "parameters": {"lockName": "c", "timeoutMs": wait.as_millis() as u64}}));
     assert_eq!(reply["result"]["status"], "timeout", "{reply}");
 }
+
+/// The revision etcd is at (an empty transaction's answer).
+fn revision_of(etcd: &mut pklock::cluster::etcd::Etcd) -> i64 {
+    etcd.txn(&[], &[]).expect("etcd answers").1
+}
+
+#[test]
+fn at_the_end_of_the_token_space_the_leader_stops_reserving_instead_of_writing_in_a_loop() {
+    use pklock::cluster::etcd::{Etcd as EtcdClient, Op};
+    let _turn = turn();
+    let Some(etcd) = etcd_or_skip("token-end", &[]) else {
+        return;
+    };
+    let host_port = etcd.endpoint().trim_start_matches("http://").to_string();
+    let mut client = EtcdClient::new(vec![host_port], Duration::from_secs(5));
+    let op = Op::Put {
+        key: b"/pklock-test/leader.tokens".to_vec(),
+        value: ((1u64 << 53) - 10).to_string().into_bytes(),
+        lease: 0,
+    };
+    assert!(client.txn(&[], &[op]).expect("etcd answers").0);
+    let cluster = Cluster::on_loopback("token-end", &etcd, 1);
+    cluster.leader();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = revision_of(&mut client);
+    std::thread::sleep(Duration::from_secs(2));
+    let writes = revision_of(&mut client) - before;
+    // A leader renews and looks without writing; a reservation per loop
+    // turn would be hundreds of writes a second.
+    assert!(
+        writes < 10,
+        "{writes} etcd writes in 2 s from a leader at 2^53"
+    );
+}
+
+#[test]
+fn a_new_leader_waits_out_the_longer_grace_of_the_leader_before_it() {
+    let _turn = turn();
+    let Some(etcd) = etcd_or_skip("longer-grace", &[]) else {
+        return;
+    };
+    let mut cluster = Cluster::new("longer-grace");
+    // The first leader's clients count on 8 s; the next would wait 1 s.
+    for grace_ms in [8_000, 1_000] {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let dir = cluster
+            .dir
+            .join(format!("server-{}", cluster.members.len()));
+        std::fs::create_dir_all(&dir).expect("the server's directory");
+        let config = format!(
+            "listen = [\"{addr}\"]\nrestart_grace_ms = {grace_ms}\n{KEEPALIVE}[cluster]\n\
+             etcd_endpoints = [\"{}\"]\nelection = \"/pklock-test/leader\"\nlease_ttl_ms = {}\n",
+            etcd.endpoint(),
+            LEASE_TTL.as_millis()
+        );
+        let mut member = Member {
+            addr,
+            dir,
+            config,
+            netns: None,
+            process: None,
+        };
+        member.start();
+        cluster.members.push(member);
+        if cluster.members.len() == 1 {
+            cluster.leader();
+        }
+    }
+    assert_eq!(cluster.leader(), 0);
+    cluster.members[0].kill();
+    assert_eq!(cluster.leader(), 1);
+    let hello = hello(cluster.members[1].addr).expect("the new leader answers");
+    let resume_in = hello["grantsResumeInMs"].as_u64().unwrap_or(0);
+    assert!(
+        resume_in > 5_000,
+        "the new leader grants again in {resume_in} ms, before the 8 s its predecessor's \
+         clients count on: {hello}"
+    );
+}
+
+#[test]
+fn a_list_too_long_to_leave_in_etcd_is_not_left_and_the_next_leader_still_leads() {
+    let _turn = turn();
+    let Some(etcd) = etcd_or_skip("long-list", &[]) else {
+        return;
+    };
+    let mut cluster = Cluster::on_loopback("long-list", &etcd, 2);
+    let leader = cluster.leader();
+    let mut peer = Peer::connect(cluster.members[leader].addr);
+    // 1,100 locks on 1,000-byte names: a list of over a megabyte.
+    for i in 0..1_100u64 {
+        peer.take(&format!("{i:0>1000}"), i);
+    }
+    let old = cluster.members[leader].process();
+    old.signal("TERM");
+    let line = old.wait_for_log("none is left");
+    assert!(line.contains("over 1048576"), "{line}");
+    assert_eq!(old.wait_exit(), Some(0), "the old leader's exit code");
+    cluster.members[leader].process = None;
+    let next = cluster.leader();
+    assert_ne!(next, leader);
+    let line = cluster.members[next]
+        .process()
+        .wait_for_log("the previous leader did not resign");
+    assert!(line.contains("no lock is granted"), "{line}");
+    drop(peer);
+}

@@ -19,10 +19,16 @@ use mio::Waker;
 
 use super::etcd::{Compare, Etcd, EtcdError, KeyValue, Op};
 use super::term;
-use crate::config::ClusterConfig;
+use crate::config::{self, ClusterConfig};
 use crate::proof::ProofKey;
 use crate::rate_limit::LogLimiter;
+use crate::rate_limit::escaped;
 use crate::tokens::{self, HeldLock, MAX_TOKEN, PreviousRun, RESERVATION};
+
+/// The largest held-lock list left in etcd at a resignation, well under
+/// etcd's largest request (1.5 MiB by default). A longer list is not left:
+/// the next leader then waits out the whole grace, as after a crash.
+const MAX_HELD_LIST_BYTES: usize = 1 << 20;
 
 /// What the election tells the event loop.
 #[derive(Debug)]
@@ -70,6 +76,9 @@ pub struct Leadership {
     pub previous: PreviousRun,
     /// The key that signs and checks grant proofs, shared by all servers.
     pub key: ProofKey,
+    /// The restart grace the previous leader would have waited itself
+    /// after a crash: its clients may count on that long.
+    pub previous_grace: Option<Duration>,
     /// The term is safe until this instant, unless renewed.
     pub until: Instant,
 }
@@ -104,7 +113,7 @@ pub struct Election {
 
 impl Election {
     /// Starts campaigning for `config`; news wakes the loop through `waker`.
-    pub fn start(config: &ClusterConfig, waker: Arc<Waker>) -> Election {
+    pub fn start(config: &ClusterConfig, grace: Duration, waker: Arc<Waker>) -> Election {
         let (asks, asked) = mpsc::channel();
         let (tell, news) = mpsc::channel();
         let ttl = Duration::from_millis(config.lease_ttl_ms);
@@ -113,6 +122,7 @@ impl Election {
             election: config.election.clone(),
             advertise: config.advertise.clone().unwrap_or_default(),
             ttl,
+            grace,
             asked,
             tell,
             waker,
@@ -121,6 +131,7 @@ impl Election {
             trouble_log: LogLimiter::new(5, Duration::from_secs(10)),
             in_trouble: false,
             stale_lease: None,
+            last_look: Instant::now(),
         };
         let thread = thread::Builder::new()
             .name("election".to_string())
@@ -192,6 +203,8 @@ struct Campaign {
     election: String,
     advertise: String,
     ttl: Duration,
+    /// This server's restart grace, left in etcd for the next leader.
+    grace: Duration,
     asked: Receiver<Ask>,
     tell: Sender<News>,
     waker: Arc<Waker>,
@@ -202,6 +215,8 @@ struct Campaign {
     /// A lease given up whose revocation has not gone through: its key
     /// would lead on, in this server's name, until it expired.
     stale_lease: Option<i64>,
+    /// When etcd last told who leads.
+    last_look: Instant,
 }
 
 impl Campaign {
@@ -243,7 +258,13 @@ impl Campaign {
         };
         let created = self.etcd.txn(&[Compare::Created(key.clone(), 0)], &[put]);
         let create_revision = match created {
-            Ok((true, revision)) => revision,
+            Ok((true, revision)) if revision > 0 => revision,
+            Ok((true, revision)) => {
+                let _ = self.etcd.revoke(lease.id);
+                return Err(EtcdError(format!(
+                    "etcd answered the candidacy with revision {revision}"
+                )));
+            }
             Ok((false, _)) => {
                 let _ = self.etcd.revoke(lease.id);
                 return Err(EtcdError(format!(
@@ -279,13 +300,14 @@ impl Campaign {
             if now >= me.next_renewal && !self.renew(&mut me) {
                 return Ok(Ended::Again);
             }
-            if reserve_asked {
+            // A renewal that is due goes before anything else.
+            if reserve_asked && Instant::now() < me.next_renewal {
                 match self.reserve(&me) {
                     Ok(done) => reserve_asked = !done,
                     Err(e) => self.trouble(&e),
                 }
             }
-            if Instant::now() >= next_look {
+            if Instant::now() >= next_look && Instant::now() < me.next_renewal {
                 next_look = Instant::now() + term::look_every(self.ttl);
                 if !self.look(&mut me) {
                     return Ok(Ended::Again);
@@ -353,9 +375,14 @@ impl Campaign {
             Ok(first) => first,
             Err(e) => {
                 self.trouble(&e);
+                // Whoever led may be gone by now: do not send clients there.
+                if me.term.is_none() && self.last_look.elapsed() > self.ttl {
+                    self.follow(None);
+                }
                 return true;
             }
         };
+        self.last_look = Instant::now();
         match first {
             Some(kv) if kv.key == me.key => {
                 if me.term.is_none()
@@ -376,7 +403,19 @@ impl Campaign {
                     self.end_term(me, "another server's key leads in etcd");
                     return false;
                 }
-                self.follow(Some(String::from_utf8_lossy(&kv.value).into_owned()));
+                let address = String::from_utf8_lossy(&kv.value).into_owned();
+                if is_candidacy(&kv.key, &prefix) && config::is_host_and_port(&address) {
+                    self.follow(Some(address));
+                } else {
+                    // Not a pklock candidacy: another election's keys under
+                    // this one's prefix (names that nest), or a stray key.
+                    self.trouble(&EtcdError(format!(
+                        "{} leads the election but is no server's candidacy; \
+                         election names must not nest",
+                        escaped(&String::from_utf8_lossy(&kv.key))
+                    )));
+                    self.follow(None);
+                }
                 true
             }
             None => {
@@ -393,6 +432,11 @@ impl Campaign {
         for _ in 0..3 {
             let tokens_kv = self.etcd.get(&self.stem(".tokens"))?;
             let held_kv = self.etcd.get(&self.stem(".held"))?;
+            let previous_grace = self
+                .etcd
+                .get(&self.stem(".grace"))?
+                .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.trim().parse().ok())
+                .map(Duration::from_millis);
             let ceiling = match &tokens_kv {
                 Some(kv) => parse_ceiling(&kv.value)?,
                 None => 0,
@@ -426,6 +470,11 @@ impl Campaign {
                     lease: 0,
                 },
                 Op::Delete(self.stem(".held")),
+                Op::Put {
+                    key: self.stem(".grace"),
+                    value: self.grace.as_millis().to_string().into_bytes(),
+                    lease: 0,
+                },
             ];
             if !self.etcd.txn(&compare, &ops)?.0 {
                 continue;
@@ -439,6 +488,7 @@ impl Campaign {
                 ceiling: reserved,
                 previous,
                 key: ProofKey::from_secret(&secret),
+                previous_grace,
                 until: me.until,
             })));
             return Ok(());
@@ -459,6 +509,10 @@ impl Campaign {
             None => 0,
         };
         let reserved = ceiling.saturating_add(RESERVATION).min(MAX_TOKEN);
+        if reserved <= ceiling {
+            // At the end of the token space: nothing more to reserve.
+            return Ok(true);
+        }
         let compare = [
             Compare::Created(me.key.clone(), me.create_revision),
             Compare::Modified(self.stem(".tokens"), mod_revision(&tokens_kv)),
@@ -478,31 +532,45 @@ impl Campaign {
         Ok(false)
     }
 
-    /// Leaves the held list (when leading and it is known), then revokes
-    /// the lease, which deletes the candidacy key at once.
+    /// Leaves the held list (when leading and it is known, and not too
+    /// long), then revokes the lease, which deletes the candidacy key at
+    /// once; the lease is revoked whatever became of the list.
     fn resign(&mut self, me: &Candidacy, held: Option<Vec<HeldLock>>) -> Result<(), String> {
-        if me.term.is_some()
-            && let Some(held) = held
-        {
-            let list = serde_json::to_vec(&held).map_err(|e| e.to_string())?;
-            let put = Op::Put {
-                key: self.stem(".held"),
-                value: list,
-                lease: 0,
-            };
-            let compare = [Compare::Created(me.key.clone(), me.create_revision)];
-            match self.etcd.txn(&compare, &[put]) {
-                Ok((true, _)) => info!(
+        let left = match held {
+            Some(held) if me.term.is_some() => self.leave_list(me, &held),
+            _ => Ok(()),
+        };
+        let revoked = self.etcd.revoke(me.lease).map_err(|e| e.to_string());
+        left.and(revoked)
+    }
+
+    fn leave_list(&mut self, me: &Candidacy, held: &[HeldLock]) -> Result<(), String> {
+        let list = serde_json::to_vec(held).map_err(|e| e.to_string())?;
+        if list.len() > MAX_HELD_LIST_BYTES {
+            return Err(format!(
+                "the list of {} grant(s) in force takes {} bytes, over {MAX_HELD_LIST_BYTES}; \
+                 none is left, and the next leader waits out the whole grace",
+                held.len(),
+                list.len()
+            ));
+        }
+        let put = Op::Put {
+            key: self.stem(".held"),
+            value: list,
+            lease: 0,
+        };
+        let compare = [Compare::Created(me.key.clone(), me.create_revision)];
+        match self.etcd.txn(&compare, &[put]) {
+            Ok((true, _)) => {
+                info!(
                     "left the list of {} grant(s) in force in etcd for the next leader",
                     held.len()
-                ),
-                Ok((false, _)) => {
-                    return Err("the leadership was already lost; no list left".to_string());
-                }
-                Err(e) => return Err(e.to_string()),
+                );
+                Ok(())
             }
+            Ok((false, _)) => Err("the leadership was already lost; no list left".to_string()),
+            Err(e) => Err(e.to_string()),
         }
-        self.etcd.revoke(me.lease).map_err(|e| e.to_string())
     }
 
     /// The grant-proof secret, made by the first leader ever.
@@ -572,10 +640,17 @@ impl Campaign {
     }
 
     fn recovered(&mut self) {
-        if std::mem::take(&mut self.in_trouble) {
+        if std::mem::take(&mut self.in_trouble) && self.trouble_log.admit(Instant::now()).is_some()
+        {
             info!("etcd answers again");
         }
     }
+}
+
+/// Whether `key` is `<prefix><lease id in hex>`, as candidacies are named.
+fn is_candidacy(key: &[u8], prefix: &[u8]) -> bool {
+    key.strip_prefix(prefix)
+        .is_some_and(|id| !id.is_empty() && id.iter().all(u8::is_ascii_hexdigit))
 }
 
 fn mod_revision(kv: &Option<KeyValue>) -> i64 {
@@ -590,7 +665,7 @@ fn parse_ceiling(value: &[u8]) -> Result<u64, EtcdError> {
         .ok_or_else(|| {
             EtcdError(format!(
                 "the token ceiling in etcd is not a number up to 2^53: {}",
-                String::from_utf8_lossy(value)
+                escaped(&String::from_utf8_lossy(value.get(..64).unwrap_or(value)))
             ))
         })
 }

@@ -9,9 +9,21 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 
-/// Largest etcd answer read: the cluster's keys are small, and a larger
-/// answer is not one of ours.
-const MAX_ANSWER_BYTES: u64 = 1 << 20;
+/// Largest etcd answer read: the largest value etcd stores (1.5 MiB by
+/// default), in base64 and JSON, with room to spare.
+const MAX_ANSWER_BYTES: u64 = 4 << 20;
+
+/// The most of an answer's text an error message quotes.
+const QUOTED_BYTES: usize = 200;
+
+/// `text` cut short and with its control characters escaped, for a log line.
+fn quoted(text: &str) -> String {
+    let cut = text
+        .char_indices()
+        .nth(QUOTED_BYTES)
+        .map_or(text, |(i, _)| &text[..i]);
+    crate::rate_limit::escaped(cut.trim()).into_owned()
+}
 
 /// A call that failed: etcd unreachable, too slow, or an answer we cannot use.
 #[derive(Debug, Clone)]
@@ -112,9 +124,12 @@ impl Etcd {
     /// Renews a lease; `None` when it has expired (or was revoked).
     pub fn keep_alive(&mut self, id: i64) -> Result<Option<Lease>, EtcdError> {
         let answer = self.call("/v3/lease/keepalive", &json!({ "ID": id }))?;
-        let result = answer
-            .get("result")
-            .ok_or_else(|| EtcdError(format!("keepalive answer without a result: {answer}")))?;
+        let result = answer.get("result").ok_or_else(|| {
+            EtcdError(format!(
+                "keepalive answer without a result: {}",
+                quoted(&answer.to_string())
+            ))
+        })?;
         let ttl = optional_number(result, "TTL")?.unwrap_or(0);
         Ok((ttl > 0).then_some(Lease { id, ttl_secs: ttl }))
     }
@@ -126,7 +141,7 @@ impl Etcd {
             (200..=299 | 404, _) => Ok(()),
             (status, text) => Err(EtcdError(format!(
                 "/v3/lease/revoke answered {status}: {}",
-                text.trim()
+                quoted(&text)
             ))),
         }
     }
@@ -271,20 +286,25 @@ fn optional_number(object: &Value, field: &str) -> Result<Option<i64>, EtcdError
         Some(Value::String(s)) => s
             .parse()
             .map(Some)
-            .map_err(|_| EtcdError(format!("etcd's `{field}` is not a number: {s}"))),
+            .map_err(|_| EtcdError(format!("etcd's `{field}` is not a number: {}", quoted(s)))),
         Some(Value::Number(n)) => n
             .as_i64()
             .map(Some)
             .ok_or_else(|| EtcdError(format!("etcd's `{field}` is out of range: {n}"))),
         Some(other) => Err(EtcdError(format!(
-            "etcd's `{field}` is not a number: {other}"
+            "etcd's `{field}` is not a number: {}",
+            quoted(&other.to_string())
         ))),
     }
 }
 
 fn number(object: &Value, field: &str) -> Result<i64, EtcdError> {
-    optional_number(object, field)?
-        .ok_or_else(|| EtcdError(format!("etcd's answer has no `{field}`: {object}")))
+    optional_number(object, field)?.ok_or_else(|| {
+        EtcdError(format!(
+            "etcd's answer has no `{field}`: {}",
+            quoted(&object.to_string())
+        ))
+    })
 }
 
 fn bytes(object: &Value, field: &str) -> Result<Vec<u8>, EtcdError> {
