@@ -362,10 +362,15 @@ impl Client {
         {
             return;
         }
+        let what = if self.hello.cluster.is_some() {
+            "took over the leadership"
+        } else {
+            "restarted"
+        };
         // Never a panic for a closed stderr.
         let _ = writeln!(
             std::io::stderr(),
-            "pklock: the server at {} restarted moments ago and grants locks again in {:.1} s \
+            "pklock: the server at {} {what} moments ago and grants locks again in {:.1} s \
              (restart grace)",
             self.server(),
             left.as_secs_f64()
