@@ -17,7 +17,11 @@
 //! beside any other holder; grants in arrival order; every queued request
 //! answered exactly once (granted, timed out, cancelled) unless its
 //! connection closed; fencing tokens strictly increasing ([`tokens`] keeps
-//! them so across restarts).
+//! them so across restarts, and [`cluster`] across leaders).
+//!
+//! In cluster mode one more thread runs: the election ([`cluster::election`]),
+//! which talks to etcd and tells the event loop when it leads and until
+//! when; the event loop still owns every socket and the lock table.
 
 #![deny(missing_docs)]
 
