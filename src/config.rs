@@ -96,6 +96,13 @@ pub struct ClusterConfig {
     /// steps down within this long, and another takes over after it.
     #[serde(default = "default_lease_ttl", deserialize_with = "lease_ttl")]
     pub lease_ttl_ms: u64,
+    /// The etcd user to authenticate as, when etcd has auth enabled.
+    #[serde(default)]
+    pub etcd_user: Option<String>,
+    /// A file holding that user's password (never the password itself in
+    /// the configuration).
+    #[serde(default)]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// The default `lease_ttl_ms`, the shortest etcd grants: after a crash the
@@ -258,9 +265,18 @@ impl Config {
         ));
         match &self.cluster {
             Some(cluster) => lines.push(format!(
-                "cluster: etcd at {}, election {}, advertised as {}, leadership lease {} ms \
+                "cluster: etcd at {}{}, election {}, advertised as {}, leadership lease {} ms \
                  (fencing tokens and grant proofs are kept in etcd; no state file)",
-                cluster.etcd_endpoints.join(", "),
+                cluster
+                    .etcd_endpoints
+                    .iter()
+                    .map(|e| format!("http://{e}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cluster
+                    .etcd_user
+                    .as_ref()
+                    .map_or(String::new(), |user| format!(" as user {user}")),
                 cluster.election,
                 cluster.advertise.as_deref().unwrap_or("?"),
                 cluster.lease_ttl_ms
@@ -323,6 +339,15 @@ impl Config {
             let inner = e.into_inner();
             fail(line_of(text, &inner), key, inner.message().to_string())
         })?;
+        if let Some(cluster) = &config.cluster
+            && cluster.etcd_user.is_some() != cluster.etcd_password_file.is_some()
+        {
+            return Err(fail(
+                None,
+                Some("cluster.etcd_password_file".to_string()),
+                "etcd_user and etcd_password_file go together: set both, or neither".to_string(),
+            ));
+        }
         let first_listen = config.listen.first().copied();
         if let Some(cluster) = &mut config.cluster
             && cluster.advertise.is_none()
@@ -517,6 +542,8 @@ mod tests {
         let advertise =
             error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nadvertise = \"10.0.0.5\"\n");
         assert!(advertise.contains("host:port"), "{advertise}");
+        let half = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\netcd_user = \"pk\"\n");
+        assert!(half.contains("go together"), "{half}");
         let typo = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nleader = 1\n");
         assert!(typo.contains("leader"), "{typo}");
     }

@@ -22,7 +22,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 use crate::allow_list::AllowList;
 use crate::cluster::election::{Ask, Election, News};
 use crate::commands::{Core, Handled, Outgoing, Settings};
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config};
 use crate::connection::{Connection, State};
 use crate::frame;
 use crate::keepalive::Keepalive;
@@ -91,6 +91,8 @@ pub enum ServerError {
     Tokens(TokenStoreError),
     /// The key that signs grant proofs could not be read or made.
     Key(ProofKeyError),
+    /// Cluster mode could not be set up.
+    Cluster(String),
     /// The event loop failed.
     Io {
         /// What was being done.
@@ -112,6 +114,7 @@ impl fmt::Display for ServerError {
             ServerError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             ServerError::Tokens(e) => e.fmt(f),
             ServerError::Key(e) => e.fmt(f),
+            ServerError::Cluster(e) => f.write_str(e),
             ServerError::Io { doing, source } => write!(f, "{doing}: {source}"),
         }
     }
@@ -346,10 +349,12 @@ impl Server {
         };
         server.log_start(first_token);
         if let Some(cluster) = &server.config.cluster {
+            let credentials = etcd_credentials(cluster)?;
             server.core.stand_by(None, now);
             server.cluster = Some(Cluster {
                 election: Election::start(
                     cluster,
+                    credentials,
                     server.config.restart_grace(),
                     Arc::clone(&server.waker),
                 ),
@@ -1793,6 +1798,27 @@ impl Server {
         self.conns.clear();
         self.keys.clear();
     }
+}
+
+/// The etcd user and the password from its file, if the cluster has them.
+fn etcd_credentials(cluster: &ClusterConfig) -> Result<Option<(String, String)>, ServerError> {
+    let (Some(user), Some(path)) = (&cluster.etcd_user, &cluster.etcd_password_file) else {
+        return Ok(None);
+    };
+    let password = std::fs::read_to_string(path).map_err(|e| {
+        ServerError::Cluster(format!(
+            "cannot read cluster.etcd_password_file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let password = password.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        return Err(ServerError::Cluster(format!(
+            "cluster.etcd_password_file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Some((user.clone(), password)))
 }
 
 /// Tells a peer why it is turned away, then closes. Best effort and never

@@ -1108,3 +1108,82 @@ fn a_list_too_long_to_leave_in_etcd_is_not_left_and_the_next_leader_still_leads(
     assert!(line.contains("no lock is granted"), "{line}");
     drop(peer);
 }
+
+#[test]
+fn with_etcd_auth_on_the_servers_log_in_and_a_wrong_password_leads_nothing() {
+    let _turn = turn();
+    let Some(etcd) = etcd_or_skip("etcd-auth", &[]) else {
+        return;
+    };
+    let endpoint = etcd.endpoint();
+    let post = |path: &str, body: Value| {
+        let mut response = ureq::post(format!("{endpoint}{path}"))
+            .send(body.to_string())
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        assert!(response.status().is_success(), "{path}: {text}");
+    };
+    // A root user (etcd needs one to enable auth) and a user for pklock
+    // with rights on its election's keys only: /pklock-test up to /pklock-tesu.
+    post(
+        "/v3/auth/user/add",
+        json!({"name": "root", "password": "root-secret"}),
+    );
+    post("/v3/auth/role/add", json!({"name": "root"}));
+    post(
+        "/v3/auth/user/grant",
+        json!({"user": "root", "role": "root"}),
+    );
+    post(
+        "/v3/auth/user/add",
+        json!({"name": "pklock", "password": "pk-secret"}),
+    );
+    post("/v3/auth/role/add", json!({"name": "pklock"}));
+    post(
+        "/v3/auth/role/grant",
+        json!({"name": "pklock", "perm": {"permType": "READWRITE",
+            "key": "L3BrbG9jay10ZXN0", "range_end": "L3BrbG9jay10ZXN1"}}),
+    );
+    post(
+        "/v3/auth/user/grant",
+        json!({"user": "pklock", "role": "pklock"}),
+    );
+    post("/v3/auth/enable", json!({}));
+
+    let mut cluster = Cluster::new("etcd-auth");
+    for password in ["pk-secret", "wrong"] {
+        let n = cluster.members.len();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let dir = cluster.dir.join(format!("server-{n}"));
+        std::fs::create_dir_all(&dir).expect("the server's directory");
+        let password_file = dir.join("etcd-password");
+        std::fs::write(&password_file, format!("{password}\n")).expect("the password file");
+        let config = format!(
+            "listen = [\"{addr}\"]\n{KEEPALIVE}[cluster]\netcd_endpoints = [\"{endpoint}\"]\n\
+             election = \"/pklock-test/leader\"\nlease_ttl_ms = {}\netcd_user = \"pklock\"\n\
+             etcd_password_file = \"{}\"\n",
+            LEASE_TTL.as_millis(),
+            password_file.display()
+        );
+        let mut member = Member {
+            addr,
+            dir,
+            config,
+            netns: None,
+            process: None,
+        };
+        member.start();
+        cluster.members.push(member);
+    }
+    let line = cluster.members[1]
+        .process()
+        .wait_for_log("etcd refused user pklock");
+    assert!(line.contains("authentication failed"), "{line}");
+    assert_eq!(cluster.leader_among(&[0]), 0);
+    let token = Peer::connect(cluster.members[0].addr).take("x", 1);
+    assert!(token > 0);
+    // The server with the wrong password never leads, and names no leader
+    // it could not have seen.
+    let (role, leader) = role(cluster.members[1].addr).expect("it answers hello");
+    assert_eq!((role.as_str(), leader), ("standby", Value::Null));
+}

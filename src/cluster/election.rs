@@ -112,13 +112,23 @@ pub struct Election {
 }
 
 impl Election {
-    /// Starts campaigning for `config`; news wakes the loop through `waker`.
-    pub fn start(config: &ClusterConfig, grace: Duration, waker: Arc<Waker>) -> Election {
+    /// Starts campaigning for `config`, as the etcd user of `credentials`
+    /// if given; news wakes the loop through `waker`.
+    pub fn start(
+        config: &ClusterConfig,
+        credentials: Option<(String, String)>,
+        grace: Duration,
+        waker: Arc<Waker>,
+    ) -> Election {
         let (asks, asked) = mpsc::channel();
         let (tell, news) = mpsc::channel();
         let ttl = Duration::from_millis(config.lease_ttl_ms);
+        let mut etcd = Etcd::new(config.etcd_endpoints.clone(), term::call_timeout(ttl));
+        if let Some((user, password)) = credentials {
+            etcd = etcd.with_credentials(user, password);
+        }
         let campaign = Campaign {
-            etcd: Etcd::new(config.etcd_endpoints.clone(), term::call_timeout(ttl)),
+            etcd,
             election: config.election.clone(),
             advertise: config.advertise.clone().unwrap_or_default(),
             ttl,

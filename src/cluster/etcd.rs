@@ -91,6 +91,10 @@ pub struct Etcd {
     current: usize,
     agent: ureq::Agent,
     timeout: Duration,
+    /// User and password, when etcd has auth enabled.
+    credentials: Option<(String, String)>,
+    /// The token etcd gave for them, until it refuses it.
+    token: Option<String>,
 }
 
 impl Etcd {
@@ -109,7 +113,15 @@ impl Etcd {
             current: 0,
             agent: ureq::Agent::new_with_config(config),
             timeout,
+            credentials: None,
+            token: None,
         }
+    }
+
+    /// Authenticates as `user` with `password` (etcd with auth enabled).
+    pub fn with_credentials(mut self, user: String, password: String) -> Etcd {
+        self.credentials = Some((user, password));
+        self
     }
 
     /// Grants a lease of `ttl_secs` seconds.
@@ -229,6 +241,40 @@ impl Etcd {
     }
 
     fn exchange(&mut self, path: &str, body: &Value) -> Result<(u16, String), EtcdError> {
+        if self.credentials.is_some() && self.token.is_none() {
+            self.authenticate()?;
+        }
+        let answer = self.exchange_once(path, body)?;
+        // Tokens expire (and die with the etcd member that gave them).
+        if self.credentials.is_some() && refuses_token(&answer) {
+            self.token = None;
+            self.authenticate()?;
+            return self.exchange_once(path, body);
+        }
+        Ok(answer)
+    }
+
+    fn authenticate(&mut self) -> Result<(), EtcdError> {
+        let Some((user, password)) = self.credentials.clone() else {
+            return Ok(());
+        };
+        let body = json!({ "name": user, "password": password });
+        let (status, text) = self.exchange_once("/v3/auth/authenticate", &body)?;
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        match answer.get("token").and_then(Value::as_str) {
+            Some(token) if (200..300).contains(&status) => {
+                self.token = Some(token.to_string());
+                Ok(())
+            }
+            _ => Err(EtcdError(format!(
+                "etcd refused user {}: {}",
+                quoted(&user),
+                quoted(&text)
+            ))),
+        }
+    }
+
+    fn exchange_once(&mut self, path: &str, body: &Value) -> Result<(u16, String), EtcdError> {
         let endpoint = self
             .endpoints
             .get(self.current)
@@ -244,17 +290,19 @@ impl Etcd {
     fn post(&self, endpoint: &str, path: &str, body: &Value) -> Result<(u16, String), EtcdError> {
         let url = format!("http://{endpoint}{path}");
         let fail = |e: &dyn fmt::Display| EtcdError(format!("etcd at {endpoint}: {e}"));
-        let mut response = self
+        let mut request = self
             .agent
             .post(&url)
-            .header("content-type", "application/json")
-            .send(body.to_string())
-            .map_err(|e| match e {
-                ureq::Error::Timeout(_) => {
-                    fail(&format!("no answer within {} ms", self.timeout.as_millis()))
-                }
-                e => fail(&e),
-            })?;
+            .header("content-type", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", token);
+        }
+        let mut response = request.send(body.to_string()).map_err(|e| match e {
+            ureq::Error::Timeout(_) => {
+                fail(&format!("no answer within {} ms", self.timeout.as_millis()))
+            }
+            e => fail(&e),
+        })?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
@@ -264,6 +312,13 @@ impl Etcd {
             .map_err(|e| fail(&e))?;
         Ok((status, text))
     }
+}
+
+/// Whether etcd refused the request for its auth token (expired, or none).
+fn refuses_token((status, text): &(u16, String)) -> bool {
+    *status == 401
+        || (!(200..300).contains(status)
+            && (text.contains("invalid auth token") || text.contains("user name is empty")))
 }
 
 /// The end of the range of keys that start with `prefix`.
