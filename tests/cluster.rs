@@ -1186,4 +1186,28 @@ fn with_etcd_auth_on_the_servers_log_in_and_a_wrong_password_leads_nothing() {
     // it could not have seen.
     let (role, leader) = role(cluster.members[1].addr).expect("it answers hello");
     assert_eq!((role.as_str(), leader), ("standby", Value::Null));
+
+    // Turning auth off and on again voids every token etcd gave: the
+    // leader's next call is refused, and it must log in again to go on.
+    let mut response = ureq::post(format!("{endpoint}/v3/auth/authenticate"))
+        .send(json!({"name": "root", "password": "root-secret"}).to_string())
+        .expect("root logs in");
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    let root: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let root_token = root["token"].as_str().unwrap_or_else(|| panic!("{text}"));
+    let disabled = ureq::post(format!("{endpoint}/v3/auth/disable"))
+        .header("authorization", root_token)
+        .send("{}")
+        .expect("auth disabled");
+    assert!(disabled.status().is_success());
+    post("/v3/auth/enable", json!({}));
+    std::thread::sleep(LEASE_TTL * 2);
+    assert_eq!(cluster.leader_among(&[0]), 0);
+    let token_after = Peer::connect(cluster.members[0].addr).take("y", 2);
+    assert!(token_after > token, "{token_after} after {token}");
+    // Leaving the held list and resigning take calls etcd checks.
+    let leader = cluster.members[0].process();
+    leader.signal("TERM");
+    let line = leader.wait_for_log("resign");
+    assert!(line.contains("resigned the leadership in etcd"), "{line}");
 }
