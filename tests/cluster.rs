@@ -158,8 +158,6 @@ impl Cluster {
 
     /// Adds a server listening on `addr` and starts it.
     fn add(&mut self, addr: SocketAddr, etcd: &str, extra: &str, netns: Option<&Netns>) {
-        let dir = self.dir.join(format!("server-{}", self.members.len()));
-        std::fs::create_dir_all(&dir).expect("the server's directory");
         let config = format!(
             "listen = [\"{addr}\"]\n{extra}restart_grace_ms = {grace}\n{KEEPALIVE}\
              [cluster]\netcd_endpoints = [\"{etcd}\"]\nelection = \"/pklock-test/leader\"\n\
@@ -167,6 +165,26 @@ impl Cluster {
             grace = GRACE.as_millis(),
             ttl = LEASE_TTL.as_millis(),
         );
+        let dir = self.next_dir();
+        self.add_configured(addr, dir, config, netns);
+    }
+
+    /// The directory of the next server added, made.
+    fn next_dir(&self) -> PathBuf {
+        let dir = self.dir.join(format!("server-{}", self.members.len()));
+        std::fs::create_dir_all(&dir).expect("the server's directory");
+        dir
+    }
+
+    /// Adds a server listening on `addr`, in `dir`, with the whole of
+    /// `config`, and starts it.
+    fn add_configured(
+        &mut self,
+        addr: SocketAddr,
+        dir: PathBuf,
+        config: String,
+        netns: Option<&Netns>,
+    ) {
         let mut member = Member {
             addr,
             dir,
@@ -176,6 +194,13 @@ impl Cluster {
         };
         member.start();
         self.members.push(member);
+    }
+
+    /// A directory for the clients' files, made.
+    fn work_dir(&self) -> PathBuf {
+        let work = self.dir.join("work");
+        std::fs::create_dir_all(&work).expect("a work directory");
+        work
     }
 
     /// Every address, comma-separated, as `--server` takes them.
@@ -335,19 +360,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for child in self.runs.values_mut() {
-            if matches!(child.try_wait(), Ok(None)) {
-                // TERM: pklock stops its command's group before it exits.
-                let _ = Command::new("kill")
-                    .args(["-s", "TERM", &child.id().to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        for child in self.runs.values_mut() {
-            let _ = common::wait_exit(child, PATIENCE);
-            let _ = child.kill();
-        }
+        common::stop_pklock_runs(self.runs.values_mut());
     }
 }
 
@@ -528,8 +541,7 @@ fn ten_leader_crashes_in_a_row_stop_no_holder_and_never_grant_a_lock_twice() {
     };
     let mut cluster = Cluster::on_loopback("crashes", &etcd, 3);
     let servers = cluster.list();
-    let work = cluster.dir.join("work");
-    std::fs::create_dir_all(&work).expect("a work directory");
+    let work = cluster.work_dir();
     let mut fleet = Fleet::start(&servers, &work, 50);
     let hot = Contended::start(&servers, &work, 3);
     eventually("every holder runs", || fleet.all_started());
@@ -609,8 +621,7 @@ fn a_planned_switchover_stops_no_holder_and_grants_fresh_names_at_once() {
     };
     let mut cluster = Cluster::on_loopback("switchover", &etcd, 3);
     let servers = cluster.list();
-    let work = cluster.dir.join("work");
-    std::fs::create_dir_all(&work).expect("a work directory");
+    let work = cluster.work_dir();
     let mut fleet = Fleet::start(&servers, &work, 50);
     let hot = Contended::start(&servers, &work, 3);
     eventually("every holder runs", || fleet.all_started());
@@ -722,8 +733,7 @@ fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() {
     }
     assert_eq!(cluster.leader(), 0, "it still leads");
     let servers = cluster.list();
-    let work = cluster.dir.join("work");
-    std::fs::create_dir_all(&work).expect("a work directory");
+    let work = cluster.work_dir();
     let mut fleet = Fleet::start(&servers, &work, 5);
     eventually("every holder runs", || fleet.all_started());
     let mut holder = Peer::connect(inside);
@@ -1046,25 +1056,14 @@ fn a_new_leader_waits_out_the_longer_grace_of_the_leader_before_it() {
     // The first leader's clients count on 8 s; the next would wait 1 s.
     for grace_ms in [8_000, 1_000] {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let dir = cluster
-            .dir
-            .join(format!("server-{}", cluster.members.len()));
-        std::fs::create_dir_all(&dir).expect("the server's directory");
         let config = format!(
             "listen = [\"{addr}\"]\nrestart_grace_ms = {grace_ms}\n{KEEPALIVE}[cluster]\n\
              etcd_endpoints = [\"{}\"]\nelection = \"/pklock-test/leader\"\nlease_ttl_ms = {}\n",
             etcd.endpoint(),
             LEASE_TTL.as_millis()
         );
-        let mut member = Member {
-            addr,
-            dir,
-            config,
-            netns: None,
-            process: None,
-        };
-        member.start();
-        cluster.members.push(member);
+        let dir = cluster.next_dir();
+        cluster.add_configured(addr, dir, config, None);
         if cluster.members.len() == 1 {
             cluster.leader();
         }
@@ -1152,10 +1151,8 @@ fn with_etcd_auth_on_the_servers_log_in_and_a_wrong_password_leads_nothing() {
 
     let mut cluster = Cluster::new("etcd-auth");
     for password in ["pk-secret", "wrong"] {
-        let n = cluster.members.len();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let dir = cluster.dir.join(format!("server-{n}"));
-        std::fs::create_dir_all(&dir).expect("the server's directory");
+        let dir = cluster.next_dir();
         let password_file = dir.join("etcd-password");
         std::fs::write(&password_file, format!("{password}\n")).expect("the password file");
         let config = format!(
@@ -1165,15 +1162,7 @@ fn with_etcd_auth_on_the_servers_log_in_and_a_wrong_password_leads_nothing() {
             LEASE_TTL.as_millis(),
             password_file.display()
         );
-        let mut member = Member {
-            addr,
-            dir,
-            config,
-            netns: None,
-            process: None,
-        };
-        member.start();
-        cluster.members.push(member);
+        cluster.add_configured(addr, dir, config, None);
     }
     let line = cluster.members[1]
         .process()

@@ -333,16 +333,21 @@ fn lines_of(out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
     rx
 }
 
-#[test]
-fn pklock_lock_skips_a_dead_address_and_holds_the_lock_at_the_next() {
-    let real = TestServer::start();
-    let mut child = pklock(&format!("{},{}", dead_address(), real.addr))
+/// `pklock --server SERVERS lock x`, every stream piped.
+fn pklock_lock_x(servers: &str) -> std::process::Child {
+    pklock(servers)
         .args(["lock", "x"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn pklock_lock_skips_a_dead_address_and_holds_the_lock_at_the_next() {
+    let real = TestServer::start();
+    let mut child = pklock_lock_x(&format!("{},{}", dead_address(), real.addr));
     let stdout = lines_of(child.stdout.take().unwrap());
     let token: u64 = stdout.recv_timeout(PATIENCE).unwrap().parse().unwrap();
     let mut peer = real.peer();
@@ -411,13 +416,7 @@ fn pklock_says_which_server_it_moved_to_when_the_leader_changed() {
     let first_addr = first.addr;
     let next_addr = dead_address();
     let standby = fake_standby(&first, Some(next_addr.to_string()));
-    let mut child = pklock(&format!("{first_addr},{}", standby.addr))
-        .args(["lock", "x"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = pklock_lock_x(&format!("{first_addr},{}", standby.addr));
     let stdout = lines_of(child.stdout.take().unwrap());
     let stderr = lines_of(child.stderr.take().unwrap());
     let token: u64 = stdout.recv_timeout(PATIENCE).unwrap().parse().unwrap();

@@ -95,20 +95,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for child in self.runs.values_mut() {
-            if !matches!(child.try_wait(), Ok(None)) {
-                continue;
-            }
-            // TERM: pklock stops its command's group before it exits.
-            let _ = Command::new("kill")
-                .args(["-s", "TERM", &child.id().to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-        for child in self.runs.values_mut() {
-            let _ = common::wait_exit(child, PATIENCE);
-            let _ = child.kill();
-        }
+        common::stop_pklock_runs(self.runs.values_mut());
     }
 }
 

@@ -251,6 +251,24 @@ pub fn wait_exit(
     None
 }
 
+/// Stops `pklock run` processes still running: SIGTERM to each (pklock
+/// stops its command's group before it exits), then waits, then SIGKILL.
+pub fn stop_pklock_runs<'a>(runs: impl Iterator<Item = &'a mut Child>) {
+    let mut runs: Vec<&mut Child> = runs.collect();
+    for child in runs.iter_mut() {
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-s", "TERM", &child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    for child in runs {
+        let _ = wait_exit(child, PATIENCE);
+        let _ = child.kill();
+    }
+}
+
 /// Polls `check` until it holds or PATIENCE runs out.
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
