@@ -259,6 +259,8 @@ pub struct Server {
     release_log: LogLimiter,
     /// The most lock-table entries since memory was last handed back.
     entries_peak: usize,
+    /// Lock-table entries at the last sweep, to see a release settle.
+    entries_at_sweep: usize,
     /// The end of the token space has been logged.
     told_tokens_exhausted: bool,
     /// Reply bytes not yet written, over all connections.
@@ -337,6 +339,7 @@ impl Server {
             conn_log: LogLimiter::new(50, Duration::from_secs(10)),
             release_log: LogLimiter::new(100, Duration::from_secs(10)),
             entries_peak: 0,
+            entries_at_sweep: 0,
             told_tokens_exhausted: false,
             total_unsent: 0,
             turn_status_left: TURN_STATUS_BUDGET,
@@ -531,6 +534,7 @@ impl Server {
             }
             self.retry_accept(now);
             self.reap(now);
+            self.entries_peak = self.entries_peak.max(self.core.table().entries());
         };
         // Replies queued this turn may carry tokens not yet on disk.
         let outcome = outcome.and_then(|()| {
@@ -1444,13 +1448,15 @@ impl Server {
     }
 
     /// Hands memory back to the system once the lock table has shrunk to a
-    /// quarter of a large peak: the allocator keeps freed memory for reuse,
-    /// so a server that once held a million locks would otherwise keep the
-    /// memory they took for ever.
+    /// quarter of a large peak and stopped shrinking: the allocator keeps
+    /// freed memory for reuse, so a server that once held a million locks
+    /// would otherwise keep the memory they took for ever. Waiting for the
+    /// release to settle trims once, after it, rather than halfway through
+    /// and never again.
     fn return_freed_memory(&mut self) {
         let entries = self.core.table().entries();
-        self.entries_peak = self.entries_peak.max(entries);
-        if self.entries_peak >= TRIM_AFTER_ENTRIES && entries < self.entries_peak / 4 {
+        let settled = entries >= std::mem::replace(&mut self.entries_at_sweep, entries);
+        if self.entries_peak >= TRIM_AFTER_ENTRIES && entries < self.entries_peak / 4 && settled {
             self.entries_peak = entries;
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only releases free heap pages; it takes no
