@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod netns;
+pub mod pki;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
