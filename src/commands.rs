@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 use rustc_hash::FxHashMap;
 
+use std::sync::Arc;
+
+use crate::acl::{Acl, Grants, Right};
+use crate::auth::Tokens;
 use crate::frame::TooLarge;
 use crate::keepalive::Keepalive;
 use crate::lock_table::{
@@ -16,9 +20,9 @@ use crate::lock_table::{
 };
 use crate::proof::ProofKey;
 use crate::protocol::{
-    self, ClusterRole, HelloResult, HolderStatus, KeepaliveInfo, LockStatus, Outcome, ReclaimClaim,
-    Reply, Request, RequestId, Role, ServerName, StatsResult, StatusFilter, StatusResult,
-    UnlockForm, UnlockResult, WaiterStatus,
+    self, ANONYMOUS, ClosedHolder, ClusterRole, ErrorCode, HelloResult, HolderStatus,
+    KeepaliveInfo, LockStatus, Outcome, ReclaimClaim, Reply, Request, RequestId, Role, ServerName,
+    StatsResult, StatusFilter, StatusResult, UnlockForm, UnlockResult, WaiterStatus,
 };
 use crate::rate_limit::{LogLimiter, escaped};
 use crate::recovery::{Recovery, StillOwed};
@@ -73,6 +77,32 @@ pub struct Settings {
     pub status_budget_bytes: usize,
 }
 
+/// Who may act as whom, and do what.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// The `[[acl]]` rules.
+    pub acl: Acl,
+    /// The principals' token hashes.
+    pub tokens: Tokens,
+    /// Tokens are taken over plain TCP from other hosts too.
+    pub allow_plaintext_auth: bool,
+}
+
+/// Why the core wants a connection closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseAsked {
+    /// Its `hello` token was refused (the answer goes out first).
+    AuthFailed,
+    /// An admin force-released a lock it held: it is closed like a dead
+    /// holder.
+    ForceReleased {
+        /// The admin, for the log.
+        by: String,
+        /// The lock.
+        lock: String,
+    },
+}
+
 #[derive(Debug)]
 struct Peer {
     addr: SocketAddr,
@@ -80,6 +110,12 @@ struct Peer {
     /// Said `hello`, so it can use the proofs of its grants (the original
     /// v1 client never does, and gets the replies it always got).
     proofs: bool,
+    /// Came over TLS, where a token cannot be read on the way.
+    tls: bool,
+    /// Whom it acts for, from its certificate or token; `None`: anonymous.
+    principal: Option<String>,
+    /// What that principal may do.
+    grants: Arc<Grants>,
 }
 
 /// The lock service without its sockets.
@@ -107,6 +143,11 @@ pub struct Core {
     cluster: Option<ClusterRole>,
     /// When this server last took the leadership.
     term_started: Option<Instant>,
+    access: Access,
+    /// Connections to close, for the server to take.
+    closes: Vec<(ClientId, CloseAsked)>,
+    auth_log: LogLimiter,
+    admin_log: LogLimiter,
 }
 
 impl Core {
@@ -145,7 +186,30 @@ impl Core {
             told_all_reclaimed: false,
             cluster: None,
             term_started: None,
+            access: Access {
+                acl: Acl::new(&[]),
+                ..Access::default()
+            },
+            closes: Vec::new(),
+            auth_log: LogLimiter::new(20, Duration::from_secs(10)),
+            admin_log: LogLimiter::new(50, Duration::from_secs(10)),
         }
+    }
+
+    /// Sets who may act as whom and do what; open connections get the
+    /// rights of their principal under the new rules.
+    pub fn set_access(&mut self, access: Access) {
+        for peer in self.peers.values_mut() {
+            peer.grants = access
+                .acl
+                .grants(peer.principal.as_deref().unwrap_or(ANONYMOUS));
+        }
+        self.access = access;
+    }
+
+    /// The connections to close that requests asked for, oldest first.
+    pub fn take_closes(&mut self) -> Vec<(ClientId, CloseAsked)> {
+        std::mem::take(&mut self.closes)
     }
 
     /// Sets the role `hello` reports; a standby answers `notLeader` to
@@ -240,8 +304,13 @@ impl Core {
         self.settings = settings;
     }
 
-    /// Registers a new connection from `addr`.
+    /// Registers a new plain-TCP connection from `addr`.
     pub fn connect(&mut self, addr: SocketAddr) -> ClientId {
+        self.connect_over(addr, false)
+    }
+
+    /// Registers a new connection from `addr`, over TLS or not.
+    pub fn connect_over(&mut self, addr: SocketAddr, tls: bool) -> ClientId {
         let client = ClientId(self.next_client);
         self.next_client += 1;
         self.peers.insert(
@@ -250,9 +319,26 @@ impl Core {
                 addr,
                 name: String::new(),
                 proofs: false,
+                tls,
+                principal: None,
+                grants: self.access.acl.grants(ANONYMOUS),
             },
         );
         client
+    }
+
+    /// The principal a connection's verified client certificate names.
+    pub fn certificate_names(&mut self, client: ClientId, principal: String) {
+        if let Some(peer) = self.peers.get_mut(&client) {
+            peer.grants = self.access.acl.grants(&principal);
+            peer.principal = Some(principal);
+        }
+    }
+
+    fn grants_of(&self, client: ClientId) -> Arc<Grants> {
+        self.peers
+            .get(&client)
+            .map_or_else(|| Arc::new(Grants::default()), |peer| peer.grants.clone())
     }
 
     /// Forgets a closed connection: its locks are released and its waits
@@ -303,7 +389,9 @@ impl Core {
         {
             let id = match request {
                 Request::Hello { .. } | Request::Ping { .. } | Request::Stats { .. } => None,
-                Request::Lock { id, .. } | Request::Status { id, .. } => Some(Some(id.clone())),
+                Request::Lock { id, .. }
+                | Request::Status { id, .. }
+                | Request::ForceRelease { id, .. } => Some(Some(id.clone())),
                 Request::Unlock {
                     form: UnlockForm::Rpc { id },
                     ..
@@ -325,6 +413,11 @@ impl Core {
             }
         }
         match parsed {
+            Ok(Request::Lock { id, lock, .. })
+                if !self.grants_of(from).allows(Right::Lock, &lock) =>
+            {
+                self.reply(from, id, Outcome::Denied, out);
+            }
             Ok(Request::Lock {
                 id,
                 lock,
@@ -349,7 +442,12 @@ impl Core {
                 self.command_lock(request, now, out);
             }
             Ok(Request::Unlock { form, lock }) => self.command_unlock(from, form, &lock, now, out),
-            Ok(Request::Hello { id, client }) => self.command_hello(from, id, client, now, out),
+            Ok(Request::Hello { id, client, auth }) => {
+                self.command_hello(from, id, client, auth, now, out);
+            }
+            Ok(Request::ForceRelease { id, lock }) => {
+                self.command_force_release(from, id, &lock, now, out);
+            }
             Ok(Request::Ping { id }) => self.command_ping(from, id, out),
             Ok(Request::Status { .. }) if status_room < self.status_room_needed() => {
                 return Handled::StatusWaits;
@@ -362,6 +460,9 @@ impl Core {
             }) => {
                 let built = self.command_status(from, id, &filter, limit, after, now, out);
                 return Handled::StatusBuilt(built);
+            }
+            Ok(Request::Stats { id }) if !self.grants_of(from).has(Right::Admin) => {
+                self.reply(from, id, Outcome::Denied, out);
             }
             Ok(Request::Stats { id }) => self.command_stats(from, id, now, out),
             Err(bad) => {
@@ -599,17 +700,44 @@ impl Core {
         out.push(Outgoing { to: from, reply });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn command_hello(
         &mut self,
         from: ClientId,
         id: RequestId,
         client: String,
+        auth: Option<String>,
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
+        if let Some(token) = auth
+            && let Err(detail) = self.authenticate(from, &token)
+        {
+            if let Some(suppressed) = self.auth_log.admit(now) {
+                if suppressed > 0 {
+                    warn!("{suppressed} more refused tokens were not logged");
+                }
+                warn!("{}: token refused: {detail}", self.describe(from));
+            }
+            out.push(Outgoing {
+                to: from,
+                reply: Reply::Error {
+                    error: ErrorCode::AuthFailed,
+                    detail: Some(detail),
+                    limit: None,
+                    id: Some(id),
+                },
+            });
+            self.closes.push((from, CloseAsked::AuthFailed));
+            return;
+        }
+        let mut principal = ANONYMOUS.to_string();
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.name = client;
             peer.proofs = true;
+            if let Some(name) = &peer.principal {
+                principal.clone_from(name);
+            }
         }
         let keepalive = self.settings.keepalive;
         let result = HelloResult {
@@ -637,8 +765,114 @@ impl Core {
             },
             reclaim_for_ms: millis(self.recovery.open_for(now)),
             cluster: self.cluster.clone(),
+            principal,
         };
         self.reply(from, id, Outcome::Hello(Box::new(result)), out);
+    }
+
+    /// Makes the connection act for the principal `token` names.
+    fn authenticate(&mut self, from: ClientId, token: &str) -> Result<(), String> {
+        let Some(peer) = self.peers.get(&from) else {
+            return Err("unknown connection".to_string());
+        };
+        if !peer.tls
+            && !peer.addr.ip().to_canonical().is_loopback()
+            && !self.access.allow_plaintext_auth
+        {
+            return Err(
+                "tokens are not taken over plain TCP from another host, where anyone on the \
+                 path can read them (take this one as seen): connect to the server's TLS \
+                 port, or set [auth] allow_plaintext_auth"
+                    .to_string(),
+            );
+        }
+        if self.access.tokens.is_empty() {
+            return Err("this server takes no tokens (it has no [auth] tokens_file)".to_string());
+        }
+        let Some(name) = self.access.tokens.principal_of(token) else {
+            return Err("the token matches no principal".to_string());
+        };
+        if let Some(current) = &peer.principal
+            && current != name
+        {
+            return Err(format!(
+                "this connection acts for `{}` already (its certificate or an earlier hello); \
+                 a token cannot change that",
+                escaped(current)
+            ));
+        }
+        let grants = self.access.acl.grants(name);
+        let name = name.to_string();
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.principal = Some(name);
+            peer.grants = grants;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection of every holder of `lock`: they lose it the way
+    /// a dead holder does, and the next in line is granted.
+    fn command_force_release(
+        &mut self,
+        from: ClientId,
+        id: RequestId,
+        lock: &str,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if !self.grants_of(from).allows(Right::Admin, lock) {
+            self.reply(from, id, Outcome::Denied, out);
+            return;
+        }
+        let holders: Vec<ClientId> = self
+            .table
+            .get(lock)
+            .map(|view| view.holders().map(|holder| holder.client).collect())
+            .unwrap_or_default();
+        if holders.is_empty() {
+            self.reply(from, id, Outcome::NotFound, out);
+            return;
+        }
+        if holders.contains(&from) {
+            self.reply(
+                from,
+                id,
+                Outcome::Invalid("this connection holds the lock: unlock it".to_string()),
+                out,
+            );
+            return;
+        }
+        let by = match self.peers.get(&from).and_then(|p| p.principal.as_deref()) {
+            Some(principal) => format!("{} for {}", self.describe(from), escaped(principal)),
+            None => format!("{} (anonymous)", self.describe(from)),
+        };
+        let mut closed = Vec::with_capacity(holders.len());
+        for holder in holders {
+            let (client, peer) = self.peer_labels(holder);
+            if let Some(suppressed) = self.admin_log.admit(now) {
+                if suppressed > 0 {
+                    warn!("{suppressed} more force-release lines were not logged");
+                }
+                warn!(
+                    "{by} force-released {}: closing {}",
+                    escaped(lock),
+                    self.describe(holder)
+                );
+            }
+            closed.push(ClosedHolder {
+                conn: holder.0,
+                client,
+                peer,
+            });
+            self.closes.push((
+                holder,
+                CloseAsked::ForceReleased {
+                    by: by.clone(),
+                    lock: lock.to_string(),
+                },
+            ));
+        }
+        self.reply(from, id, Outcome::Closed(closed), out);
     }
 
     fn command_ping(&mut self, from: ClientId, id: RequestId, out: &mut Vec<Outgoing>) {
@@ -657,16 +891,48 @@ impl Core {
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) -> usize {
+        let grants = self.grants_of(from);
+        if !grants.has(Right::Status) {
+            self.reply(from, id, Outcome::Denied, out);
+            return 0;
+        }
         let after = after.unwrap_or_default();
-        let views: Box<dyn Iterator<Item = LockView<'_, RequestId>>> = match filter {
-            StatusFilter::All => Box::new(self.table.iter_from(&after)),
-            StatusFilter::Exact(name) => Box::new(self.table.get(name).into_iter()),
-            StatusFilter::Prefix(prefix) => Box::new(
-                self.table
-                    .iter_from(prefix.as_str().max(after.as_str()))
-                    .take_while(move |view| view.name().starts_with(prefix.as_str())),
+        // Only the name ranges the caller may see are walked, so a status
+        // costs what it shows, not the size of the table.
+        let scopes = grants.scopes(Right::Status);
+        let (exact, ranges): (Option<&String>, Vec<&str>) = match filter {
+            StatusFilter::Exact(name) => (
+                grants.allows(Right::Status, name).then_some(name),
+                Vec::new(),
+            ),
+            StatusFilter::All => (None, scopes.iter().map(String::as_str).collect()),
+            StatusFilter::Prefix(asked) => (
+                None,
+                scopes
+                    .iter()
+                    .filter_map(|scope| {
+                        if asked.starts_with(scope.as_str()) {
+                            Some(asked.as_str())
+                        } else if scope.starts_with(asked.as_str()) {
+                            Some(scope.as_str())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect(),
             ),
         };
+        let table = &self.table;
+        let after_ref = after.as_str();
+        let views =
+            exact
+                .and_then(|name| table.get(name))
+                .into_iter()
+                .chain(ranges.iter().flat_map(move |&prefix| {
+                    table
+                        .iter_from(prefix.max(after_ref))
+                        .take_while(move |view| view.name().starts_with(prefix))
+                }));
         let after_cut = after.clone();
         let views =
             views.filter(move |view| after_cut.is_empty() || view.name() > after_cut.as_str());

@@ -9,6 +9,7 @@ use std::time::Duration;
 use log::LevelFilter;
 use serde::de::{self, Deserialize, Deserializer};
 
+use crate::acl::AclRule;
 use crate::allow_list::AllowList;
 use crate::keepalive::Keepalive;
 use crate::proof::ProofKey;
@@ -27,8 +28,9 @@ pub const DEFAULT_MAX_LOCK_ENTRIES: usize = 500_000;
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Addresses to listen on, IPv4 and IPv6.
-    #[serde(deserialize_with = "non_empty_addresses")]
+    /// Addresses to listen on, IPv4 and IPv6, in plain TCP; empty for a
+    /// server that speaks only TLS (on `[tls] listen`).
+    #[serde(deserialize_with = "addresses")]
     pub listen: Vec<SocketAddr>,
     /// Peers that may connect; others are closed at accept.
     pub allowed: AllowList,
@@ -75,6 +77,42 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     /// Several servers, one leader elected in etcd; absent: a single server.
     pub cluster: Option<ClusterConfig>,
+    /// TLS listeners; absent: plain TCP only.
+    pub tls: Option<TlsConfig>,
+    /// Tokens that name principals.
+    pub auth: AuthConfig,
+    /// Who may do what; none: everyone may do everything, as without rules.
+    #[serde(deserialize_with = "acl_rules")]
+    pub acl: Vec<AclRule>,
+}
+
+/// Listeners of their own that speak TLS (the plain `listen` stays).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses to listen on for TLS.
+    #[serde(deserialize_with = "non_empty_addresses")]
+    pub listen: Vec<SocketAddr>,
+    /// The server's certificate chain, PEM, its own certificate first.
+    pub cert_file: PathBuf,
+    /// Its private key, PEM.
+    pub key_file: PathBuf,
+    /// Clients must present a certificate signed by a CA in this PEM file
+    /// (mutual TLS); absent: no client certificates are asked for.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Authentication by secret token in `hello`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `principal = "<sha256 hex of its token>"` lines; absent: no tokens
+    /// are accepted.
+    pub tokens_file: Option<PathBuf>,
+    /// Accept tokens over plain TCP from other hosts, where anyone on the
+    /// path can read them (loopback and TLS are always fine).
+    pub allow_plaintext_auth: bool,
 }
 
 /// The election in etcd that makes one of several servers the leader.
@@ -155,6 +193,9 @@ impl Default for Config {
             log_level: None,
             keepalive: KeepaliveConfig::default(),
             cluster: None,
+            tls: None,
+            auth: AuthConfig::default(),
+            acl: Vec::new(),
         }
     }
 }
@@ -198,6 +239,15 @@ impl Config {
     /// The keepalive the kernel will apply.
     pub fn effective_keepalive(&self) -> Keepalive {
         Keepalive::effective(&self.keepalive)
+    }
+
+    /// The first address listened on: the first plain one, or for a
+    /// server that speaks only TLS, the first TLS one.
+    pub fn first_listen(&self) -> Option<SocketAddr> {
+        self.listen
+            .first()
+            .or_else(|| self.tls.as_ref().and_then(|tls| tls.listen.first()))
+            .copied()
     }
 
     /// How long grants are held back after a start (unless the previous run
@@ -263,6 +313,41 @@ impl Config {
             "restart grace: {} ms",
             self.restart_grace().as_millis()
         ));
+        if let Some(tls) = &self.tls {
+            lines.push(format!(
+                "tls: listen {}, certificate {}, {}",
+                tls.listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                tls.cert_file.display(),
+                match &tls.client_ca_file {
+                    Some(ca) => format!("client certificates required (CA {})", ca.display()),
+                    None => "no client certificates".to_string(),
+                }
+            ));
+        }
+        lines.push(match &self.auth.tokens_file {
+            Some(path) => format!(
+                "auth: tokens from {}{}",
+                path.display(),
+                if self.auth.allow_plaintext_auth {
+                    ", taken over plain TCP from other hosts too (allow_plaintext_auth)"
+                } else {
+                    ""
+                }
+            ),
+            None => "auth: no tokens file (principals only from client certificates)".to_string(),
+        });
+        lines.push(if self.acl.is_empty() {
+            "acl: no rules, every connection may do everything".to_string()
+        } else {
+            format!(
+                "acl: {} rule(s); what they do not give is denied",
+                self.acl.len()
+            )
+        });
         match &self.cluster {
             Some(cluster) => lines.push(format!(
                 "cluster: etcd at {}{}, election {}, advertised as {}, leadership lease {} ms \
@@ -348,7 +433,16 @@ impl Config {
                 "etcd_user and etcd_password_file go together: set both, or neither".to_string(),
             ));
         }
-        let first_listen = config.listen.first().copied();
+        if config.listen.is_empty() && config.tls.is_none() {
+            return Err(fail(
+                None,
+                Some("listen".to_string()),
+                "at least one address is needed (an empty `listen` is for a server that speaks \
+                 only TLS, on `[tls] listen`)"
+                    .to_string(),
+            ));
+        }
+        let first_listen = config.first_listen();
         if let Some(cluster) = &mut config.cluster
             && cluster.advertise.is_none()
         {
@@ -371,6 +465,26 @@ impl Config {
     }
 }
 
+fn acl_rules<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AclRule>, D::Error> {
+    let rules = Vec::<AclRule>::deserialize(d)?;
+    for rule in &rules {
+        if rule.principal.is_empty() {
+            return Err(de::Error::custom(
+                "an [[acl]] rule needs a `principal`: a name from the tokens file or a client \
+                 certificate, or `anonymous`",
+            ));
+        }
+        if rule.prefixes.is_empty() || rule.rights.is_empty() {
+            return Err(de::Error::custom(format!(
+                "the [[acl]] rule for `{}` gives nothing: it needs `prefixes` (\"\" is every \
+                 name) and `rights` (lock, status, admin)",
+                rule.principal
+            )));
+        }
+    }
+    Ok(rules)
+}
+
 fn line_of(text: &str, error: &toml::de::Error) -> Option<usize> {
     let start = error.span()?.start;
     let before = text.get(..start)?;
@@ -378,10 +492,15 @@ fn line_of(text: &str, error: &toml::de::Error) -> Option<usize> {
 }
 
 fn non_empty_addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
-    let entries = Vec::<String>::deserialize(d)?;
+    let entries = addresses(d)?;
     if entries.is_empty() {
         return Err(de::Error::custom("at least one address is needed"));
     }
+    Ok(entries)
+}
+
+fn addresses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let entries = Vec::<String>::deserialize(d)?;
     entries
         .iter()
         .map(|entry| {

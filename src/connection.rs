@@ -1,14 +1,17 @@
-//! One peer: its socket, the bytes read but not yet cut into frames, the
-//! replies not yet written (with the partial-write offset), the readiness it
-//! wants, and whether it is closing. Knows no lock rules and no JSON.
+//! One peer: its socket (and TLS session, on a TLS listener), the bytes read
+//! but not yet cut into frames, the replies not yet written (with the
+//! partial-write offset), the readiness it wants, and whether it is closing.
+//! Knows no lock rules and no JSON.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use rustix::net::{RecvFlags, SendFlags};
+use rustls::{ServerConfig, ServerConnection};
 
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
@@ -19,6 +22,34 @@ const KEEP_BUFFER_BYTES: usize = 16 * 1024;
 /// Written bytes are dropped from the front of the output once this many
 /// pile up, so a peer that reads slowly but steadily cannot grow it.
 const COMPACT_AFTER_BYTES: usize = 64 * 1024;
+/// Replies are handed to TLS this much at a time, and only once it has sent
+/// the last: what TLS holds unsent stays bounded and out of the output's
+/// accounting only briefly.
+const TLS_CHUNK_BYTES: usize = 16 * 1024;
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A TLS session over a connection's socket.
+#[derive(Debug)]
+struct Tls {
+    session: ServerConnection,
+    /// The first byte was looked at (and was a TLS record).
+    first_checked: bool,
+    /// The handshake's end was reported by [`Connection::handshake_done`].
+    told_done: bool,
+}
+
+/// What a TLS listener got instead of TLS.
+#[derive(Debug)]
+pub struct PlainTextOnTls;
+
+impl std::fmt::Display for PlainTextOnTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("plain text sent to a TLS port")
+    }
+}
+
+impl std::error::Error for PlainTextOnTls {}
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +107,7 @@ pub struct Connection {
     output: Vec<u8>,
     written: usize,
     registered: Interest,
+    tls: Option<Box<Tls>>,
 }
 
 impl Connection {
@@ -108,7 +140,56 @@ impl Connection {
             output: Vec::new(),
             written: 0,
             registered: Interest::READABLE,
+            tls: None,
         })
+    }
+
+    /// Speaks TLS from now on (before anything was read), with `config`.
+    pub fn start_tls(&mut self, config: Arc<ServerConfig>) -> io::Result<()> {
+        let session = ServerConnection::new(config).map_err(io::Error::other)?;
+        self.tls = Some(Box::new(Tls {
+            session,
+            first_checked: false,
+            told_done: false,
+        }));
+        Ok(())
+    }
+
+    /// Whether the connection speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Once, when the TLS handshake has just completed: the client
+    /// certificate it presented, if any (the server's verifier checked it).
+    pub fn handshake_done(&mut self) -> Option<Option<rustls_pki_types::CertificateDer<'static>>> {
+        let tls = self.tls.as_mut()?;
+        if tls.told_done || tls.session.is_handshaking() {
+            return None;
+        }
+        tls.told_done = true;
+        Some(
+            tls.session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| cert.clone().into_owned()),
+        )
+    }
+
+    /// Stops speaking TLS, to answer plain text that came to a TLS port in
+    /// plain text.
+    pub fn drop_tls(&mut self) {
+        self.tls = None;
+    }
+
+    /// Whether anything is left to write: replies, or TLS records (the
+    /// handshake's included).
+    pub fn wants_write(&self) -> bool {
+        self.unsent() > 0
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.session.wants_write())
     }
 
     /// The buffer replies are appended to.
@@ -128,18 +209,65 @@ impl Connection {
     /// call extra work once the process has a second thread (the cluster's
     /// election).
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match rustix::net::recv(&self.stream, &mut *buf, RecvFlags::empty()) {
-                Ok((n, _)) => return Ok(n),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        if let Some(tls) = self.tls.as_mut() {
+            return tls.read(&self.stream, buf);
         }
+        recv(&self.stream, buf)
     }
 
     /// Writes as much pending output as the socket takes, until done or
-    /// WouldBlock; returns how many bytes were written.
+    /// WouldBlock; returns how many bytes were written (handed to TLS, on a
+    /// TLS connection).
     pub fn flush(&mut self) -> io::Result<usize> {
+        if self.tls.is_some() {
+            return self.flush_tls();
+        }
+        self.flush_plain()
+    }
+
+    fn flush_tls(&mut self) -> io::Result<usize> {
+        let before = self.written;
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(0);
+        };
+        loop {
+            while tls.session.wants_write() {
+                match tls.session.write_tls(&mut Socket(&self.stream)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(self.written - before);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let pending = self.output.get(self.written..).unwrap_or_default();
+            if pending.is_empty() || tls.session.is_handshaking() {
+                break;
+            }
+            let chunk = pending.get(..TLS_CHUNK_BYTES).unwrap_or(pending);
+            let taken = tls.session.writer().write(chunk)?;
+            if taken == 0 {
+                break;
+            }
+            self.written += taken;
+        }
+        let progress = self.written - before;
+        if self.written == self.output.len() {
+            self.written = 0;
+            if self.output.capacity() > KEEP_BUFFER_BYTES {
+                self.output = Vec::new();
+            } else {
+                self.output.clear();
+            }
+        } else if self.written >= COMPACT_AFTER_BYTES {
+            self.output.drain(..self.written);
+            self.written = 0;
+        }
+        Ok(progress)
+    }
+
+    fn flush_plain(&mut self) -> io::Result<usize> {
         let before = self.written;
         while self.written < self.output.len() {
             let pending = self.output.get(self.written..).unwrap_or_default();
@@ -180,13 +308,22 @@ impl Connection {
 
     /// Shuts the write side, so the peer reads to the end and then sees EOF.
     pub fn shut_write(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            // TLS's own end of stream first, sent if the socket takes it.
+            tls.session.send_close_notify();
+            while tls.session.wants_write() {
+                if !matches!(tls.session.write_tls(&mut Socket(&self.stream)), Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        }
         // The peer may already be gone; nothing to do about that here.
         let _ = self.stream.shutdown(Shutdown::Write);
     }
 
     /// Asks for WRITABLE only while output is pending; re-registers only on a change.
     pub fn update_interest(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
-        let wanted = if self.unsent() > 0 {
+        let wanted = if self.wants_write() {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
@@ -196,6 +333,84 @@ impl Connection {
             self.registered = wanted;
         }
         Ok(())
+    }
+}
+
+/// One `recv`, retrying on EINTR.
+fn recv(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match rustix::net::recv(stream, &mut *buf, RecvFlags::empty()) {
+            Ok((n, _)) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The socket as rustls reads and writes it, through the same system calls.
+struct Socket<'a>(&'a TcpStream);
+
+impl Read for Socket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        recv(self.0, buf)
+    }
+}
+
+impl Write for Socket<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match rustix::net::send(self.0, buf, SendFlags::NOSIGNAL) {
+                Ok(n) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Tls {
+    /// Plain text into `buf`, reading and decrypting records as needed.
+    /// `Ok(0)` is the peer's close; an error of kind `InvalidData` wrapping
+    /// [`PlainTextOnTls`] says the peer did not speak TLS at all.
+    fn read(&mut self, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.session.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Closed without close_notify: a close all the same.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            if !self.first_checked {
+                let mut first = [0u8; 1];
+                match rustix::net::recv(stream, &mut first, RecvFlags::PEEK) {
+                    Ok((0, _)) => return Ok(0),
+                    Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, PlainTextOnTls));
+                    }
+                    Ok(_) => self.first_checked = true,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if self.session.read_tls(&mut Socket(stream))? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = self.session.process_new_packets() {
+                // The alert saying why goes out if the socket takes it at
+                // once: the peer learns what was wrong, not just a reset.
+                while self.session.wants_write() {
+                    if !matches!(self.session.write_tls(&mut Socket(stream)), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
     }
 }
 

@@ -259,6 +259,7 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
         | Request::Ping { id }
         | Request::Status { id, .. }
         | Request::Stats { id }
+        | Request::ForceRelease { id, .. }
         | Request::Unlock {
             form: UnlockForm::Rpc { id },
             ..
@@ -292,10 +293,14 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
                 },
             }
         }
-        Request::Hello { id, client } => {
+        Request::Hello { id, client, auth } => {
             ensure!(
                 client.len() <= protocol::MAX_CLIENT_NAME_BYTES,
                 "client name {client:?}"
+            );
+            ensure!(
+                auth.is_none_or(|token| token.len() <= protocol::MAX_AUTH_BYTES),
+                "auth token over the limit"
             );
             Reply::Rpc {
                 id,
@@ -310,6 +315,13 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
             Reply::Rpc {
                 id,
                 result: Outcome::Ok,
+            }
+        }
+        Request::ForceRelease { id, lock } => {
+            ensure!(name_ok(&lock), "lock name {lock:?}");
+            Reply::Rpc {
+                id,
+                result: Outcome::NotFound,
             }
         }
         Request::Ping { id } | Request::Stats { id } => Reply::Rpc {

@@ -25,7 +25,9 @@
 
 #![deny(missing_docs)]
 
+pub mod acl;
 pub mod allow_list;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -50,6 +52,7 @@ pub mod recovery;
 pub mod reload;
 pub mod server;
 pub mod state_location;
+pub mod tls;
 pub mod tokens;
 
 pub use config::Config;

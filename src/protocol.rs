@@ -17,6 +17,8 @@ use crate::lock_table::Mode;
 pub const MAX_LOCK_NAME_BYTES: usize = 1024;
 /// The longest client name given in `hello`, in bytes of UTF-8.
 pub const MAX_CLIENT_NAME_BYTES: usize = 256;
+/// The longest `auth` token given in `hello`, in bytes of UTF-8.
+pub const MAX_AUTH_BYTES: usize = 1024;
 /// The longest `id`, in bytes of its JSON text as sent (quotes and escapes
 /// included). A waiting request keeps its id until it is answered, so this
 /// bounds what each wait can make the server store; clients send small
@@ -76,6 +78,15 @@ pub enum Request<'a> {
         id: RequestId,
         /// The name `status` shows for this connection.
         client: String,
+        /// A secret token naming the principal the connection acts for.
+        auth: Option<String>,
+    },
+    /// Close the connection of every holder of a lock (admin only).
+    ForceRelease {
+        /// The RPC id.
+        id: RequestId,
+        /// The lock's name.
+        lock: Cow<'a, str>,
     },
     /// Check that the server answers.
     Ping {
@@ -217,6 +228,7 @@ struct Parameters<'a> {
     limit: Option<&'a RawValue>,
     after: Option<&'a RawValue>,
     reclaim: Option<&'a RawValue>,
+    auth: Option<&'a RawValue>,
     /// A key read here that came twice (the first value is kept).
     duplicate: Option<&'static str>,
 }
@@ -248,6 +260,7 @@ impl<'de> Visitor<'de> for ParamsVisitor {
                 "limit" => (&mut params.limit, "limit"),
                 "after" => (&mut params.after, "after"),
                 "reclaim" => (&mut params.reclaim, "reclaim"),
+                "auth" => (&mut params.auth, "auth"),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -352,7 +365,7 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
     }
     let Some(id) = id else {
         let detail = match command.as_ref() {
-            "lock" | "hello" | "ping" | "status" | "stats" => {
+            "lock" | "hello" | "ping" | "status" | "stats" | "forceRelease" => {
                 format!("`{command}` is an RPC and needs an `id`")
             }
             _ => format!("unknown command {}", quote(&command)),
@@ -377,6 +390,7 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
             lock_name(params.lock_name.or(envelope.lock_name))
                 .map(|lock| (lock, None, Mode::Exclusive))
         }
+        "forceRelease" => lock_name(params.lock_name).map(|lock| (lock, None, Mode::Exclusive)),
         "hello" | "ping" | "status" | "stats" => Ok((Cow::Borrowed(""), None, Mode::Exclusive)),
         _ => Err(format!("unknown command {}", quote(&command))),
     };
@@ -399,10 +413,13 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
             form: UnlockForm::Rpc { id },
             lock,
         },
-        "hello" => match client_name(params.client) {
-            Ok(client) => Request::Hello { id, client },
+        "hello" => match client_name(params.client)
+            .and_then(|client| auth_token(params.auth).map(|auth| (client, auth)))
+        {
+            Ok((client, auth)) => Request::Hello { id, client, auth },
             Err(error) => return Err(BadRequest::Invalid { id, error }),
         },
+        "forceRelease" => Request::ForceRelease { id, lock },
         "ping" => Request::Ping { id },
         "stats" => Request::Stats { id },
         _ => match status_params(&params) {
@@ -540,6 +557,23 @@ fn client_name(raw: Option<&RawValue>) -> Result<String, String> {
         ));
     }
     Ok(name)
+}
+
+fn auth_token(raw: Option<&RawValue>) -> Result<Option<String>, String> {
+    let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
+        return Ok(None);
+    };
+    // The token is a secret: never quoted back.
+    let Some(token) = as_string(raw) else {
+        return Err("`auth` must be a string".to_string());
+    };
+    if token.len() > MAX_AUTH_BYTES {
+        return Err(format!(
+            "`auth` is {} bytes, the limit is {MAX_AUTH_BYTES}",
+            token.len()
+        ));
+    }
+    Ok(Some(token))
 }
 
 fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize, Option<String>), String> {
@@ -758,6 +792,7 @@ impl Reply {
                     let word = match result {
                         UnlockResult::Ok => "ok",
                         UnlockResult::NotFound => "notFound",
+                        UnlockResult::Denied => "denied",
                         UnlockResult::Invalid => return Err(()),
                     };
                     buf.extend_from_slice(b"{\"attempted\":\"unlock\",\"result\":\"");
@@ -787,6 +822,10 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The peer's address is not in `allowed`; the connection is closed.
     Denied,
+    /// Plain text came to a TLS listener; the connection is closed.
+    TlsRequired,
+    /// The `hello` token is not accepted; the connection is closed.
+    AuthFailed,
     /// The server could not encode a reply.
     Internal,
 }
@@ -799,6 +838,8 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "messageTooLarge",
             ErrorCode::TooManyConnections => "tooManyConnections",
             ErrorCode::Denied => "denied",
+            ErrorCode::TlsRequired => "tlsRequired",
+            ErrorCode::AuthFailed => "authFailed",
             ErrorCode::Internal => "internal",
         }
     }
@@ -811,6 +852,8 @@ pub enum UnlockResult {
     Ok,
     /// Neither held nor waited for.
     NotFound,
+    /// Outside the caller's rights.
+    Denied,
     /// `lockName` missing or unusable.
     Invalid,
 }
@@ -840,12 +883,27 @@ pub enum Outcome {
     TooMany(String),
     /// A reclaim that is not honoured.
     Refused(String),
+    /// Outside the caller's rights; says nothing about what exists.
+    Denied,
+    /// The `forceRelease` answer: the holders whose connections were closed.
+    Closed(Vec<ClosedHolder>),
     /// The `hello` answer.
     Hello(Box<HelloResult>),
     /// The `status` answer.
     Status(Box<StatusResult>),
     /// The `stats` answer.
     Stats(Box<StatsResult>),
+}
+
+/// A holder whose connection `forceRelease` closed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClosedHolder {
+    /// Its connection id, as `status` shows it.
+    pub conn: u64,
+    /// Its `hello` name.
+    pub client: String,
+    /// Its address.
+    pub peer: String,
 }
 
 /// What `hello` tells a client.
@@ -875,7 +933,18 @@ pub struct HelloResult {
     /// In cluster mode: this server's role and the leader it knows of.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterRole>,
+    /// Whom the connection acts for: the name its token or certificate
+    /// gave, or `anonymous`.
+    #[serde(default = "anonymous")]
+    pub principal: String,
 }
+
+fn anonymous() -> String {
+    ANONYMOUS.to_string()
+}
+
+/// The principal of a connection that gave no token and no certificate.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// A cluster member's role, as `hello` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1038,6 +1107,7 @@ impl Serialize for Reply {
                 let word = match result {
                     UnlockResult::Ok => "ok",
                     UnlockResult::NotFound => "notFound",
+                    UnlockResult::Denied => "denied",
                     UnlockResult::Invalid => "invalid",
                 };
                 map.serialize_entry("result", word)?;
@@ -1099,6 +1169,13 @@ impl Serialize for Outcome {
             Outcome::Invalid(error) => simple("invalid", None, Some(error)).serialize(s),
             Outcome::TooMany(error) => simple("tooMany", None, Some(error)).serialize(s),
             Outcome::Refused(error) => simple("refused", None, Some(error)).serialize(s),
+            Outcome::Denied => simple("denied", None, None).serialize(s),
+            Outcome::Closed(closed) => {
+                let mut map = s.serialize_map(Some(2))?;
+                map.serialize_entry("status", "ok")?;
+                map.serialize_entry("closed", closed)?;
+                map.end()
+            }
             Outcome::Hello(result) => with_status(s, result.as_ref()),
             Outcome::Status(result) => with_status(s, result.as_ref()),
             Outcome::Stats(result) => with_status(s, result.as_ref()),

@@ -47,8 +47,30 @@ pub fn merge(running: &Config, read: Config) -> Reloaded {
     if read.cluster != running.cluster {
         needs_restart.push("`[cluster]`".to_string());
     }
+    // The TLS listeners are bound; their certificate, key and client CA are
+    // read again on every reload.
+    let tls = match (&running.tls, read.tls.clone()) {
+        (Some(running_tls), Some(read_tls)) => {
+            if read_tls.listen != running_tls.listen {
+                needs_restart.push("`[tls] listen`".to_string());
+            }
+            Some(crate::config::TlsConfig {
+                listen: running_tls.listen.clone(),
+                ..read_tls
+            })
+        }
+        (None, None) => None,
+        (running_tls, _) => {
+            needs_restart.push(format!(
+                "`[tls]` (still {})",
+                if running_tls.is_some() { "on" } else { "off" }
+            ));
+            running_tls.clone()
+        }
+    };
     Reloaded {
         config: Config {
+            tls,
             listen: running.listen.clone(),
             cluster: running.cluster.clone(),
             state_file: running.state_file.clone(),

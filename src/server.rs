@@ -19,20 +19,23 @@ use rustc_hash::FxHashMap;
 use slab::Slab;
 use socket2::{Domain, SockRef, Socket, Type};
 
+use crate::acl::Acl;
 use crate::allow_list::AllowList;
+use crate::auth::Tokens;
 use crate::cluster::election::{Ask, Election, News};
-use crate::commands::{Core, Handled, Outgoing, Settings};
+use crate::commands::{Access, CloseAsked, Core, Handled, Outgoing, Settings};
 use crate::config::{ClusterConfig, Config};
-use crate::connection::{Connection, State};
+use crate::connection::{Connection, PlainTextOnTls, State};
 use crate::frame;
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
 use crate::log_level;
 use crate::proof::{ProofKey, ProofKeyError};
 use crate::protocol::{ErrorCode, Reply};
-use crate::rate_limit::LogLimiter;
+use crate::rate_limit::{LogLimiter, escaped};
 use crate::recovery::{Recovery, StillOwed};
 use crate::reload::{self, Reloaded};
+use crate::tls;
 use crate::tokens::{HeldLock, MAX_TOKEN, PreviousRun, RESERVATION, TokenStore, TokenStoreError};
 
 const WAKER: Token = Token(usize::MAX);
@@ -93,6 +96,9 @@ pub enum ServerError {
     Key(ProofKeyError),
     /// Cluster mode could not be set up.
     Cluster(String),
+    /// The TLS certificate or key, the tokens file or the ACL could not be
+    /// used.
+    Security(String),
     /// The event loop failed.
     Io {
         /// What was being done.
@@ -114,7 +120,7 @@ impl fmt::Display for ServerError {
             ServerError::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
             ServerError::Tokens(e) => e.fmt(f),
             ServerError::Key(e) => e.fmt(f),
-            ServerError::Cluster(e) => f.write_str(e),
+            ServerError::Cluster(e) | ServerError::Security(e) => f.write_str(e),
             ServerError::Io { doing, source } => write!(f, "{doing}: {source}"),
         }
     }
@@ -154,6 +160,9 @@ enum CloseReason {
     FrameTimeout(Duration),
     NoLongerAllowed,
     SteppedDown,
+    PlainTextOnTls,
+    AuthFailed,
+    ForceReleased { by: String, lock: String },
 }
 
 impl fmt::Display for CloseReason {
@@ -177,6 +186,11 @@ impl fmt::Display for CloseReason {
                 f.write_str("not in `allowed` since the configuration was reloaded")
             }
             CloseReason::SteppedDown => f.write_str("this server stepped down as the leader"),
+            CloseReason::PlainTextOnTls => f.write_str("plain text sent to a TLS port"),
+            CloseReason::AuthFailed => f.write_str("its token was refused"),
+            CloseReason::ForceReleased { by, lock } => {
+                write!(f, "{by} force-released {}", escaped(lock))
+            }
         }
     }
 }
@@ -221,7 +235,11 @@ struct Term {
 /// The lock server.
 pub struct Server {
     poll: Poll,
+    /// The plain listeners, then the TLS ones from `first_tls_listener`.
     listeners: Vec<(TcpListener, SocketAddr)>,
+    first_tls_listener: usize,
+    /// For new TLS connections; each connection keeps the one it began with.
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     conns: Slab<Connection>,
     keys: FxHashMap<ClientId, usize>,
     core: Core,
@@ -293,8 +311,18 @@ impl Server {
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER).map_err(io_error("cannot create the waker"))?,
         );
+        let tls_config = config
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()
+            .map_err(ServerError::Security)?;
+        let access = access_for(&config).map_err(ServerError::Security)?;
         let mut listeners = Vec::new();
-        for (i, &addr) in config.listen.iter().enumerate() {
+        let tls_listen = config.tls.as_ref().map(|tls| tls.listen.as_slice());
+        let first_tls_listener = config.listen.len();
+        let all_listen = config.listen.iter().chain(tls_listen.unwrap_or_default());
+        for (i, &addr) in all_listen.enumerate() {
             let mut listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
             let bound = listener
                 .local_addr()
@@ -313,12 +341,16 @@ impl Server {
             keepalive,
             status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
         };
+        let mut core = Core::new(settings, first_token, now);
+        core.set_access(access);
         let mut server = Server {
             poll,
             listeners,
+            first_tls_listener,
+            tls_config,
             conns: Slab::new(),
             keys: FxHashMap::default(),
-            core: Core::new(settings, first_token, now),
+            core,
             keepalive,
             tokens,
             stop: Arc::new(AtomicBool::new(false)),
@@ -1029,6 +1061,24 @@ impl Server {
         }
         log_level::set(config.log_level);
         self.close_not_allowed(&config.allowed, now);
+        if let Some(tls) = &config.tls {
+            match tls::server_config(tls) {
+                Ok(server_config) => {
+                    self.tls_config = Some(server_config);
+                    info!(
+                        "SIGHUP: TLS certificate, key and client CA read again: new connections \
+                         get them, open ones keep theirs"
+                    );
+                }
+                Err(e) => error!("SIGHUP: {e}; the TLS files in effect stay as they were"),
+            }
+        }
+        match access_for(&config) {
+            Ok(access) => self.core.set_access(access),
+            Err(e) => {
+                error!("SIGHUP: {e}; the tokens and [[acl]] rules in effect stay as they were")
+            }
+        }
         self.config = config;
     }
 
@@ -1083,7 +1133,9 @@ impl Server {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer, now),
+                Ok((stream, peer)) => {
+                    self.admit(stream, peer, index >= self.first_tls_listener, now)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // The peer gave up, or a protocol error on that one connection.
                 Err(e) if is_transient_accept_error(&e) => {}
@@ -1139,7 +1191,7 @@ impl Server {
         shed && self.spare_fd.is_some()
     }
 
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr, tls: bool, now: Instant) {
         if !self.config.allowed.permits(peer.ip()) {
             self.core.connection_rejected();
             self.log_rejection(now, format_args!("refused {peer}: not in `allowed`"));
@@ -1190,9 +1242,10 @@ impl Server {
             warn!("dropped {peer}: cannot set socket options: {e}");
             return;
         }
-        let client = self.core.connect(peer);
+        let client = self.core.connect_over(peer, tls);
         let entry = self.conns.vacant_entry();
         let key = entry.key();
+        let tls_config = self.tls_config.clone().filter(|_| tls);
         let registered = Connection::register(
             stream,
             client,
@@ -1201,7 +1254,13 @@ impl Server {
             Token(key),
             now,
             self.keepalive,
-        );
+        )
+        .and_then(|mut conn| {
+            if let Some(config) = tls_config {
+                conn.start_tls(config)?;
+            }
+            Ok(conn)
+        });
         match registered {
             Ok(conn) => {
                 entry.insert(conn);
@@ -1273,7 +1332,18 @@ impl Server {
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
                     conn.input.extend_from_slice(&scratch[..n]);
-                    let drained = n < scratch.len() && !to_the_end;
+                    if let Some(certificate) = conn.handshake_done() {
+                        let client = conn.client;
+                        if let Some(principal) = certificate.as_ref().and_then(tls::principal_of) {
+                            self.core.certificate_names(client, principal);
+                        }
+                    }
+                    let Some(conn) = self.conns.get_mut(key) else {
+                        break;
+                    };
+                    // Less than asked says the socket is empty, but not
+                    // that TLS has no more records to decrypt.
+                    let drained = n < scratch.len() && !to_the_end && !conn.is_tls();
                     if drained {
                         conn.unread = false;
                     }
@@ -1286,13 +1356,57 @@ impl Server {
                     conn.unread = false;
                     break;
                 }
+                Err(e) if is_plain_text_on_tls(&e) => {
+                    self.refuse_plain_text(key, now);
+                    break;
+                }
                 Err(e) => {
                     self.begin_close(key, CloseReason::ReadFailed(e), now);
                     break;
                 }
             }
         }
+        if self.conns.get(key).is_some_and(Connection::wants_write) {
+            // The TLS handshake's answers.
+            self.list_for_flush(key);
+        }
         self.scratch = scratch;
+    }
+
+    /// Answers plain text on a TLS port in plain text, so that a client
+    /// pointed at the wrong port is told so, then closes.
+    fn refuse_plain_text(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.drop_tls();
+        let client = conn.client;
+        self.outgoing.push(Outgoing {
+            to: client,
+            reply: Reply::error(
+                ErrorCode::TlsRequired,
+                "this port speaks TLS: connect with TLS (pklock --tls, or a tls:// address), \
+                 or to the server's plain port"
+                    .to_string(),
+            ),
+        });
+        self.deliver();
+        self.begin_close(key, CloseReason::PlainTextOnTls, now);
+    }
+
+    /// Closes the connections that requests asked to be closed: a refused
+    /// token's, and the holders an admin force-released.
+    fn close_asked(&mut self, now: Instant) {
+        for (client, asked) in self.core.take_closes() {
+            let Some(&key) = self.keys.get(&client) else {
+                continue;
+            };
+            let reason = match asked {
+                CloseAsked::AuthFailed => CloseReason::AuthFailed,
+                CloseAsked::ForceReleased { by, lock } => CloseReason::ForceReleased { by, lock },
+            };
+            self.begin_close(key, reason, now);
+        }
     }
 
     /// A closing connection's input is read and dropped; its close ends it.
@@ -1385,6 +1499,7 @@ impl Server {
                     offset += frame.consumed;
                     handled += 1;
                     self.deliver();
+                    self.close_asked(now);
                 }
                 Ok(None) => break,
                 Err(too_large) => {
@@ -1566,7 +1681,10 @@ impl Server {
         let flush_first = peer_closed
             || matches!(
                 reason,
-                CloseReason::MessageTooLarge | CloseReason::NoLongerAllowed
+                CloseReason::MessageTooLarge
+                    | CloseReason::NoLongerAllowed
+                    | CloseReason::PlainTextOnTls
+                    | CloseReason::AuthFailed
             );
         conn.state = State::Closing {
             deadline: now + CLOSE_GRACE,
@@ -1688,7 +1806,7 @@ impl Server {
                 }
                 State::Closing {
                     peer_closed: true, ..
-                } if unsent == 0 => {
+                } if !conn.wants_write() => {
                     self.to_reap.push(key);
                     continue;
                 }
@@ -1696,7 +1814,7 @@ impl Server {
                     deadline,
                     write_shut: false,
                     peer_closed,
-                } if unsent == 0 => {
+                } if !conn.wants_write() => {
                     // The peer reads to the end, then sees EOF; its close ends the grace.
                     conn.shut_write();
                     conn.state = State::Closing {
@@ -1856,6 +1974,24 @@ fn settings_for(config: &Config, keepalive: Keepalive) -> Settings {
         keepalive,
         status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
     }
+}
+
+/// Who may act as whom and do what, by `config`: the error names the file.
+fn access_for(config: &Config) -> Result<Access, String> {
+    let tokens = match &config.auth.tokens_file {
+        Some(path) => Tokens::load(path)?,
+        None => Tokens::default(),
+    };
+    Ok(Access {
+        acl: Acl::new(&config.acl),
+        tokens,
+        allow_plaintext_auth: config.auth.allow_plaintext_auth,
+    })
+}
+
+fn is_plain_text_on_tls(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<PlainTextOnTls>())
 }
 
 fn is_fd_exhaustion(errno: i32) -> bool {

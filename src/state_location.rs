@@ -114,7 +114,7 @@ pub fn locate(mut config: Config, dirs: &StateDirs) -> Result<(Config, Located),
         }
         Some(_) => Ok((config, Located::Configured)),
         None => {
-            let Some(name) = config.listen.first().copied().and_then(file_name) else {
+            let Some(name) = config.first_listen().and_then(file_name) else {
                 return Ok((config, Located::EphemeralPort));
             };
             let dir = dirs.default_dir().ok_or_else(|| {

@@ -6,6 +6,7 @@
 pub mod etcd;
 pub mod netns;
 pub mod pki;
+pub mod tls_peer;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,110 @@
+//! TLS for the listeners of `[tls]`: the rustls server configuration built
+//! from the certificate, key and client-CA files (again on each reload), and
+//! the principal a verified client certificate names. No sockets here.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::ring;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::TlsConfig;
+
+/// The longest principal a certificate may name.
+const MAX_PRINCIPAL_BYTES: usize = 256;
+
+/// Builds the server's TLS configuration from the files `config` names;
+/// the error names the file at fault and what is wrong with it.
+pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(provider());
+    let certs = read_certificates(&config.cert_file, "cert_file")?;
+    let key = PrivateKeyDer::from_pem_file(&config.key_file).map_err(|e| {
+        format!(
+            "tls.key_file {}: no usable private key ({e})",
+            config.key_file.display()
+        )
+    })?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match &config.client_ca_file {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certificates(path, "client_ca_file")? {
+                roots.add(cert).map_err(|e| {
+                    format!(
+                        "tls.client_ca_file {}: not a usable CA certificate ({e})",
+                        path.display()
+                    )
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("tls.client_ca_file {}: {e}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder.with_single_cert(certs, key).map_err(|e| {
+        format!(
+            "tls.cert_file {} and tls.key_file {}: {e}",
+            config.cert_file.display(),
+            config.key_file.display()
+        )
+    })?;
+    // A lock lives as long as its connection, so connections are few and
+    // long: resumption would save little and cost memory per client.
+    server.session_storage = Arc::new(NoServerSessionStorage {});
+    server.send_tls13_tickets = 0;
+    Ok(Arc::new(server))
+}
+
+/// rustls's *ring* provider: it builds with a C compiler alone (aws-lc-rs
+/// wants more), at the cost of no post-quantum key exchange, which rustls
+/// marks by deprecating it.
+#[allow(deprecated)]
+pub fn provider() -> rustls::crypto::CryptoProvider {
+    ring::default_provider()
+}
+
+fn read_certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("tls.{key} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls.{key} {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The principal a client certificate names: its subject's common name, or
+/// failing that its first DNS, email or URI subject alternative name.
+pub fn principal_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let common_name = parsed
+        .subject()
+        .iter_common_name()
+        .find_map(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    let alternative = || {
+        let sans = parsed.subject_alternative_name().ok()??;
+        sans.value.general_names.iter().find_map(|name| match name {
+            GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
+                Some(s.to_string())
+            }
+            _ => None,
+        })
+    };
+    common_name
+        .filter(|name| !name.is_empty())
+        .or_else(alternative)
+        .filter(|name| !name.is_empty() && name.len() <= MAX_PRINCIPAL_BYTES)
+}
