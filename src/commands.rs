@@ -1195,6 +1195,111 @@ mod tests {
         json!({"command": "lock", "id": id, "parameters": {"lockName": name}})
     }
 
+    fn with_tokens(core: &mut Core, allow_plaintext_auth: bool) {
+        let hash = |token: &str| -> String {
+            use sha2::Digest;
+            sha2::Sha256::digest(token.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let text = format!(
+            "deploy = \"{}\"\nops = \"{}\"\n",
+            hash("deploy-token"),
+            hash("ops-token")
+        );
+        core.set_access(Access {
+            acl: Acl::new(&[]),
+            tokens: Tokens::parse(&text).unwrap(),
+            allow_plaintext_auth,
+        });
+    }
+
+    fn hello_with(token: &str) -> Value {
+        json!({"command": "hello", "id": 1, "parameters": {"auth": token}})
+    }
+
+    #[test]
+    fn a_token_in_plain_text_from_another_host_is_refused_unless_allowed() {
+        let mut core = core();
+        with_tokens(&mut core, false);
+        let remote = core.connect("10.1.2.3:5000".parse().unwrap());
+        let said = ask(&mut core, remote, hello_with("deploy-token"));
+        assert_eq!(said[0]["error"], "authFailed", "{said:?}");
+        assert!(said[0]["detail"].as_str().unwrap().contains("TLS"));
+        assert_eq!(core.take_closes(), [(remote, CloseAsked::AuthFailed)]);
+        // The same token is fine over TLS, from loopback, or when allowed.
+        let over_tls = core.connect_over("10.1.2.3:5001".parse().unwrap(), true);
+        let loopback = core.connect("127.0.0.1:5002".parse().unwrap());
+        for client in [over_tls, loopback] {
+            let said = ask(&mut core, client, hello_with("deploy-token"));
+            assert_eq!(said[0]["result"]["principal"], "deploy", "{said:?}");
+        }
+        with_tokens(&mut core, true);
+        let allowed = core.connect("10.1.2.3:5003".parse().unwrap());
+        let said = ask(&mut core, allowed, hello_with("deploy-token"));
+        assert_eq!(said[0]["result"]["principal"], "deploy", "{said:?}");
+        assert!(core.take_closes().is_empty());
+    }
+
+    #[test]
+    fn a_connection_cannot_change_whom_it_acts_for() {
+        let mut core = core();
+        with_tokens(&mut core, false);
+        let by_certificate = core.connect_over("127.0.0.1:5000".parse().unwrap(), true);
+        core.certificate_names(by_certificate, "deploy".to_string());
+        let said = ask(&mut core, by_certificate, hello_with("deploy-token"));
+        assert_eq!(
+            said[0]["result"]["principal"], "deploy",
+            "the same name is fine"
+        );
+        let said = ask(&mut core, by_certificate, hello_with("ops-token"));
+        assert_eq!(said[0]["error"], "authFailed", "{said:?}");
+        assert!(
+            said[0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("`deploy` already")
+        );
+        let by_token = core.connect("127.0.0.1:5001".parse().unwrap());
+        ask(&mut core, by_token, hello_with("ops-token"));
+        let said = ask(&mut core, by_token, hello_with("deploy-token"));
+        assert_eq!(said[0]["error"], "authFailed", "{said:?}");
+    }
+
+    #[test]
+    fn a_reload_that_takes_a_right_away_keeps_the_locks_held_and_lets_them_go() {
+        use crate::acl::{AclRule, Right};
+        let mut core = core();
+        let holder = core.connect("127.0.0.1:5000".parse().unwrap());
+        assert_eq!(
+            ask(&mut core, holder, lock(1, "jobs/a"))[0]["result"]["status"],
+            "ok"
+        );
+        core.set_access(Access {
+            acl: Acl::new(&[AclRule {
+                principal: "ops".to_string(),
+                prefixes: vec![String::new()],
+                rights: vec![Right::Admin],
+            }]),
+            ..Access::default()
+        });
+        assert_eq!(
+            ask(&mut core, holder, lock(2, "jobs/b"))[0]["result"]["status"],
+            "denied"
+        );
+        assert!(
+            core.table().get("jobs/a").is_some(),
+            "nothing held is dropped"
+        );
+        let unlocked = ask(
+            &mut core,
+            holder,
+            json!({"command": "unlock", "lockName": "jobs/a"}),
+        );
+        assert_eq!(unlocked[0]["result"], "ok", "{unlocked:?}");
+    }
+
     #[test]
     fn a_standby_sends_every_lock_request_to_the_leader_and_answers_the_rest() {
         let mut core = core();

@@ -155,6 +155,13 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether a TLS handshake is under way.
+    pub fn is_handshaking(&self) -> bool {
+        self.tls
+            .as_ref()
+            .is_some_and(|tls| tls.session.is_handshaking())
+    }
+
     /// Whether the connection speaks TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()

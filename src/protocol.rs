@@ -826,6 +826,8 @@ pub enum ErrorCode {
     TlsRequired,
     /// The `hello` token is not accepted; the connection is closed.
     AuthFailed,
+    /// An admin force-released a lock this connection held; it is closed.
+    ForceReleased,
     /// The server could not encode a reply.
     Internal,
 }
@@ -840,6 +842,7 @@ impl ErrorCode {
             ErrorCode::Denied => "denied",
             ErrorCode::TlsRequired => "tlsRequired",
             ErrorCode::AuthFailed => "authFailed",
+            ErrorCode::ForceReleased => "forceReleased",
             ErrorCode::Internal => "internal",
         }
     }

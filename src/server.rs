@@ -71,6 +71,11 @@ const STATUS_OUTPUT_CEILING: usize = 64 << 20;
 /// Kernel send buffer per connection: what a peer that never reads can make
 /// the kernel hold for it (Linux doubles it for its bookkeeping).
 const SEND_BUFFER_BYTES: usize = 64 << 10;
+/// Reads of connections in a TLS handshake per loop turn: each may cost a
+/// key exchange and a signature (tens of microseconds to a millisecond),
+/// so a flood of new TLS connections is spread over turns instead of
+/// holding up everyone else's requests.
+const HANDSHAKE_READS_PER_TURN: usize = 16;
 /// Lock-table entries from which a shrink to a quarter hands memory back.
 const TRIM_AFTER_ENTRIES: usize = 50_000;
 /// The longest a stopping leader waits for etcd to take its resignation
@@ -279,6 +284,8 @@ pub struct Server {
     entries_peak: usize,
     /// Lock-table entries at the last sweep, to see a release settle.
     entries_at_sweep: usize,
+    /// Reads of connections in a TLS handshake left this turn.
+    handshake_reads_left: usize,
     /// The end of the token space has been logged.
     told_tokens_exhausted: bool,
     /// Reply bytes not yet written, over all connections.
@@ -372,6 +379,7 @@ impl Server {
             release_log: LogLimiter::new(100, Duration::from_secs(10)),
             entries_peak: 0,
             entries_at_sweep: 0,
+            handshake_reads_left: HANDSHAKE_READS_PER_TURN,
             told_tokens_exhausted: false,
             total_unsent: 0,
             turn_status_left: TURN_STATUS_BUDGET,
@@ -519,6 +527,7 @@ impl Server {
             let now = Instant::now();
             self.turn += 1;
             self.turn_status_left = TURN_STATUS_BUDGET;
+            self.handshake_reads_left = HANDSHAKE_READS_PER_TURN;
             // Before any request of this turn: a term that has run out
             // grants nothing more, and a new one serves this turn's requests.
             self.follow_election(now);
@@ -815,8 +824,12 @@ impl Server {
     }
 
     fn log_start(&self, first_token: u64) {
-        for (_, addr) in &self.listeners {
-            info!("listening on {addr}");
+        for (i, (_, addr)) in self.listeners.iter().enumerate() {
+            if i < self.first_tls_listener {
+                info!("listening on {addr}");
+            } else {
+                info!("listening for TLS on {addr}");
+            }
         }
         // The first summary line lists the configured addresses; the bound ones are above.
         for line in self.config.summary().iter().skip(1) {
@@ -1318,11 +1331,15 @@ impl Server {
             }
             let spent =
                 conn.budget_turn == self.turn && conn.requests_this_turn >= REQUESTS_PER_TURN;
-            if budget == 0 || spent {
+            let handshaking = conn.is_handshaking();
+            if budget == 0 || spent || (handshaking && self.handshake_reads_left == 0) {
                 // Others get a go; come back next turn.
                 conn.unread = true;
                 self.backlog.push(key);
                 break;
+            }
+            if handshaking {
+                self.handshake_reads_left -= 1;
             }
             match conn.read(&mut scratch) {
                 Ok(0) => {
@@ -1403,7 +1420,23 @@ impl Server {
             };
             let reason = match asked {
                 CloseAsked::AuthFailed => CloseReason::AuthFailed,
-                CloseAsked::ForceReleased { by, lock } => CloseReason::ForceReleased { by, lock },
+                CloseAsked::ForceReleased { by, lock } => {
+                    // Told first, so that its client says why it stops
+                    // instead of trying to have the lock back.
+                    self.outgoing.push(Outgoing {
+                        to: client,
+                        reply: Reply::error(
+                            ErrorCode::ForceReleased,
+                            format!(
+                                "an admin force-released {}: this connection is closed and \
+                                 every lock it held released",
+                                escaped(&lock)
+                            ),
+                        ),
+                    });
+                    self.deliver();
+                    CloseReason::ForceReleased { by, lock }
+                }
             };
             self.begin_close(key, reason, now);
         }
@@ -1685,6 +1718,7 @@ impl Server {
                     | CloseReason::NoLongerAllowed
                     | CloseReason::PlainTextOnTls
                     | CloseReason::AuthFailed
+                    | CloseReason::ForceReleased { .. }
             );
         conn.state = State::Closing {
             deadline: now + CLOSE_GRACE,

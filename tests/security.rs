@@ -316,10 +316,9 @@ fn force_release_closes_every_holder_and_hands_the_lock_on() {
     let forced = admin.rpc("forceRelease", json!(3), json!({"lockName": "job"}));
     assert_eq!(forced["status"], "ok", "{forced}");
     assert_eq!(forced["closed"][0]["client"], "stuck-job", "{forced}");
-    assert!(
-        holder.expect_closed().is_empty(),
-        "the holder is closed, as a dead one"
-    );
+    let told = holder.expect_closed();
+    assert_eq!(told.len(), 1, "told why, then closed: {told:?}");
+    assert_eq!(told[0]["error"], "forceReleased", "{told:?}");
     let granted = waiter.recv();
     assert_eq!(granted["result"]["status"], "ok", "{granted}");
     assert_eq!(
@@ -330,4 +329,170 @@ fn force_release_closes_every_holder_and_hands_the_lock_on() {
         )["status"],
         "notFound"
     );
+}
+
+#[test]
+fn force_release_makes_the_holders_pklock_run_stop_its_command() {
+    let dir = temp_dir("force-run");
+    let server = TestServer::start();
+    let marker = dir.join("got-term");
+    let script = format!(
+        "trap 'echo TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
+        marker.display()
+    );
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_pklock"))
+        .env("PKLOCK_SERVER", server.addr.to_string())
+        .args([
+            "run",
+            "nightly",
+            "--kill-grace",
+            "500ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut admin = Peer::connect(server.addr);
+    common::eventually("pklock run holds the lock", || {
+        admin.rpc("status", json!(0), json!({"lockName": "nightly"}))["locks"][0]["holders"]
+            .as_array()
+            .is_some_and(|h| h.len() == 1)
+    });
+    let mut next = Peer::connect(server.addr);
+    next.ask("nightly", 1);
+    let forced = admin.rpc("forceRelease", json!(2), json!({"lockName": "nightly"}));
+    assert_eq!(forced["status"], "ok", "{forced}");
+    let granted = next.recv();
+    assert_eq!(
+        granted["result"]["status"], "ok",
+        "the next in line has it: {granted}"
+    );
+    // The holder's client sees the close, finds its grant not given back,
+    // and stops the command.
+    let status = common::wait_exit(&mut run, common::PATIENCE).expect("pklock run exits");
+    assert_eq!(status.code(), Some(75), "lost-lock exit code");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap_or_default(),
+        "TERM\n"
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(run.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("lost the lock") && stderr.contains("\"nightly\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_certificate_reload_under_load_loses_no_lock_and_new_connections_get_the_new_one() {
+    use common::ServerProcess;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let dir = temp_dir("cert-reload");
+    let old_ca = Ca::new(&dir, "old");
+    let new_ca = Ca::new(&dir, "new");
+    let old = old_ca.server("server");
+    let new = new_ca.server("server");
+    let cert_file = dir.join("server.crt");
+    let key_file = dir.join("server.key");
+    std::fs::copy(&old.cert_file, &cert_file).unwrap();
+    std::fs::copy(&old.key_file, &key_file).unwrap();
+    let mut server = ServerProcess::start(
+        &dir,
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\nrestart_grace_ms = 0\n[tls]\nlisten = [\"127.0.0.1:0\"]\n\
+             cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert_file.display(),
+            key_file.display()
+        ),
+    );
+    let tls_line = server.wait_for_log("listening for TLS on ");
+    let tls_addr: SocketAddr = tls_line
+        .rsplit("on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let trusts_old = client_config(&old_ca.cert_file, None);
+    let trusts_new = client_config(&new_ca.cert_file, None);
+
+    // Twenty holders over TLS, and two clients taking turns on one lock.
+    let mut holders: Vec<(TlsPeer, u64)> = (0..20)
+        .map(|i| {
+            let mut peer = TlsPeer::connect(tls_addr, trusts_old.clone()).unwrap();
+            let granted = peer
+                .call("lock", json!({"lockName": format!("held/{i}")}))
+                .unwrap();
+            assert_eq!(granted["result"]["status"], "ok");
+            (peer, granted["result"]["token"].as_u64().unwrap())
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cycles = Arc::new(AtomicU64::new(0));
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, cycles, config) = (stop.clone(), cycles.clone(), trusts_old.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut peer = TlsPeer::connect(tls_addr, config).map_err(|e| e.to_string())?;
+                while !stop.load(Ordering::Relaxed) {
+                    for command in ["lock", "unlock"] {
+                        let reply = peer
+                            .call(command, json!({"lockName": "busy"}))
+                            .map_err(|e| format!("{command}: {e}"))?;
+                        if reply["result"]["status"] != "ok" {
+                            return Err(format!("{command}: {reply}"));
+                        }
+                    }
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::fs::copy(&new.cert_file, &cert_file).unwrap();
+    std::fs::copy(&new.key_file, &key_file).unwrap();
+    let before = cycles.load(Ordering::Relaxed);
+    server.signal("HUP");
+    server.wait_for_log("TLS certificate, key and client CA read again");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for churner in churners {
+        churner
+            .join()
+            .unwrap()
+            .expect("the churning clients never failed");
+    }
+    assert!(
+        cycles.load(Ordering::Relaxed) > before,
+        "the churn went on across the reload"
+    );
+
+    // New connections get the new certificate; the old CA no longer fits.
+    let mut fresh = TlsPeer::connect(tls_addr, trusts_new).expect("the new certificate is served");
+    let listed = fresh.call("status", json!({"prefix": "held/"})).unwrap();
+    assert_eq!(
+        listed["result"]["locks"].as_array().map(Vec::len),
+        Some(20),
+        "{listed}"
+    );
+    let refused = TlsPeer::connect(tls_addr, trusts_old.clone()).map(|_| ());
+    assert!(refused.is_err(), "the old certificate is still served");
+    // Every holder still holds its lock, on its open connection.
+    for (i, (peer, token)) in holders.iter_mut().enumerate() {
+        let again = peer
+            .call("lock", json!({"lockName": format!("held/{i}")}))
+            .unwrap();
+        assert_eq!(again["result"]["status"], "ok", "{again}");
+        assert_eq!(
+            again["result"]["token"].as_u64(),
+            Some(*token),
+            "the same grant"
+        );
+    }
 }
