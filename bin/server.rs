@@ -29,9 +29,15 @@ Cluster mode: with a [cluster] section, several servers share an etcd election; 
 leader serves and the others answer notLeader. The token ceiling, the grant key and the
 locks held at a clean stop then live in etcd, and no state file is used.
 
-SIGHUP re-reads the --config file: allowed, the limits, log_level and [keepalive] (for
-connections accepted from then on) change at once; listen, state_file, restart_grace_ms
-and [cluster] need a restart. A file that does not check out changes nothing."
+TLS and access: [tls] adds listeners that speak only TLS (with client_ca_file, only to
+clients with a certificate that CA signed); [auth] tokens_file names principals by token;
+[[acl]] rules give principals rights on lock-name prefixes (config/locked-down.example.toml).
+
+SIGHUP re-reads the --config file: allowed, the limits, log_level, [keepalive] (for
+connections accepted from then on), the [tls] certificate, key and client CA (for new
+connections), the tokens file and the [[acl]] rules change at once; listen, [tls] listen,
+state_file, restart_grace_ms and [cluster] need a restart. A file that does not check out
+changes nothing."
 )]
 struct Args {
     /// TOML configuration (every key: config/settings.example.toml). Without
@@ -63,6 +69,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         } else if let Some(state) = &config.state_file {
             ProofKey::check(&ProofKey::path_beside(state))?;
         }
+        pklock::server::check_security(&config)?;
         println!("{}: valid", path.display());
         for line in config.summary() {
             println!("  {line}");

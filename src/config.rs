@@ -265,14 +265,18 @@ impl Config {
     pub fn summary(&self) -> Vec<String> {
         let k = self.effective_keepalive();
         let mut lines = vec![
-            format!(
-                "listen: {}",
-                self.listen
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            if self.listen.is_empty() {
+                "listen: none in plain TCP (TLS only)".to_string()
+            } else {
+                format!(
+                    "listen: {}",
+                    self.listen
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
             format!("allowed peers: {}", self.allowed),
             format!(
                 "limits: max_connections {}, max_message_bytes {}, max_output_bytes {}, max_locks_per_connection {}, max_lock_entries {}",
@@ -665,6 +669,31 @@ mod tests {
         assert!(half.contains("go together"), "{half}");
         let typo = error("[cluster]\netcd_endpoints = [\"http://e:2379\"]\nleader = 1\n");
         assert!(typo.contains("leader"), "{typo}");
+    }
+
+    #[test]
+    fn tls_auth_and_acl_are_read_and_bad_ones_named() {
+        let c = Config::parse(include_str!("../config/locked-down.example.toml")).unwrap();
+        assert!(c.listen.is_empty());
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.listen, vec!["0.0.0.0:20935".parse().unwrap()]);
+        assert!(tls.client_ca_file.is_some());
+        assert_eq!(c.acl.len(), 4);
+        assert_eq!(c.first_listen(), Some("0.0.0.0:20935".parse().unwrap()));
+
+        let error = |text: &str| Config::parse(text).unwrap_err().to_string();
+        let no_listener = error("listen = []\n");
+        assert!(no_listener.contains("key `listen`"), "{no_listener}");
+        let bad_right =
+            error("[[acl]]\nprincipal = \"a\"\nprefixes = [\"x/\"]\nrights = [\"write\"]\n");
+        assert!(
+            bad_right.contains("line 4") && bad_right.contains("`lock`"),
+            "{bad_right}"
+        );
+        let empty = error("[[acl]]\nprincipal = \"a\"\nprefixes = []\nrights = [\"lock\"]\n");
+        assert!(empty.contains("gives nothing"), "{empty}");
+        let no_key = error("[tls]\nlisten = [\"127.0.0.1:1\"]\ncert_file = \"c\"\n");
+        assert!(no_key.contains("key_file"), "{no_key}");
     }
 
     #[test]

@@ -2010,6 +2010,15 @@ fn settings_for(config: &Config, keepalive: Keepalive) -> Settings {
     }
 }
 
+/// Reads what `[tls]` and `[auth]` name as a start would, for
+/// `server --check-config`: the error names the file at fault.
+pub fn check_security(config: &Config) -> Result<(), String> {
+    if let Some(tls) = &config.tls {
+        tls::server_config(tls)?;
+    }
+    access_for(config).map(|_| ())
+}
+
 /// Who may act as whom and do what, by `config`: the error names the file.
 fn access_for(config: &Config) -> Result<Access, String> {
     let tokens = match &config.auth.tokens_file {
