@@ -777,3 +777,63 @@ fn floods_of_pipelined_requests_do_not_hold_everyone_else_up() {
     println!("50 connections x 2,000 pipelined pings: bystander's longest ping {stall:?}");
     assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
 }
+
+#[test]
+fn a_flood_of_tls_handshakes_neither_stalls_the_server_nor_holds_memory() {
+    use common::pki::Ca;
+    use rustls::ClientConnection;
+    use rustls::pki_types::ServerName;
+
+    const FLOOD: usize = 2000;
+    let dir = temp_dir("tls-flood");
+    let ca = Ca::new(&dir, "flood");
+    let pair = ca.server("server");
+    let mut server = server_with(
+        &dir,
+        &format!(
+            "max_connections = 5000\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            pair.cert_file.display(),
+            pair.key_file.display()
+        ),
+    );
+    let line = server.wait_for_log("listening for TLS on ");
+    let tls_addr: SocketAddr = line.rsplit("on ").next().unwrap().trim().parse().unwrap();
+    let rss_before = rss_bytes(&server);
+    let bystander = Bystander::start(server.addr);
+    std::thread::sleep(Duration::from_millis(200));
+    // Every connection sends a ClientHello, and never anything after: the
+    // server does a key exchange and a signature for each.
+    let config = common::tls_peer::client_config(&ca.cert_file, None);
+    let hellos: Vec<Vec<u8>> = (0..FLOOD)
+        .map(|_| {
+            let mut session =
+                ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap())
+                    .unwrap();
+            let mut hello = Vec::new();
+            session.write_tls(&mut hello).unwrap();
+            hello
+        })
+        .collect();
+    let mut flood: Vec<TcpStream> = (0..FLOOD)
+        .map(|_| TcpStream::connect(tls_addr).unwrap())
+        .collect();
+    for (stream, hello) in flood.iter_mut().zip(&hellos) {
+        stream.write_all(hello).unwrap();
+    }
+    // Each gets its ServerHello.
+    for stream in &mut flood {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut record = [0u8; 5];
+        stream.read_exact(&mut record).unwrap();
+        assert_eq!(record[0], 0x16, "a handshake record");
+    }
+    let rss_during = rss_bytes(&server);
+    let stall = bystander.finish();
+    println!(
+        "{FLOOD} TLS handshakes at once: bystander's longest ping {stall:?}; server RSS {:.1} MiB before, {:.1} MiB with them half done",
+        mib(rss_before),
+        mib(rss_during)
+    );
+    // Each half-done handshake costs its rustls state, well under 64 KiB.
+    assert_bounded(rss_during, rss_before + (FLOOD as u64) * (64 << 10), stall);
+}
