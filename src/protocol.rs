@@ -792,7 +792,6 @@ impl Reply {
                     let word = match result {
                         UnlockResult::Ok => "ok",
                         UnlockResult::NotFound => "notFound",
-                        UnlockResult::Denied => "denied",
                         UnlockResult::Invalid => return Err(()),
                     };
                     buf.extend_from_slice(b"{\"attempted\":\"unlock\",\"result\":\"");
@@ -855,8 +854,6 @@ pub enum UnlockResult {
     Ok,
     /// Neither held nor waited for.
     NotFound,
-    /// Outside the caller's rights.
-    Denied,
     /// `lockName` missing or unusable.
     Invalid,
 }
@@ -1110,7 +1107,6 @@ impl Serialize for Reply {
                 let word = match result {
                     UnlockResult::Ok => "ok",
                     UnlockResult::NotFound => "notFound",
-                    UnlockResult::Denied => "denied",
                     UnlockResult::Invalid => "invalid",
                 };
                 map.serialize_entry("result", word)?;
