@@ -416,6 +416,53 @@ mod tests {
         assert!(error("a:1,,b:2").contains("`a:1,,b:2` has an empty address"));
         assert!(error("a:1,").contains("has an empty address"));
         assert!(error("").starts_with("no server address given"));
+        assert_eq!(
+            server_list("tls://a:1, b:2").as_deref(),
+            Ok("tls://a:1,b:2")
+        );
+        assert!(error("tls://a").starts_with("`tls://a` is not HOST:PORT"));
+        assert!(error("a:1,http://b:2").contains("the scheme `http://` is unknown"));
+    }
+
+    #[test]
+    fn tls_needs_a_ca_and_certificates_need_tls() {
+        let apply = |access: &Access, server: &str| {
+            let mut options = ClientOptions::default();
+            access.apply(server, &mut options).map(|()| options)
+        };
+        let none = Access::default();
+        assert!(apply(&none, "a:1").unwrap().tls.is_none());
+        let failure = apply(&none, "a:1,tls://b:2").unwrap_err();
+        assert_eq!(failure.code, exit::USAGE);
+        assert!(failure.message.starts_with("TLS needs --ca FILE"));
+        let with_ca = Access {
+            ca: Some("ca.pem".into()),
+            ..Access::default()
+        };
+        let tls = apply(&with_ca, "tls://b:2").unwrap().tls.unwrap();
+        assert!(!tls.every_address, "only the tls:// address");
+        let everywhere = Access {
+            tls: true,
+            ..with_ca.clone()
+        };
+        assert!(
+            apply(&everywhere, "a:1")
+                .unwrap()
+                .tls
+                .unwrap()
+                .every_address
+        );
+        let cert_only = Access {
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            ..with_ca
+        };
+        assert!(
+            apply(&cert_only, "a:1")
+                .unwrap_err()
+                .message
+                .starts_with("--cert and --key are for TLS")
+        );
     }
 
     #[test]

@@ -1083,6 +1083,29 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_the_first_line_of_its_file_trimmed_and_never_shown() {
+        let dir = std::env::temp_dir().join(format!("pklock-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "\t s3cret  \r\nnext\n").unwrap();
+        let token = AuthToken::from_file(&file).unwrap();
+        assert_eq!(token.secret(), "s3cret");
+        assert_eq!(format!("{token:?}"), "AuthToken(..)");
+        std::fs::write(&file, "   \ns3cret\n").unwrap();
+        let error = AuthToken::from_file(&file).unwrap_err();
+        assert!(
+            error.ends_with("holds no auth token: its first line is empty"),
+            "{error}"
+        );
+        let error = AuthToken::from_file(&dir.join("none")).unwrap_err();
+        assert!(
+            error.starts_with("cannot read the auth token from"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_pause_across_a_restart_does_not_resume_even_with_the_lock_reclaimed() {
         let dir = std::env::temp_dir().join(format!("pklock-pause-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -459,7 +459,7 @@ fn problem_of(
             CertificateError::NotValidForNameContext { presented, .. } => {
                 TlsProblem::NameMismatch {
                     name: name.to_str().into_owned(),
-                    presented: presented.clone(),
+                    presented: presented.iter().map(|n| bare_name(n)).collect(),
                 }
             }
             CertificateError::NotValidForName => TlsProblem::NameMismatch {
@@ -486,6 +486,15 @@ fn problem_of(
             TlsProblem::Handshake(format!("the server sent the alert {}", alert_name(*alert)))
         }
         other => TlsProblem::Handshake(other.to_string()),
+    }
+}
+
+/// `locks.example` out of `DnsName("locks.example")`, as webpki lists the
+/// names a certificate presents; anything else as it is.
+fn bare_name(presented: &str) -> String {
+    match presented.split_once('(') {
+        Some((_kind, rest)) => rest.trim_end_matches(')').trim_matches('"').to_string(),
+        None => presented.to_string(),
     }
 }
 
@@ -762,6 +771,12 @@ mod tests {
             ),
             TlsProblem::ClientCertRequired
         );
+    }
+
+    #[test]
+    fn presented_names_are_shown_bare() {
+        assert_eq!(bare_name("DnsName(\"locks.example\")"), "locks.example");
+        assert_eq!(bare_name("10.0.0.1"), "10.0.0.1");
     }
 
     #[test]

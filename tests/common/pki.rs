@@ -68,9 +68,10 @@ impl Ca {
     /// A server certificate valid for `names` (DNS names or IP addresses).
     pub fn server_for(&self, file_stem: &str, names: &[&str]) -> Pair {
         let mut params = server_params(names);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().copied().unwrap_or("server"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
         self.sign(file_stem, params)
     }
 
