@@ -99,7 +99,7 @@ impl Finder {
         tls: Option<Arc<Tls>>,
         auth: Option<AuthToken>,
     ) -> Finder {
-        let every = tls.as_ref().is_some_and(|tls| tls.covers(""));
+        let every = tls.as_ref().is_some_and(|tls| tls.every_address());
         let addresses = addresses
             .into_iter()
             .map(|a| match every && !a.starts_with(TLS_SCHEME) {

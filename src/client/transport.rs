@@ -188,6 +188,11 @@ impl Tls {
         self.has_client_cert
     }
 
+    /// Whether every address is dialed with TLS.
+    pub(crate) fn every_address(&self) -> bool {
+        self.every_address
+    }
+
     /// Whether `address` (as given, perhaps with `tls://`) is dialed with TLS.
     pub(crate) fn covers(&self, address: &str) -> bool {
         self.every_address || address.starts_with(TLS_SCHEME)
@@ -618,7 +623,9 @@ impl TlsReader {
                 }
                 let processed = state.conn.process_new_packets();
                 // A key update to answer, or an alert to send: sealed now,
-                // written below with the socket's write side.
+                // written below with the socket's write side. That waits
+                // for a writer blocked on a full socket, but only these rare
+                // records come here; replies never wait behind requests.
                 let TlsState { conn, outgoing } = &mut *state;
                 let mut wrote = false;
                 while conn.wants_write() {
