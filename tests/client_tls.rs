@@ -602,6 +602,29 @@ fn force_release_of_a_lock_nobody_holds_says_so() {
     );
 }
 
+#[test]
+fn a_force_released_holder_is_told_why_and_does_not_reclaim() {
+    let fake = fake(None, pklock_like(json!({})));
+    let client = pklock::client::Client::connect(
+        format!("127.0.0.1:{}", fake.port()),
+        &ClientOptions::named("x"),
+    )
+    .unwrap();
+    let guard = client.lock("job", &LockOptions::exclusive()).unwrap();
+    // What the server sends a holder before closing it.
+    let told = json!({"error": "forceReleased", "detail": "an admin (root) released \"job\""});
+    for socket in fake.sockets.lock().unwrap().iter_mut() {
+        frame::write_blocking(socket, told.to_string().as_bytes()).unwrap();
+    }
+    fake.kick();
+    let reason = guard.wait_lost(Some(PATIENCE)).expect("lost");
+    assert_eq!(
+        reason.to_string(),
+        "the server closed the connection: forceReleased (an admin (root) released \"job\")"
+    );
+    assert_eq!(fake.hellos().len(), 1, "no reconnect, no reclaim");
+}
+
 fn fake_denying_force() -> Fake {
     fake(None, pklock_like(json!({"status": "denied"})))
 }

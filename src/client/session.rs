@@ -900,7 +900,12 @@ impl Session {
         let mut state = locked(&self.state);
         let Some(id) = message.get("id").and_then(Value::as_u64) else {
             if let Some(error) = message.get("error").and_then(Value::as_str) {
-                state.server_error = Some(error.to_string());
+                // `forceReleased` says who closed it and why: keep the why.
+                let detail = message.get("detail").and_then(Value::as_str);
+                state.server_error = Some(match detail {
+                    Some(detail) if !detail.is_empty() => format!("{error} ({detail})"),
+                    _ => error.to_string(),
+                });
             }
             return;
         };
