@@ -3,11 +3,12 @@
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use pklock::cli::{self, Acquire, Failure, exit};
+use pklock::cli::{self, Access, Acquire, Failure, exit};
 use pklock::duration;
 
 const EXIT_CODES: &str = "\
@@ -15,10 +16,12 @@ Exit codes:
   0    success (run: the command's own exit code is passed on)
   1    the lock was not granted in time (change with --conflict-exit-code)
   64   bad arguments, or a --kill-grace too long for the server
-  69   the server cannot be reached, or refused the request
+  69   the server cannot be reached (TLS with it failed), or refused the request
   70   the server answered something unexpected
   75   the lock was lost while held: server gone, connection broken or lease
        expired (change with --lost-exit-code); run stops the command first
+  77   the server refused the auth token, or denied the request (outside
+       this client's rights)
   126  the command could not be run; 127 the command was not found
   128+N  the command was killed by signal N (or pklock was, while it waited
          for the lock)";
@@ -28,18 +31,30 @@ Exit codes:
   0    the lock was held until stdin closed or a signal came
   1    the lock was not granted in time (change with --conflict-exit-code)
   64   bad arguments
-  69   the server cannot be reached, or refused the request
+  69   the server cannot be reached (TLS with it failed), or refused the request
   70   the server answered something unexpected
   75   the lock was lost while held (change with --lost-exit-code): pklock
        printed `lost` and kept the connection until stdin closed
+  77   the server refused the auth token, or denied the lock
   128+N  pklock was killed by signal N while it waited for the lock";
 
 const QUERY_EXIT_CODES: &str = "\
 Exit codes:
   0    the server answered
   64   bad arguments
-  69   the server cannot be reached, or refused the request
-  70   the server answered something unexpected";
+  69   the server cannot be reached (TLS with it failed), or refused the request
+  70   the server answered something unexpected
+  77   the server refused the auth token, or denied the request";
+
+const RELEASE_EXIT_CODES: &str = "\
+Exit codes:
+  0    the holders' connections were closed: the lock is released
+  1    nobody held the lock
+  64   bad arguments (or no --force)
+  69   the server cannot be reached (TLS with it failed), or refused the request
+  70   the server answered something unexpected
+  77   the server refused the auth token, or denied the request (the admin
+       right is needed)";
 
 /// Take named locks on a pklock server from scripts and cron jobs.
 #[derive(Parser)]
@@ -49,6 +64,24 @@ struct Cli {
     /// commas (HOST:PORT,HOST:PORT,...): the leader among them is used.
     #[arg(long, global = true, env = "PKLOCK_SERVER", default_value = cli::DEFAULT_SERVER, value_parser = cli::server_list)]
     server: String,
+    /// Speak TLS to every server (an address written tls://HOST:PORT
+    /// speaks TLS without it).
+    #[arg(long, global = true)]
+    tls: bool,
+    /// The CA certificate(s), PEM, that sign the servers' certificates
+    /// (needed for TLS).
+    #[arg(long, global = true, value_name = "FILE", env = "PKLOCK_CA")]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM) for servers that require one; with --key.
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); with --cert.
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// A file whose first line is the auth token to present (never the
+    /// token itself on the command line).
+    #[arg(long, global = true, value_name = "FILE", env = "PKLOCK_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,6 +130,20 @@ enum Command {
     /// Exit 0 when the server answers (for health checks).
     #[command(after_help = QUERY_EXIT_CODES)]
     Ping,
+    /// Release a lock held elsewhere, by closing its holders' connections
+    /// (--force; needs the server's admin right).
+    ///
+    /// A lock belongs to its holder's connection. --force has the server
+    /// close the connection of every holder of NAME, which releases
+    /// everything else those connections held too, and prints whose.
+    #[command(after_help = RELEASE_EXIT_CODES)]
+    Release {
+        /// The lock's name.
+        name: String,
+        /// Close the holders' connections.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -121,9 +168,10 @@ struct LockArgs {
 }
 
 impl LockArgs {
-    fn acquire(self, server: String) -> Acquire {
+    fn acquire(self, server: String, access: Access) -> Acquire {
         Acquire {
             server,
+            access,
             name: self.name,
             wait: if self.no_wait {
                 Some(Duration::ZERO)
@@ -161,6 +209,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<u8, Failure> {
     let server = cli.server;
+    let access = Access {
+        tls: cli.tls,
+        ca: cli.ca,
+        cert: cli.cert,
+        key: cli.key,
+        auth_file: cli.auth_file,
+    };
     let printed = |text: String| {
         let mut stdout = std::io::stdout();
         stdout
@@ -175,15 +230,21 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             kill_grace,
             command,
         } => cli::run::run(&cli::run::RunOptions {
-            acquire: lock.acquire(server),
+            acquire: lock.acquire(server, access),
             kill_grace,
             command,
         }),
-        Command::Lock { lock } => cli::hold::hold(&lock.acquire(server)),
-        Command::Status { prefix, json } => {
-            printed(cli::report::status(&server, prefix.as_deref(), json)?)
+        Command::Lock { lock } => cli::hold::hold(&lock.acquire(server, access)),
+        Command::Status { prefix, json } => printed(cli::report::status(
+            &server,
+            &access,
+            prefix.as_deref(),
+            json,
+        )?),
+        Command::Stats { json } => printed(cli::report::stats(&server, &access, json)?),
+        Command::Ping => printed(cli::report::ping(&server, &access)?),
+        Command::Release { name, force } => {
+            printed(cli::release::release(&server, &access, &name, force)?)
         }
-        Command::Stats { json } => printed(cli::report::stats(&server, json)?),
-        Command::Ping => printed(cli::report::ping(&server)?),
     }
 }

@@ -3,6 +3,7 @@
 //! prints `Did not get lock` (and exits 0) when not granted in time.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -38,6 +39,21 @@ struct Args {
     /// How long to wait for the lock before giving up.
     #[arg(long, default_value = "30", value_parser = duration::parse)]
     wait: Duration,
+    /// Speak TLS to the server (as does an address written tls://HOST:PORT).
+    #[arg(long)]
+    tls: bool,
+    /// The CA certificate(s), PEM, that sign the server's certificate.
+    #[arg(long, value_name = "FILE", env = "PKLOCK_CA")]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM); with --key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM); with --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// A file whose first line is the auth token to present.
+    #[arg(long, value_name = "FILE", env = "PKLOCK_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
 }
 
 /// Exit codes, as `pklock`'s: the server cannot be reached or refused us.
@@ -46,6 +62,8 @@ const UNAVAILABLE: u8 = 69;
 const SOFTWARE: u8 = 70;
 /// The lock was lost while held.
 const LOST: u8 = 75;
+/// The server refused the auth token or denied the lock.
+const NOPERM: u8 = 77;
 /// Bad arguments: the code clap exits with for the others.
 const USAGE: u8 = 2;
 
@@ -82,13 +100,28 @@ fn server(args: &Args) -> Result<String, (u8, String)> {
 
 fn run(args: Args) -> Result<(), (u8, String)> {
     let server = server(&args)?;
-    let options = ClientOptions::named(format!("test_client pid {}", std::process::id()));
+    let mut options = ClientOptions::named(format!("test_client pid {}", std::process::id()));
+    let access = cli::Access {
+        tls: args.tls,
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        auth_file: args.auth_file.clone(),
+    };
+    access
+        .apply(&server, &mut options)
+        .map_err(|failure| (USAGE, failure.message))?;
     let client = Client::connect(&server, &options).map_err(|e| match e {
         client::Error::Connect { .. } => (
             UNAVAILABLE,
             format!("{e} (is the server running? `cargo run --release --bin server`)"),
         ),
-        client::Error::Denied(_) | client::Error::Refused { .. } => (UNAVAILABLE, e.to_string()),
+        client::Error::AuthFailed { .. } => (NOPERM, e.to_string()),
+        client::Error::TlsConfig(_) => (USAGE, e.to_string()),
+        client::Error::Denied(_)
+        | client::Error::Refused { .. }
+        | client::Error::Tls { .. }
+        | client::Error::TlsRequired { .. } => (UNAVAILABLE, e.to_string()),
         _ => (SOFTWARE, e.to_string()),
     })?;
     let guard = match client.lock(&args.lock, &LockOptions::exclusive().wait(args.wait)) {
@@ -98,6 +131,7 @@ fn run(args: Args) -> Result<(), (u8, String)> {
             return Ok(());
         }
         Err(e @ client::Error::Protocol(_)) => return Err((SOFTWARE, e.to_string())),
+        Err(e @ client::Error::PermissionDenied { .. }) => return Err((NOPERM, e.to_string())),
         Err(e) => return Err((UNAVAILABLE, e.to_string())),
     };
     let say = |line: &str| {

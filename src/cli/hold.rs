@@ -24,6 +24,7 @@ enum Event {
 pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
     let client = super::connect(
         &acquire.server,
+        &acquire.access,
         &format!("pklock lock {}", acquire.name),
         StopTime::Exactly(Default::default()),
     )?;

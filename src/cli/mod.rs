@@ -1,16 +1,20 @@
 //! The `pklock` command's subcommands, for ops scripts: `run` a command under
-//! a lock, `lock` and hold, `status`, `stats`, `ping`. Exit codes follow
-//! flock(1) where they apply; bin/pklock.rs only parses arguments.
+//! a lock, `lock` and hold, `status`, `stats`, `ping`, `release --force`.
+//! Exit codes follow flock(1) and sysexits(3) where they apply;
+//! bin/pklock.rs only parses arguments.
 
 pub mod hold;
+pub mod release;
 pub mod report;
 pub mod run;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::{
-    Client, ClientOptions, Error, LockGuard, LockOptions, Mode, Resumed, longest_stop_time,
+    AuthToken, Client, ClientCert, ClientOptions, Error, LockGuard, LockOptions, Mode, Resumed,
+    Roots, TLS_SCHEME, TlsOptions, TlsProblem, longest_stop_time,
 };
 use crate::protocol::MAX_CLIENT_NAME_BYTES;
 
@@ -25,6 +29,9 @@ pub mod exit {
     pub const USAGE: u8 = 64;
     /// The server cannot be reached or refused the request (EX_UNAVAILABLE).
     pub const UNAVAILABLE: u8 = 69;
+    /// The server refused the auth token, or denied a request outside this
+    /// client's rights (EX_NOPERM).
+    pub const NOPERM: u8 = 77;
     /// The server answered something unexpected (EX_SOFTWARE).
     pub const SOFTWARE: u8 = 70;
     /// The lock was lost while held: server gone, connection broken, lease
@@ -61,11 +68,92 @@ impl fmt::Display for Failure {
     }
 }
 
+/// How to speak to the servers beyond their addresses: TLS and the auth
+/// token (`pklock`'s global flags).
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// `--tls`: TLS for every address (a `tls://` address has it anyway).
+    pub tls: bool,
+    /// `--ca`: the CA certificates that sign the servers' certificates.
+    pub ca: Option<PathBuf>,
+    /// `--cert`: a client certificate for servers that require one.
+    pub cert: Option<PathBuf>,
+    /// `--key`: its private key.
+    pub key: Option<PathBuf>,
+    /// `--auth-file`: a file whose first line is the auth token.
+    pub auth_file: Option<PathBuf>,
+}
+
+impl Access {
+    /// Sets `options`' TLS settings and token for `server` (the list); a
+    /// usage failure when TLS is asked for without `--ca`, a certificate
+    /// without TLS, or the token file cannot be read.
+    pub fn apply(&self, server: &str, options: &mut ClientOptions) -> Result<(), Failure> {
+        let wants_tls = self.tls || server.split(',').any(|a| a.starts_with(TLS_SCHEME));
+        let client_cert = match (&self.cert, &self.key) {
+            (Some(cert_file), Some(key_file)) => Some(ClientCert {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err(Failure::new(exit::USAGE, "--cert and --key go together")),
+        };
+        options.tls = match (wants_tls, &self.ca) {
+            (false, _) if client_cert.is_some() => {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "--cert and --key are for TLS: add --tls, or write the address tls://HOST:PORT",
+                ));
+            }
+            (false, _) => None,
+            (true, None) => {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    "TLS needs --ca FILE (or PKLOCK_CA): the CA certificate that signed the \
+                     server's certificate",
+                ));
+            }
+            (true, Some(ca)) => Some(TlsOptions {
+                roots: Roots::CaFile(ca.clone()),
+                client_cert,
+                every_address: self.tls,
+            }),
+        };
+        options.auth = match &self.auth_file {
+            Some(path) => Some(
+                AuthToken::from_file(path)
+                    .map_err(|e| Failure::new(exit::USAGE, format!("--auth-file: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// `e`'s message, naming the flag behind a TLS setting where that helps.
+    fn explain(&self, e: &Error) -> String {
+        match (e, &self.ca) {
+            (
+                Error::Tls {
+                    server,
+                    problem: TlsProblem::UnknownIssuer { .. },
+                },
+                Some(ca),
+            ) => format!(
+                "TLS with {server} failed: its certificate is not signed by a CA in --ca {}",
+                ca.display()
+            ),
+            _ => e.to_string(),
+        }
+    }
+}
+
 /// How to take the lock, for `run` and `lock`.
 #[derive(Clone, Debug)]
 pub struct Acquire {
     /// Server address.
     pub server: String,
+    /// TLS and the auth token.
+    pub access: Access,
     /// Lock name.
     pub name: String,
     /// `None` waits for ever; zero tries once.
@@ -87,9 +175,9 @@ pub enum StopTime {
     AtMost(Duration),
 }
 
-/// `HOST:PORT`, or several separated by commas, each with a port number:
-/// `--server` and `PKLOCK_SERVER`. Returns the list as the client library
-/// takes it (blanks around the commas removed).
+/// `HOST:PORT`, or several separated by commas, each with a port number
+/// and perhaps `tls://` before it: `--server` and `PKLOCK_SERVER`. Returns
+/// the list as the client library takes it (blanks around the commas removed).
 pub fn server_list(text: &str) -> Result<String, String> {
     let mut addresses = Vec::new();
     for address in text.split(',').map(str::trim) {
@@ -104,7 +192,14 @@ pub fn server_list(text: &str) -> Result<String, String> {
                 ),
             });
         }
-        match address.rsplit_once(':') {
+        let host_port = address.strip_prefix(TLS_SCHEME).unwrap_or(address);
+        if let Some((scheme, _)) = host_port.split_once("://") {
+            return Err(format!(
+                "`{address}`: the scheme `{scheme}://` is unknown; write HOST:PORT, or \
+                 tls://HOST:PORT for TLS"
+            ));
+        }
+        match host_port.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 addresses.push(address);
             }
@@ -123,9 +218,15 @@ pub fn server_list(text: &str) -> Result<String, String> {
     Ok(addresses.join(","))
 }
 
-/// Connects with a client name that says who is asking, from where;
-/// `stop_time` is `run`'s kill grace (zero for the others).
-pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, Failure> {
+/// Connects with a client name that says who is asking, from where, and
+/// with `access`'s TLS and token; `stop_time` is `run`'s kill grace (zero
+/// for the others).
+pub fn connect(
+    server: &str,
+    access: &Access,
+    what: &str,
+    stop_time: StopTime,
+) -> Result<Client, Failure> {
     let host = rustix::system::uname()
         .nodename()
         .to_string_lossy()
@@ -134,11 +235,12 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
         StopTime::Exactly(d) => (d, false),
         StopTime::AtMost(d) => (d, true),
     };
-    let options = ClientOptions {
+    let mut options = ClientOptions {
         stop_time,
         fit_stop_time,
         ..ClientOptions::named(client_name(what, &host))
     };
+    access.apply(server, &mut options)?;
     let connected = Client::connect(server, &options).inspect(|client| {
         client.on_resumed(|resumed| say(format_args!("{}", resumed_message(resumed))));
     });
@@ -160,10 +262,15 @@ pub fn connect(server: &str, what: &str, stop_time: StopTime) -> Result<Client, 
                 millis(longest_stop_time(earliest_release))
             ),
         ),
-        Error::UnsafeLease { .. } => Failure::new(exit::USAGE, e.to_string()),
-        Error::Connect { .. } | Error::Refused { .. } | Error::Denied(_) => {
-            Failure::new(exit::UNAVAILABLE, e.to_string())
+        Error::UnsafeLease { .. } | Error::TlsConfig(_) => Failure::new(exit::USAGE, e.to_string()),
+        Error::AuthFailed { .. } | Error::PermissionDenied { .. } => {
+            Failure::new(exit::NOPERM, e.to_string())
         }
+        Error::Connect { .. }
+        | Error::Refused { .. }
+        | Error::Denied(_)
+        | Error::Tls { .. }
+        | Error::TlsRequired { .. } => Failure::new(exit::UNAVAILABLE, access.explain(&e)),
         _ => Failure::new(exit::SOFTWARE, e.to_string()),
     })
 }
@@ -239,6 +346,7 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
             exit::UNAVAILABLE,
             format!("lock {:?}: {reason}", acquire.name),
         ),
+        Error::PermissionDenied { .. } => Failure::new(exit::NOPERM, e.to_string()),
         Error::Refused { .. } | Error::Denied(_) => {
             Failure::new(exit::UNAVAILABLE, format!("lock {:?}: {e}", acquire.name))
         }
@@ -308,6 +416,53 @@ mod tests {
         assert!(error("a:1,,b:2").contains("`a:1,,b:2` has an empty address"));
         assert!(error("a:1,").contains("has an empty address"));
         assert!(error("").starts_with("no server address given"));
+        assert_eq!(
+            server_list("tls://a:1, b:2").as_deref(),
+            Ok("tls://a:1,b:2")
+        );
+        assert!(error("tls://a").starts_with("`tls://a` is not HOST:PORT"));
+        assert!(error("a:1,http://b:2").contains("the scheme `http://` is unknown"));
+    }
+
+    #[test]
+    fn tls_needs_a_ca_and_certificates_need_tls() {
+        let apply = |access: &Access, server: &str| {
+            let mut options = ClientOptions::default();
+            access.apply(server, &mut options).map(|()| options)
+        };
+        let none = Access::default();
+        assert!(apply(&none, "a:1").unwrap().tls.is_none());
+        let failure = apply(&none, "a:1,tls://b:2").unwrap_err();
+        assert_eq!(failure.code, exit::USAGE);
+        assert!(failure.message.starts_with("TLS needs --ca FILE"));
+        let with_ca = Access {
+            ca: Some("ca.pem".into()),
+            ..Access::default()
+        };
+        let tls = apply(&with_ca, "tls://b:2").unwrap().tls.unwrap();
+        assert!(!tls.every_address, "only the tls:// address");
+        let everywhere = Access {
+            tls: true,
+            ..with_ca.clone()
+        };
+        assert!(
+            apply(&everywhere, "a:1")
+                .unwrap()
+                .tls
+                .unwrap()
+                .every_address
+        );
+        let cert_only = Access {
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            ..with_ca
+        };
+        assert!(
+            apply(&cert_only, "a:1")
+                .unwrap_err()
+                .message
+                .starts_with("--cert and --key are for TLS")
+        );
     }
 
     #[test]

@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use super::{Failure, StopTime, exit, human};
+use super::{Access, Failure, StopTime, exit, human};
 use crate::client::{Client, Error, StatsResult, StatusFilter, StatusResult};
 
-fn query_failed(what: &str, e: Error) -> Failure {
+pub(crate) fn query_failed(what: &str, e: Error) -> Failure {
     let code = match e {
+        Error::PermissionDenied { .. } => return Failure::new(exit::NOPERM, e.to_string()),
         Error::Lost(_) | Error::Refused { .. } => exit::UNAVAILABLE,
         _ => exit::SOFTWARE,
     };
@@ -21,8 +22,18 @@ fn json(value: &impl serde::Serialize) -> Result<String, Failure> {
 }
 
 /// Locks whose names start with `prefix` (all without one), as a table or JSON.
-pub fn status(server: &str, prefix: Option<&str>, as_json: bool) -> Result<String, Failure> {
-    let client = super::connect(server, "pklock status", StopTime::Exactly(Duration::ZERO))?;
+pub fn status(
+    server: &str,
+    access: &Access,
+    prefix: Option<&str>,
+    as_json: bool,
+) -> Result<String, Failure> {
+    let client = super::connect(
+        server,
+        access,
+        "pklock status",
+        StopTime::Exactly(Duration::ZERO),
+    )?;
     let filter = prefix.map_or(StatusFilter::All, |p| StatusFilter::Prefix(p.to_string()));
     let mut status = StatusResult {
         locks: Vec::new(),
@@ -113,8 +124,13 @@ pub fn status_table(status: &StatusResult) -> String {
 }
 
 /// Server counters, as `key value` lines or JSON.
-pub fn stats(server: &str, as_json: bool) -> Result<String, Failure> {
-    let client = super::connect(server, "pklock stats", StopTime::Exactly(Duration::ZERO))?;
+pub fn stats(server: &str, access: &Access, as_json: bool) -> Result<String, Failure> {
+    let client = super::connect(
+        server,
+        access,
+        "pklock stats",
+        StopTime::Exactly(Duration::ZERO),
+    )?;
     let stats = client.stats().map_err(|e| query_failed("stats", e))?;
     if as_json {
         return json(&stats);
@@ -149,8 +165,13 @@ fn stats_lines(s: &StatsResult) -> String {
 }
 
 /// Checks that the server answers; says who answered and how fast.
-pub fn ping(server: &str) -> Result<String, Failure> {
-    let client: Client = super::connect(server, "pklock ping", StopTime::Exactly(Duration::ZERO))?;
+pub fn ping(server: &str, access: &Access) -> Result<String, Failure> {
+    let client: Client = super::connect(
+        server,
+        access,
+        "pklock ping",
+        StopTime::Exactly(Duration::ZERO),
+    )?;
     let round_trip = client.ping().map_err(|e| query_failed("ping", e))?;
     let hello = client.hello();
     Ok(format!(

@@ -71,6 +71,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     };
     let client = super::connect(
         &acquire.server,
+        &acquire.access,
         &format!("pklock run {}", acquire.name),
         stop_time,
     )?;

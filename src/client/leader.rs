@@ -7,14 +7,19 @@
 //! names is dialed next, in the list or not. A round that finds nobody to
 //! use says whether trying again may help; the caller backs off between
 //! rounds.
+//!
+//! Every dial uses the client's TLS settings and token. A leader named
+//! without a scheme is dialed as its list entry says, else as the server
+//! that named it was (a standby reached over TLS names a TLS leader).
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::session::Dialed;
-use super::{Error, dial};
+use super::transport::{TLS_SCHEME, Tls, TlsProblem};
+use super::{AuthToken, Error, dial};
 use crate::protocol::{ClusterRole, HelloResult, Role};
 
 /// One or more server addresses, for [`Client::connect`](super::Client::connect):
@@ -68,6 +73,8 @@ pub(crate) struct Finder {
     addresses: Vec<String>,
     client_name: String,
     connect_timeout: Duration,
+    tls: Option<Arc<Tls>>,
+    auth: Option<AuthToken>,
     /// The address that last answered as one to use; it may be outside the
     /// list (a leader a standby named), and is tried first next time.
     last: Mutex<Option<String>>,
@@ -83,16 +90,50 @@ pub(crate) struct Failed {
 }
 
 impl Finder {
+    /// With TLS for every address, each is written `tls://HOST:PORT`, as
+    /// messages and [`Client::server`](super::Client::server) show it.
     pub(crate) fn new(
         addresses: Vec<String>,
         client_name: &str,
         connect_timeout: Duration,
+        tls: Option<Arc<Tls>>,
+        auth: Option<AuthToken>,
     ) -> Finder {
+        let every = tls.as_ref().is_some_and(|tls| tls.every_address());
+        let addresses = addresses
+            .into_iter()
+            .map(|a| match every && !a.starts_with(TLS_SCHEME) {
+                true => format!("{TLS_SCHEME}{a}"),
+                false => a,
+            })
+            .collect();
         Finder {
             addresses,
             client_name: client_name.to_string(),
             connect_timeout,
+            tls,
+            auth,
             last: Mutex::new(None),
+        }
+    }
+
+    /// A leader's address as a server named it, with the scheme to dial it
+    /// by: its own, its list entry's, else that of the server `by` that
+    /// named it.
+    fn resolve(&self, leader: &str, by: Option<&str>) -> String {
+        if leader.starts_with(TLS_SCHEME) {
+            return leader.to_string();
+        }
+        let with_tls = format!("{TLS_SCHEME}{leader}");
+        if self.addresses.contains(&with_tls) {
+            return with_tls;
+        }
+        if self.addresses.iter().any(|a| a == leader) {
+            return leader.to_string();
+        }
+        match by.is_some_and(|by| by.starts_with(TLS_SCHEME)) {
+            true => with_tls,
+            false => leader.to_string(),
         }
     }
 
@@ -109,7 +150,9 @@ impl Finder {
         hint: Option<&str>,
     ) -> Result<(Dialed, HelloResult), Failed> {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut queue = candidates(hint, last.as_deref(), &self.addresses);
+        // A notLeader answer came from the server that last worked.
+        let hint = hint.map(|hint| self.resolve(hint, last.as_deref()));
+        let mut queue = candidates(hint.as_deref(), last.as_deref(), &self.addresses);
         let mut tried = HashSet::new();
         let mut failures = Vec::new();
         let mut standby_answered = false;
@@ -130,7 +173,13 @@ impl Finder {
                 ));
                 continue;
             }
-            match dial(&address, &self.client_name, self.connect_timeout.min(left)) {
+            match dial(
+                &address,
+                &self.client_name,
+                self.auth.as_ref(),
+                self.tls.as_deref(),
+                self.connect_timeout.min(left),
+            ) {
                 Ok((dialed, hello)) => match &hello.cluster {
                     Some(ClusterRole {
                         role: Role::Standby,
@@ -141,7 +190,7 @@ impl Finder {
                         standby_answered = true;
                         let why = match leader {
                             Some(leader) => {
-                                queue.insert(0, leader.clone());
+                                queue.insert(0, self.resolve(leader, Some(&address)));
                                 format!("a standby; the leader is at {leader}")
                             }
                             None => "a standby, and no leader is elected".to_string(),
@@ -194,7 +243,13 @@ impl Failed {
     /// answered refused this client for good (not allowed, or a bad hello).
     pub(crate) fn worth_retrying(&self) -> bool {
         self.failures.iter().any(|(_, e)| match e {
-            Error::Denied(_) => false,
+            Error::Denied(_)
+            | Error::AuthFailed { .. }
+            | Error::TlsRequired { .. }
+            | Error::TlsConfig(_) => false,
+            // A server closing while it stops may cut a handshake short;
+            // a certificate will not change by itself.
+            Error::Tls { problem, .. } => matches!(problem, TlsProblem::Handshake(_)),
             Error::Refused { status, .. } => status == "tooManyConnections",
             _ => true,
         })
@@ -215,8 +270,8 @@ impl Failed {
             };
         }
         let rank = |e: &Error| match e {
-            Error::Denied(_) => 0,
-            Error::Refused { .. } => 1,
+            Error::Denied(_) | Error::AuthFailed { .. } | Error::TlsConfig(_) => 0,
+            Error::Tls { .. } | Error::TlsRequired { .. } | Error::Refused { .. } => 1,
             Error::Protocol(_) => 2,
             _ => 3,
         };
@@ -245,6 +300,10 @@ impl Failed {
                 source: io::Error::new(source.kind(), all),
             },
             Error::Denied(detail) => Error::Denied(also(detail)),
+            Error::AuthFailed { server, detail } => Error::AuthFailed {
+                server,
+                detail: also(detail),
+            },
             Error::Refused { status, error } => Error::Refused {
                 status,
                 error: also(error),

@@ -17,6 +17,12 @@
 //! connections, or answers `notLeader`; either way the client finds the new
 //! leader and reclaims its locks there, as after a restart.
 //!
+//! With [`ClientOptions::tls`], it speaks TLS to every address (or to those
+//! written `tls://HOST:PORT`), checking the server's certificate against the
+//! host part of the address; with [`ClientOptions::auth`], its `hello`
+//! presents a token, and the server's answer names the principal it acts as
+//! ([`Client::principal`]). Every reconnect does the same.
+//!
 //! A loss tells the holder to stop; it does not release. The connection
 //! stays open until every guard is dropped (or the client is), so if the
 //! network only faltered the server hands the lock on only once the work is
@@ -39,10 +45,11 @@
 
 mod leader;
 mod session;
+mod transport;
 
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +60,8 @@ use self::leader::Finder;
 pub use self::leader::ServerList;
 use self::session::{Dialed, Session};
 pub use self::session::{LossReason, Resumed};
+pub use self::transport::{ClientCert, Roots, TLS_SCHEME, TlsOptions, TlsProblem};
+use self::transport::{DialError, Tls};
 use crate::frame;
 pub use crate::lock_table::Mode;
 pub use crate::protocol::{HelloResult, StatsResult, StatusFilter, StatusResult};
@@ -90,6 +99,47 @@ pub struct ClientOptions {
     /// time cannot cover it beside the default lease, shorten it until it
     /// can, instead of refusing ([`Client::stop_time`] says which was used).
     pub fit_stop_time: bool,
+    /// TLS: for every address, or for those written `tls://HOST:PORT`
+    /// (which need it). `None`: plain TCP.
+    pub tls: Option<TlsOptions>,
+    /// The token `hello` presents; `None`: the server's anonymous rights.
+    pub auth: Option<AuthToken>,
+}
+
+/// A secret token for `hello` (its `auth` parameter). `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthToken(String);
+
+impl AuthToken {
+    /// A token.
+    pub fn new(secret: impl Into<String>) -> AuthToken {
+        AuthToken(secret.into())
+    }
+
+    /// The first line of the file at `path`, blanks trimmed; a file that is
+    /// empty there is refused.
+    pub fn from_file(path: &Path) -> Result<AuthToken, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the auth token from {}: {e}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        match token.is_empty() {
+            true => Err(format!(
+                "{} holds no auth token: its first line is empty",
+                path.display()
+            )),
+            false => Ok(AuthToken(token.to_string())),
+        }
+    }
+
+    fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AuthToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthToken(..)")
+    }
 }
 
 impl ClientOptions {
@@ -111,6 +161,8 @@ impl Default for ClientOptions {
             heartbeat: None,
             stop_time: Duration::ZERO,
             fit_stop_time: false,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -172,6 +224,39 @@ pub enum Error {
     /// The server refused this host: it is not in the server's `allowed`
     /// list.
     Denied(String),
+    /// TLS with the server failed: its certificate, ours, or a port that
+    /// does not speak TLS.
+    Tls {
+        /// The address.
+        server: String,
+        /// What went wrong.
+        problem: TlsProblem,
+    },
+    /// The server speaks only TLS on that port (`tlsRequired`).
+    TlsRequired {
+        /// The address.
+        server: String,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The TLS settings cannot be used (a CA or certificate file, or a
+    /// `tls://` address without them).
+    TlsConfig(String),
+    /// The server refused the auth token (`authFailed`) and closed the
+    /// connection.
+    AuthFailed {
+        /// The address.
+        server: String,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The request is outside this client's rights (`denied`).
+    PermissionDenied {
+        /// What was asked: `lock "backup"`, `status`, ...
+        request: String,
+        /// Who the server took the client for (`anonymous` without a token).
+        principal: String,
+    },
     /// The server refused the request (`invalid` or `tooMany`).
     Refused {
         /// The status word.
@@ -211,6 +296,29 @@ impl fmt::Display for Error {
                     false => write!(f, " ({detail})"),
                 }
             }
+            Error::Tls { server, problem } => write!(f, "TLS with {server} failed: {problem}"),
+            Error::TlsRequired { server, detail } => {
+                let (_, host_port) = transport::split_scheme(server);
+                write!(
+                    f,
+                    "{server} speaks only TLS: use --tls or {TLS_SCHEME}{host_port}"
+                )?;
+                match detail.is_empty() {
+                    true => Ok(()),
+                    false => write!(f, " (the server said: {detail})"),
+                }
+            }
+            Error::TlsConfig(detail) => write!(f, "TLS settings: {detail}"),
+            Error::AuthFailed { server, detail } => {
+                write!(f, "the server at {server} refused the auth token")?;
+                match detail.is_empty() {
+                    true => Ok(()),
+                    false => write!(f, ": {detail}"),
+                }
+            }
+            Error::PermissionDenied { request, principal } => {
+                write!(f, "denied: {principal:?} may not {request}")
+            }
             Error::Refused { status, error } => write!(f, "refused ({status}): {error}"),
             Error::UnsafeLease {
                 lease,
@@ -245,6 +353,8 @@ impl std::error::Error for Error {
 pub struct Client {
     session: Arc<Session>,
     hello: HelloResult,
+    /// Who the server takes this client for.
+    principal: Arc<str>,
     stop_time: Duration,
     /// The restart grace has been mentioned on stderr.
     grace_told: std::sync::atomic::AtomicBool,
@@ -269,12 +379,26 @@ impl Client {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "an empty address in the list"),
             });
         }
+        let tls = match &options.tls {
+            Some(settings) => Some(Arc::new(Tls::load(settings).map_err(Error::TlsConfig)?)),
+            None => None,
+        };
+        if tls.is_none() {
+            if let Some(address) = addresses.iter().find(|a| a.starts_with(TLS_SCHEME)) {
+                return Err(Error::TlsConfig(format!(
+                    "{address} asks for TLS, and no CA to check the server's certificate                      against was given (--ca)"
+                )));
+            }
+        }
         let finder = Arc::new(Finder::new(
             addresses,
             &options.client_name,
             options.connect_timeout,
+            tls,
+            options.auth.clone(),
         ));
         let (dialed, hello) = find_first(&finder, options.connect_timeout)?;
+        let principal: Arc<str> = Arc::from(dialed.principal.as_str());
         let found_at = dialed.server.clone();
         let connect_error = |source| Error::Connect {
             server: found_at.clone(),
@@ -304,7 +428,6 @@ impl Client {
             .unwrap_or(lease / PINGS_PER_LEASE)
             .max(Duration::from_millis(10));
 
-        let reader = dialed.stream.try_clone().map_err(connect_error)?;
         let redial = Box::new(move |left: Duration, hint: Option<&str>| {
             let deadline = Instant::now() + left;
             match finder.round(deadline, hint) {
@@ -324,12 +447,13 @@ impl Client {
                 }
             }
         });
-        let session = Session::new(dialed, lease, heartbeat, redial);
-        let session = Arc::new(session.map_err(connect_error)?);
+        let (session, reader) = Session::new(dialed, lease, heartbeat, redial);
+        let session = Arc::new(session);
         session.spawn_threads(reader).map_err(connect_error)?;
         Ok(Client {
             session,
             hello,
+            principal,
             stop_time,
             grace_told: Default::default(),
         })
@@ -382,6 +506,13 @@ impl Client {
         &self.hello
     }
 
+    /// Who the server takes this client for: the principal of its token or
+    /// client certificate, `anonymous`, or empty from a server that does not
+    /// say (one without authentication).
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+
     /// The address of the server the client talks to now: of a list, the
     /// one in use (a cluster's leader, perhaps not in the list), which
     /// changes when the client moves to a new leader.
@@ -418,7 +549,7 @@ impl Client {
                     .ok_or_else(|| Error::Protocol(format!("grant without a token: {result}"))),
                 "timeout" => Err(Error::NotGranted),
                 "cancelled" => Err(Error::Cancelled),
-                _ => Err(refused(&result)),
+                _ => Err(self.refused(&result, || format!("lock {name:?}"))),
             });
         match outcome {
             Ok(token) => Ok(LockGuard {
@@ -427,6 +558,7 @@ impl Client {
                 mode: options.mode,
                 token,
                 released: false,
+                principal: Arc::clone(&self.principal),
             }),
             Err(e) => {
                 self.session.release(name);
@@ -456,7 +588,24 @@ impl Client {
         match status(&result) {
             "ok" => Ok(true),
             "notFound" => Ok(false),
-            _ => Err(refused(&result)),
+            _ => Err(self.refused(&result, || format!("unlock {name:?}"))),
+        }
+    }
+
+    /// Closes the connection of every holder of `name` (the server's admin
+    /// right is needed): the lock goes to the next in line.
+    /// [`ForceRelease::NotHeld`] when nobody holds it.
+    pub fn force_release(&self, name: &str) -> Result<ForceRelease, Error> {
+        let result = self.call("forceRelease", json!({"lockName": name}))?;
+        match status(&result) {
+            "ok" => {
+                let closed = result.get("closed").cloned().unwrap_or(Value::Null);
+                serde_json::from_value(closed)
+                    .map(ForceRelease::Closed)
+                    .map_err(|e| Error::Protocol(format!("forceRelease: {e}: {result}")))
+            }
+            "notFound" => Ok(ForceRelease::NotHeld),
+            _ => Err(self.refused(&result, || format!("force the release of {name:?}"))),
         }
     }
 
@@ -489,12 +638,20 @@ impl Client {
         if let Some(after) = after {
             parameters["after"] = json!(after);
         }
-        self.call("status", parameters).and_then(ok_result)
+        let result = self.call("status", parameters)?;
+        if status(&result) != "ok" {
+            return Err(self.refused(&result, || "see the status of locks".to_string()));
+        }
+        parse(result)
     }
 
     /// Server counters.
     pub fn stats(&self) -> Result<StatsResult, Error> {
-        self.call("stats", Value::Null).and_then(ok_result)
+        let result = self.call("stats", Value::Null)?;
+        if status(&result) != "ok" {
+            return Err(self.refused(&result, || "see the server's counters".to_string()));
+        }
+        parse(result)
     }
 
     /// Round trip to the server.
@@ -503,7 +660,7 @@ impl Client {
         let result = self.call("ping", Value::Null)?;
         match status(&result) {
             "ok" => Ok(start.elapsed()),
-            _ => Err(refused(&result)),
+            _ => Err(self.refused(&result, || "ping".to_string())),
         }
     }
 
@@ -552,6 +709,18 @@ impl Client {
         self.session.on_resumed(Box::new(callback));
     }
 
+    /// The error for a result that is not `ok`: `denied` names the request
+    /// (`request` says it) and the principal.
+    fn refused(&self, result: &Value, request: impl FnOnce() -> String) -> Error {
+        match status(result) {
+            "denied" => Error::PermissionDenied {
+                request: request(),
+                principal: shown_principal(&self.principal),
+            },
+            _ => refused(result),
+        }
+    }
+
     fn call(&self, command: &str, parameters: Value) -> Result<Value, Error> {
         let rx = self
             .session
@@ -585,6 +754,8 @@ pub struct LockGuard {
     mode: Mode,
     token: u64,
     released: bool,
+    /// For a `denied` unlock's message.
+    principal: Arc<str>,
 }
 
 impl LockGuard {
@@ -630,6 +801,10 @@ impl LockGuard {
         let reply = self.session.wait_reply(&rx).map_err(Error::Lost)?;
         match reply.get("result").map(status) {
             Some("ok") => Ok(()),
+            Some("denied") => Err(Error::PermissionDenied {
+                request: format!("unlock {:?}", self.name),
+                principal: shown_principal(&self.principal),
+            }),
             _ => Err(Error::Protocol(format!("unlock: {reply}"))),
         }
     }
@@ -678,55 +853,92 @@ fn find_first(finder: &Finder, timeout: Duration) -> Result<(Dialed, HelloResult
     }
 }
 
-/// Connects and says `hello`: the stream, ready for requests, and the answer.
+/// Connects (over TLS when `tls` covers the address) and says `hello`,
+/// with the token if there is one: the connection, ready for requests, and
+/// the answer.
 fn dial(
     server: &str,
     client_name: &str,
+    auth: Option<&AuthToken>,
+    tls: Option<&Tls>,
     timeout: Duration,
 ) -> Result<(Dialed, HelloResult), Error> {
     let connect_error = |source| Error::Connect {
         server: server.to_string(),
         source,
     };
-    let mut stream = connect(server, timeout).map_err(connect_error)?;
-    stream.set_nodelay(true).map_err(connect_error)?;
+    let (tls_asked, host_port) = transport::split_scheme(server);
+    let tls = tls.filter(|tls| tls.covers(server));
+    if tls_asked && tls.is_none() {
+        return Err(Error::TlsConfig(format!(
+            "{server} asks for TLS, and no CA to check the server's certificate against was given"
+        )));
+    }
+    let connection = transport::connect(host_port, tls, timeout).map_err(|e| match e {
+        DialError::Io(source) => connect_error(source),
+        DialError::Tls(problem) => Error::Tls {
+            server: server.to_string(),
+            problem,
+        },
+        DialError::Refused(word, detail) => refusal(server, &word, detail),
+    })?;
+    let (mut reader, mut writer, control) = connection.split().map_err(connect_error)?;
+    // A TLS alert after the handshake (a client certificate refused, in
+    // TLS 1.3) comes with the answer to hello.
+    let failed = |e: io::Error| match tls.and_then(|tls| tls.problem(&e, host_port)) {
+        Some(problem) => Err(Error::Tls {
+            server: server.to_string(),
+            problem,
+        }),
+        None => Ok(e),
+    };
 
-    // hello, synchronously, before any thread uses the stream.
+    // hello, synchronously, before any thread uses the connection.
     let hello_sent_at = Instant::now();
-    let request = json!({"command": "hello", "id": 0, "parameters": {"client": client_name}});
-    stream
+    let mut request = json!({"command": "hello", "id": 0, "parameters": {"client": client_name}});
+    if let Some(token) = auth {
+        request["parameters"]["auth"] = json!(token.secret());
+    }
+    control
         .set_read_timeout(Some(timeout))
         .map_err(connect_error)?;
-    frame::write_blocking(&mut stream, request.to_string().as_bytes()).map_err(connect_error)?;
+    if let Err(e) = writer.write_frame(request.to_string().as_bytes()) {
+        return Err(connect_error(failed(e)?));
+    }
     let not_pklock = |detail: String| {
         Error::Protocol(format!(
             "{server} does not answer as a pklock server ({detail})"
         ))
     };
-    let body = match frame::read_blocking(&mut stream, 1 << 20) {
+    let body = match frame::read_blocking(&mut reader, 1 << 20) {
         Ok(body) => body,
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-            return Err(not_pklock(e.to_string()));
-        }
-        Err(e)
-            if matches!(
+        Err(e) => match failed(e)? {
+            e if e.kind() == io::ErrorKind::InvalidData => return Err(not_pklock(e.to_string())),
+            e if matches!(
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
             ) =>
-        {
-            return Err(not_pklock(format!(
-                "no answer to hello within {} ms",
-                timeout.as_millis()
-            )));
-        }
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Err(not_pklock(
-                "it closed the connection without answering hello".to_string(),
-            ));
-        }
-        Err(e) => return Err(connect_error(e)),
+            {
+                return Err(not_pklock(format!(
+                    "no answer to hello within {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            e if e.kind() == io::ErrorKind::UnexpectedEof => {
+                let why = match tls.is_some_and(Tls::has_client_cert) {
+                    // Some servers close at once instead of sending an alert.
+                    true => {
+                        "it closed the connection without answering hello; over TLS, it may \
+                             have refused our client certificate"
+                    }
+                    false => "it closed the connection without answering hello",
+                };
+                return Err(not_pklock(why.to_string()));
+            }
+            e => return Err(connect_error(e)),
+        },
     };
-    stream.set_read_timeout(None).map_err(connect_error)?;
+    control.set_read_timeout(None).map_err(connect_error)?;
     let reply: Value = serde_json::from_slice(&body).map_err(|e| not_pklock(e.to_string()))?;
     if let Some(word) = reply.get("error").and_then(Value::as_str) {
         let detail = reply
@@ -734,36 +946,56 @@ fn dial(
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        // denied, tooManyConnections, or a refused hello.
-        return Err(match word {
-            "denied" => Error::Denied(detail),
-            _ => Error::Refused {
-                status: word.to_string(),
-                error: detail,
-            },
-        });
+        return Err(refusal(server, word, detail));
     }
-    let hello: HelloResult = result_of(reply)?;
+    let result = reply
+        .get("result")
+        .ok_or_else(|| Error::Protocol(format!("hello: reply without a result: {reply}")))?;
+    if status(result) != "ok" {
+        return Err(refused(result));
+    }
+    let principal = result
+        .get("principal")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let hello: HelloResult = parse(result.clone())?;
     let dialed = Dialed {
         server: server.to_string(),
-        stream,
+        reader,
+        writer,
+        control,
         hello_sent_at,
+        principal,
         earliest_release: Duration::from_millis(hello.earliest_release_ms),
         grants_resume_in: Duration::from_millis(hello.grants_resume_in_ms),
     };
     Ok((dialed, hello))
 }
 
-fn connect(server: &str, timeout: Duration) -> io::Result<TcpStream> {
-    let addrs: Vec<SocketAddr> = server.to_socket_addrs()?.collect();
-    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last_error = e,
-        }
+/// The error for an error message in answer to hello (or, in plain text,
+/// to a TLS ClientHello): `denied` (the allow list), `tlsRequired`,
+/// `authFailed`, `tooManyConnections`, or a refused hello.
+fn refusal(server: &str, word: &str, detail: String) -> Error {
+    let server = server.to_string();
+    match word {
+        "denied" => Error::Denied(detail),
+        "tlsRequired" => Error::TlsRequired { server, detail },
+        "authFailed" => Error::AuthFailed { server, detail },
+        _ => Error::Refused {
+            status: word.to_string(),
+            error: detail,
+        },
     }
-    Err(last_error)
+}
+
+/// The principal as messages show it: `anonymous` from a server that does
+/// not name one.
+fn shown_principal(principal: &str) -> String {
+    match principal.is_empty() {
+        true => "anonymous".to_string(),
+        false => principal.to_string(),
+    }
 }
 
 fn status(result: &Value) -> &str {
@@ -798,19 +1030,28 @@ fn refused(result: &Value) -> Error {
     }
 }
 
-fn ok_result<T: DeserializeOwned>(result: Value) -> Result<T, Error> {
-    if status(&result) != "ok" {
-        return Err(refused(&result));
-    }
+fn parse<T: DeserializeOwned>(result: Value) -> Result<T, Error> {
     serde_json::from_value(result).map_err(|e| Error::Protocol(e.to_string()))
 }
 
-fn result_of<T: DeserializeOwned>(mut reply: Value) -> Result<T, Error> {
-    let result = reply
-        .get_mut("result")
-        .map(Value::take)
-        .ok_or_else(|| Error::Protocol(format!("reply without a result: {reply}")))?;
-    ok_result(result)
+/// A holder whose connection [`Client::force_release`] closed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct ClosedHolder {
+    /// Its connection's id, as `status` shows it.
+    pub conn: u64,
+    /// The client name it gave in `hello`.
+    pub client: String,
+    /// Its address, `ip:port`.
+    pub peer: String,
+}
+
+/// What [`Client::force_release`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForceRelease {
+    /// These holders' connections were closed.
+    Closed(Vec<ClosedHolder>),
+    /// Nobody held the lock.
+    NotHeld,
 }
 
 #[cfg(test)]
@@ -839,6 +1080,29 @@ mod tests {
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run().unwrap());
         (handle, thread)
+    }
+
+    #[test]
+    fn a_token_is_the_first_line_of_its_file_trimmed_and_never_shown() {
+        let dir = std::env::temp_dir().join(format!("pklock-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "\t s3cret  \r\nnext\n").unwrap();
+        let token = AuthToken::from_file(&file).unwrap();
+        assert_eq!(token.secret(), "s3cret");
+        assert_eq!(format!("{token:?}"), "AuthToken(..)");
+        std::fs::write(&file, "   \ns3cret\n").unwrap();
+        let error = AuthToken::from_file(&file).unwrap_err();
+        assert!(
+            error.ends_with("holds no auth token: its first line is empty"),
+            "{error}"
+        );
+        let error = AuthToken::from_file(&dir.join("none")).unwrap_err();
+        assert!(
+            error.starts_with("cannot read the auth token from"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

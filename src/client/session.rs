@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::transport::{Reader, Writer};
 use crate::frame;
 use crate::lock_table::Mode;
 
@@ -132,8 +133,8 @@ struct Held {
 }
 
 /// Dials a server to use again, within the time given and trying the
-/// leader a `notLeader` answer named first: a connected stream that has
-/// said `hello`, the time the hello was sent, its `earliestReleaseMs`, and
+/// leader a `notLeader` answer named first: a connection that has said
+/// `hello` (over TLS and with the token when the first one did), the time the hello was sent, its `earliestReleaseMs`, and
 /// how long the server still holds grants back. `Err` carries whether to
 /// try again.
 pub(crate) type Dialer =
@@ -143,8 +144,15 @@ pub(crate) type Dialer =
 pub(crate) struct Dialed {
     /// The address it was made to.
     pub(crate) server: String,
-    pub(crate) stream: TcpStream,
+    /// The read side, for the reader thread.
+    pub(crate) reader: Reader,
+    /// The write side, behind the session's lock.
+    pub(crate) writer: Writer,
+    /// The socket itself, for shutting it down.
+    pub(crate) control: TcpStream,
     pub(crate) hello_sent_at: Instant,
+    /// Who the server takes the client for (`principal` in the hello).
+    pub(crate) principal: String,
     pub(crate) earliest_release: Duration,
     pub(crate) grants_resume_in: Duration,
 }
@@ -224,7 +232,7 @@ pub struct Resumed {
 /// Shared by the client, its guards, and its two threads.
 pub(crate) struct Session {
     /// The write side, with the generation of its connection.
-    writer: Mutex<(u64, TcpStream)>,
+    writer: Mutex<(u64, Writer)>,
     state: Mutex<State>,
     changed: Condvar,
     callbacks: Mutex<Vec<LossCallback>>,
@@ -265,23 +273,27 @@ fn grace_end(hello_sent_at: Instant, grants_resume_in: Duration) -> Option<Insta
 }
 
 impl Session {
-    /// Wraps a connected stream; `confirmed_at` is when the first answered
-    /// request was sent.
+    /// Wraps a connection that has said `hello` (the hello's sending time
+    /// is when the first answered request was sent); returns the read side
+    /// for [`Session::spawn_threads`].
     pub(crate) fn new(
         dialed: Dialed,
         lease: Duration,
         heartbeat: Duration,
         dialer: Dialer,
-    ) -> io::Result<Session> {
+    ) -> (Session, Reader) {
         let Dialed {
             server,
-            stream,
+            reader,
+            writer,
+            control,
             hello_sent_at,
             earliest_release,
             grants_resume_in,
+            principal: _,
         } = dialed;
-        Ok(Session {
-            writer: Mutex::new((1, stream.try_clone()?)),
+        let session = Session {
+            writer: Mutex::new((1, writer)),
             state: Mutex::new(State {
                 next_id: 1,
                 pending: HashMap::new(),
@@ -297,7 +309,7 @@ impl Session {
                 server,
                 leader_hint: None,
                 grace_ends: grace_end(hello_sent_at, grants_resume_in),
-                control: stream,
+                control,
                 lease_paused: false,
                 paused_generation: 1,
                 closed: false,
@@ -310,7 +322,8 @@ impl Session {
             heartbeat,
             earliest_release,
             dialer,
-        })
+        };
+        (session, reader)
     }
 
     /// The address requests go to now.
@@ -342,7 +355,7 @@ impl Session {
     }
 
     /// Starts the reader and the watchdog.
-    pub(crate) fn spawn_threads(self: &Arc<Self>, reader: TcpStream) -> io::Result<()> {
+    pub(crate) fn spawn_threads(self: &Arc<Self>, reader: Reader) -> io::Result<()> {
         let session = Arc::clone(self);
         std::thread::Builder::new()
             .name("pklock-reader".into())
@@ -442,7 +455,7 @@ impl Session {
             // A reconnect came in between, and sent it on the new connection.
             return Ok(());
         }
-        if let Err(e) = frame::write_blocking(&mut writer.1, body.as_bytes()) {
+        if let Err(e) = writer.1.write_frame(body.as_bytes()) {
             drop(writer);
             // The reader sees the connection end too, and dials again.
             self.connection_broke(generation, &e);
@@ -622,7 +635,7 @@ impl Session {
         Err(reason)
     }
 
-    fn read_loop(&self, mut reader: TcpStream) {
+    fn read_loop(&self, mut reader: Reader) {
         loop {
             let reason = loop {
                 let body = match frame::read_blocking(&mut reader, MAX_REPLY_BYTES) {
@@ -649,7 +662,7 @@ impl Session {
                     let leader = message.get("leader").and_then(Value::as_str);
                     log::debug!("the server answered notLeader (leader: {leader:?})");
                     locked(&self.state).leader_hint = leader.map(str::to_string);
-                    let _ = reader.shutdown(Shutdown::Both);
+                    let _ = reader.shutdown();
                     break None;
                 }
                 self.dispatch(message);
@@ -675,7 +688,7 @@ impl Session {
     /// sends the waiting requests again; returns the new read side. Gives
     /// up (`None`) once the session is lost: the lease ran out (the
     /// watchdog says so), or the server found is not one to trust with it.
-    fn reconnect(&self) -> Option<TcpStream> {
+    fn reconnect(&self) -> Option<Reader> {
         {
             let mut state = locked(&self.state);
             if state.lost.is_some() {
@@ -736,7 +749,7 @@ impl Session {
 
     /// Moves the session onto a new connection: reclaims, then the waiting
     /// requests, in the order they were first sent.
-    fn resume_on(&self, dialed: Dialed) -> Option<TcpStream> {
+    fn resume_on(&self, dialed: Dialed) -> Option<Reader> {
         if dialed.earliest_release < self.earliest_release {
             self.declare_lost(LossReason::Closed(format!(
                 ", and the server found again may release locks after {} ms, sooner than \
@@ -746,13 +759,15 @@ impl Session {
             )));
             return None;
         }
-        let (reader, control) = match (dialed.stream.try_clone(), dialed.stream.try_clone()) {
-            (Ok(reader), Ok(control)) => (reader, control),
-            (Err(e), _) | (_, Err(e)) => {
-                self.declare_lost(LossReason::Broken(e.to_string()));
-                return None;
-            }
-        };
+        let Dialed {
+            server,
+            reader,
+            writer: new_writer,
+            control,
+            hello_sent_at,
+            grants_resume_in,
+            ..
+        } = dialed;
         let mut writer = locked(&self.writer);
         let mut state = locked(&self.state);
         if state.lost.is_some() {
@@ -763,10 +778,10 @@ impl Session {
         let generation = state.generation;
         state.reconnecting = false;
         state.control = control;
-        state.server = dialed.server;
+        state.server = server;
         state.server_error = None;
-        state.grace_ends = grace_end(dialed.hello_sent_at, dialed.grants_resume_in);
-        *writer = (generation, dialed.stream);
+        state.grace_ends = grace_end(hello_sent_at, grants_resume_in);
+        *writer = (generation, new_writer);
 
         let mut bodies = Vec::new();
         let mut reclaims = Vec::new();
@@ -792,7 +807,7 @@ impl Session {
         let resumed = match reclaims.is_empty() {
             // Nothing to take back: the hello's answer confirms the lease.
             true => {
-                state.confirmed_at = state.confirmed_at.max(dialed.hello_sent_at);
+                state.confirmed_at = state.confirmed_at.max(hello_sent_at);
                 state.resuming.take()
             }
             false => None,
@@ -848,7 +863,7 @@ impl Session {
         }
         drop(state);
         for body in bodies {
-            if let Err(e) = frame::write_blocking(&mut writer.1, body.to_string().as_bytes()) {
+            if let Err(e) = writer.1.write_frame(body.to_string().as_bytes()) {
                 drop(writer);
                 self.connection_broke(generation, &e);
                 return Some(reader);
@@ -885,7 +900,12 @@ impl Session {
         let mut state = locked(&self.state);
         let Some(id) = message.get("id").and_then(Value::as_u64) else {
             if let Some(error) = message.get("error").and_then(Value::as_str) {
-                state.server_error = Some(error.to_string());
+                // `forceReleased` says who closed it and why: keep the why.
+                let detail = message.get("detail").and_then(Value::as_str);
+                state.server_error = Some(match detail {
+                    Some(detail) if !detail.is_empty() => format!("{error} ({detail})"),
+                    _ => error.to_string(),
+                });
             }
             return;
         };
