@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError, ClientConfig, ClientConnection, RootCertStore};
@@ -145,7 +144,7 @@ impl Tls {
                 format!("a CA in {}", path.display()),
             ),
         };
-        let builder = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
+        let builder = ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?
             .with_root_certificates(roots);
@@ -197,14 +196,6 @@ impl Tls {
     pub(crate) fn covers(&self, address: &str) -> bool {
         self.every_address || address.starts_with(TLS_SCHEME)
     }
-}
-
-/// rustls's ring provider. rustls 0.23.48 deprecates it for lacking
-/// post-quantum key exchange; ring is kept because it builds without cmake,
-/// and the classical key exchanges it offers are what the server speaks.
-#[allow(deprecated)]
-fn ring_provider() -> rustls::crypto::CryptoProvider {
-    ring::default_provider()
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
