@@ -162,5 +162,13 @@ jq -rs '
    | ($p | row("median plain")), ($t | row("median tls  ")),
      "tls/plain: uncontended \(ratio($t.cycles; $p.cycles))x cycles/s, server CPU/cycle \(ratio($t.cpu; $p.cpu))x; "
      + "idle holder memory \(ratio($t.per_holder; $p.per_holder))x (\($t.per_holder | r(1)) B, \($t.per_holder / 1024 | r(100)) KiB per TLS holder); "
-     + "new connections \(ratio($t.conns; $p.conns))x per second, server CPU \(ratio($t.conn_cpu; $p.conn_cpu))x each")
+     + "new connections \(ratio($t.conns; $p.conns))x per second, server CPU \(ratio($t.conn_cpu; $p.conn_cpu))x each"),
+  # The two runs of a round are next to each other in time, so their ratio
+  # is less exposed to the machine slowing down for a while.
+  ([group_by(.round)[] | select(length == 2)
+    | (map(select(.mode == "tls"))[0]) as $t | (map(select(.mode == "plain"))[0]) as $p
+    | select($t.cycles != null and $p.cycles != null and $p.cycles > 0)
+    | $t.cycles / $p.cycles] as $rs
+   | "tls/plain uncontended cycles/s round by round: \($rs | map(. * 1000 | round / 1000))"
+     + ", median \($rs | median | r(1000))x")
 ' "$WORK/runs.jsonl"
