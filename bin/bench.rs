@@ -2,10 +2,12 @@
 //! Redis lock and PostgreSQL advisory locks. Argument parsing and wiring only.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use pklock::bench::tls::TlsClient;
 use pklock::bench::{self, Backend, BenchOptions, Workload};
 use pklock::duration;
 
@@ -14,9 +16,23 @@ use pklock::duration;
 #[derive(Parser)]
 #[command(name = "pklock-bench", version)]
 struct Args {
-    /// The pklock server.
+    /// The pklock server (with --tls, one of its TLS listeners).
     #[arg(long, default_value = "127.0.0.1:20934")]
     server: SocketAddr,
+    /// Speak TLS to the pklock server, on every connection.
+    #[arg(long, requires = "ca")]
+    tls: bool,
+    /// With --tls: the CA certificate(s) to trust, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// With --tls: the name the server's certificate must carry (default:
+    /// the IP address of --server).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    tls_name: Option<String>,
+    /// With --tls: offer only this key exchange group (x25519, secp256r1,
+    /// secp384r1); default: those of pklock's TLS provider, in its order.
+    #[arg(long, value_name = "GROUP", requires = "tls")]
+    tls_group: Option<String>,
     /// The pklock server's process id, for its CPU time and memory (found
     /// from the port when left out).
     #[arg(long)]
@@ -62,13 +78,23 @@ enum WorkloadArg {
     IdleHolders,
     DeadHolder,
     ManyLocks,
+    Handshakes,
 }
 
 /// The holder processes dead-holder starts and kills.
 #[derive(Subcommand)]
 enum Holder {
     #[command(name = "hold-pklock", hide = true)]
-    Pklock { addr: SocketAddr, name: String },
+    Pklock {
+        addr: SocketAddr,
+        name: String,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        tls_name: Option<String>,
+        #[arg(long)]
+        tls_group: Option<String>,
+    },
     #[cfg(feature = "compare")]
     #[command(name = "hold-redis", hide = true)]
     Redis {
@@ -88,7 +114,19 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(holder) = args.holder {
         let held = match holder {
-            Holder::Pklock { addr, name } => bench::pklock::hold(addr, &name),
+            Holder::Pklock {
+                addr,
+                name,
+                ca,
+                tls_name,
+                tls_group,
+            } => ca
+                .map(|ca| {
+                    let tls_name = tls_name.unwrap_or_else(|| addr.ip().to_string());
+                    TlsClient::new(&ca, &tls_name, tls_group.as_deref())
+                })
+                .transpose()
+                .and_then(|tls| bench::pklock::hold(addr, tls.as_ref(), &name)),
             #[cfg(feature = "compare")]
             Holder::Redis { url, name, ttl_ms } => bench::redis::hold(&url, &name, ttl_ms),
             #[cfg(feature = "compare")]
@@ -110,6 +148,7 @@ fn main() -> ExitCode {
                 WorkloadArg::IdleHolders => Workload::IdleHolders,
                 WorkloadArg::DeadHolder => Workload::DeadHolder,
                 WorkloadArg::ManyLocks => Workload::ManyLocks,
+                WorkloadArg::Handshakes => Workload::Handshakes,
             })
             .collect()
     };
@@ -122,10 +161,32 @@ fn main() -> ExitCode {
         redis_ttl: args.redis_ttl,
         redis_retry: args.redis_retry,
     };
-    let mut backends: Vec<Planned> = vec![(
-        Box::new(bench::pklock::Pklock::new(args.server, args.pid)),
-        workloads.clone(),
-    )];
+    let mut pklock = bench::pklock::Pklock::new(args.server, args.pid);
+    if let (true, Some(ca)) = (args.tls, &args.ca) {
+        let tls_name = args
+            .tls_name
+            .clone()
+            .unwrap_or_else(|| args.server.ip().to_string());
+        match TlsClient::new(ca, &tls_name, args.tls_group.as_deref()) {
+            Ok(client) => {
+                let mut holder_args = vec![
+                    "--ca".to_string(),
+                    ca.display().to_string(),
+                    "--tls-name".to_string(),
+                    tls_name,
+                ];
+                if let Some(group) = &args.tls_group {
+                    holder_args.extend(["--tls-group".to_string(), group.clone()]);
+                }
+                pklock = pklock.with_tls(client, holder_args);
+            }
+            Err(e) => {
+                eprintln!("pklock-bench: {e}");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    let mut backends: Vec<Planned> = vec![(Box::new(pklock), workloads.clone())];
     for url in &args.compare {
         match compared(url, &workloads) {
             Ok(mut more) => backends.append(&mut more),

@@ -67,9 +67,22 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
 /// rustls's *ring* provider: it builds with a C compiler alone (aws-lc-rs
 /// wants more), at the cost of no post-quantum key exchange, which rustls
 /// marks by deprecating it.
+///
+/// Key exchange prefers X25519, then P-256, then P-384 (the provider's own
+/// order puts P-384 first). A client sends its key share for its first
+/// group and a TLS 1.3 server takes the client's order, so this order is
+/// what pklock's own clients cost a server: a handshake over P-384 takes
+/// about 4.5 times the server CPU of one over X25519 (*ring*'s P-384 is
+/// generic big-number code; see benches/README.md, "TLS against plain").
 #[allow(deprecated)]
 pub fn provider() -> rustls::crypto::CryptoProvider {
-    ring::default_provider()
+    let mut provider = ring::default_provider();
+    provider.kx_groups = vec![
+        ring::kx_group::X25519,
+        ring::kx_group::SECP256R1,
+        ring::kx_group::SECP384R1,
+    ];
+    provider
 }
 
 fn read_certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -107,4 +120,23 @@ pub fn principal_of(cert: &CertificateDer<'_>) -> Option<String> {
         .filter(|name| !name.is_empty())
         .or_else(alternative)
         .filter(|name| !name.is_empty() && name.len() <= MAX_PRINCIPAL_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::NamedGroup;
+
+    #[test]
+    fn key_exchange_prefers_x25519_and_keeps_every_group() {
+        let groups: Vec<NamedGroup> = provider().kx_groups.iter().map(|g| g.name()).collect();
+        assert_eq!(
+            groups,
+            [
+                NamedGroup::X25519,
+                NamedGroup::secp256r1,
+                NamedGroup::secp384r1
+            ]
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! one run, against the locks people would use instead (a Redis `SET NX PX`
 //! lock, PostgreSQL advisory locks; behind the `compare` feature). Each
 //! backend implements [`Backend`]; this module runs them and reports.
+//! pklock is reached over plain TCP or, with [`tls::TlsClient`], over TLS.
 
 pub mod conn;
 pub mod pklock;
@@ -10,6 +11,7 @@ pub mod postgres;
 pub mod proc;
 #[cfg(feature = "compare")]
 pub mod redis;
+pub mod tls;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -35,16 +37,21 @@ pub enum Workload {
     /// Lock/unlock beside 10 held locks, then beside many (pklock only: the
     /// cost of a lock must not grow with the number held).
     ManyLocks,
+    /// New connections, one after another on each of several slots:
+    /// connect (and the TLS handshake, over TLS), one ping, close (pklock
+    /// only: what a flood of new clients costs the event loop).
+    Handshakes,
 }
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Uncontended,
         Workload::Contended,
         Workload::IdleHolders,
         Workload::DeadHolder,
         Workload::ManyLocks,
+        Workload::Handshakes,
     ];
 
     /// The command-line name.
@@ -55,6 +62,7 @@ impl Workload {
             Workload::IdleHolders => "idle-holders",
             Workload::DeadHolder => "dead-holder",
             Workload::ManyLocks => "many-locks",
+            Workload::Handshakes => "handshakes",
         }
     }
 }
@@ -243,6 +251,19 @@ pub struct ManyLocks {
     pub probe_with_many: Latency,
 }
 
+/// `handshakes` results.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Handshakes {
+    /// Whether the connections spoke TLS.
+    pub tls: bool,
+    /// New connections through to their first reply, per second.
+    pub per_sec: f64,
+    /// From connecting to the reply to the first request.
+    pub latency: Latency,
+    /// Server CPU per new connection (accept, handshake, one request, close).
+    pub server_cpu: Option<ServerCpu>,
+}
+
 /// One backend's results; a workload not run (or failed) is `None`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Results {
@@ -260,6 +281,8 @@ pub struct Results {
     pub dead_holder: Option<DeadHolder>,
     /// `many-locks`.
     pub many_locks: Option<ManyLocks>,
+    /// `handshakes`.
+    pub handshakes: Option<Handshakes>,
     /// Workloads that could not run, and why.
     pub errors: Vec<String>,
 }
@@ -278,12 +301,17 @@ pub trait Backend {
     fn idle_holders(&mut self, options: &BenchOptions) -> Result<IdleHolders, BenchError>;
     /// A holder process SIGKILLed while a waiter waits, `options.rounds` times.
     fn dead_holder(&mut self, options: &BenchOptions) -> Result<DeadHolder, BenchError>;
-    /// Whether this backend runs `workload` (`many-locks` is pklock's own).
+    /// Whether this backend runs `workload` (`many-locks` and `handshakes`
+    /// are pklock's own).
     fn supports(&self, workload: Workload) -> bool {
-        workload != Workload::ManyLocks
+        !matches!(workload, Workload::ManyLocks | Workload::Handshakes)
     }
     /// Lock/unlock beside 10 held locks, then beside `options.many_locks`.
     fn many_locks(&mut self, _options: &BenchOptions) -> Result<ManyLocks, BenchError> {
+        Err("not measured for this backend".to_string())
+    }
+    /// New connections on `options.connections` slots for the duration.
+    fn handshakes(&mut self, _options: &BenchOptions) -> Result<Handshakes, BenchError> {
         Err("not measured for this backend".to_string())
     }
 }
@@ -318,6 +346,9 @@ pub fn run(backend: &mut dyn Backend, workloads: &[Workload], options: &BenchOpt
             Workload::ManyLocks => backend
                 .many_locks(options)
                 .map(|r| results.many_locks = Some(r)),
+            Workload::Handshakes => backend
+                .handshakes(options)
+                .map(|r| results.handshakes = Some(r)),
         };
         if let Err(e) = outcome {
             eprintln!("{}: {}: {e}", backend.name(), workload.name());
@@ -450,6 +481,24 @@ pub fn report(all: &[Results]) -> String {
                 m.probe_with_many.p50_us,
                 m.held,
                 m.probe_with_many.p50_us / m.probe_with_10.p50_us.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    for r in all {
+        if let Some(h) = &r.handshakes {
+            let _ = writeln!(
+                out,
+                "handshakes (new connections: connect{}, one ping, close)",
+                if h.tls { ", TLS handshake" } else { "" }
+            );
+            let cpu = h
+                .server_cpu
+                .as_ref()
+                .map_or("-".to_string(), |c| format!("{:.1} us", c.us_per_op));
+            let _ = writeln!(
+                out,
+                "  {:<9} {:>9.0} connections/s  connect to reply p50 {:.1} us  p99 {:.1} us  server CPU/connection {cpu}",
+                r.backend, h.per_sec, h.latency.p50_us, h.latency.p99_us
             );
         }
     }

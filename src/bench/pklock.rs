@@ -1,8 +1,10 @@
 //! The workloads against a pklock server, driven from one thread: a `mio`
 //! loop over every connection, each with at most one request outstanding
-//! (contended holders send unlock and their next lock together).
+//! (contended holders send unlock and their next lock together). With TLS
+//! (`--tls`), every connection speaks it: the load, the probes and the
+//! holder processes.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,24 +12,53 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token};
 use serde::Deserialize;
 
-use super::conn::{LoadConn, connect_all, io_err};
+use super::conn::{LoadConn, connect_all_over, io_err};
+use super::tls::TlsClient;
 use super::{
-    BenchError, BenchOptions, Contended, DeadHolder, IdleHolders, Latency, Uncontended, histogram,
-    proc, record,
+    BenchError, BenchOptions, Contended, DeadHolder, Handshakes, IdleHolders, Latency, ServerCpu,
+    Uncontended, histogram, proc, record,
 };
 use crate::frame;
+
+/// How long the idle holders may take to be granted their locks.
+const HOLDERS_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The pklock server under test.
 pub struct Pklock {
     addr: SocketAddr,
     pid: Option<u32>,
+    tls: Option<TlsTarget>,
+}
+
+/// The TLS client, and the arguments that give it to a holder process.
+struct TlsTarget {
+    client: TlsClient,
+    args: Vec<String>,
 }
 
 impl Pklock {
     /// The server at `addr`; its process is found from the port unless `pid` is given.
     pub fn new(addr: SocketAddr, pid: Option<u32>) -> Pklock {
         let pid = pid.or_else(|| proc::pid_listening_on(addr.port()));
-        Pklock { addr, pid }
+        Pklock {
+            addr,
+            pid,
+            tls: None,
+        }
+    }
+
+    /// Speaks TLS with `client` on every connection; `holder_args` are the
+    /// arguments that do the same for a `hold-pklock` process.
+    pub fn with_tls(mut self, client: TlsClient, holder_args: Vec<String>) -> Pklock {
+        self.tls = Some(TlsTarget {
+            client,
+            args: holder_args,
+        });
+        self
+    }
+
+    fn tls(&self) -> Option<&TlsClient> {
+        self.tls.as_ref().map(|t| &t.client)
     }
 }
 
@@ -48,9 +79,15 @@ struct ReplyId {
     id: Option<u64>,
 }
 
-/// Reads what `conn` has and returns the ids of the whole replies in it.
-fn replies(conn: &mut LoadConn) -> io::Result<Vec<u64>> {
+const PING_ID: u64 = 3;
+
+/// Reads what `conn` has and returns the ids of the whole replies in it
+/// (over TLS, first writing what the session has to send back).
+fn replies(conn: &mut LoadConn, poll: &Poll, token: Token) -> io::Result<Vec<u64>> {
     conn.fill()?;
+    if conn.is_tls() {
+        conn.flush(poll, token)?;
+    }
     let mut ids = Vec::new();
     let mut offset = 0;
     while let Ok(Some(f)) = frame::decode(&conn.input[offset..], 1 << 20) {
@@ -70,15 +107,16 @@ impl super::Backend for Pklock {
     }
 
     fn target(&self) -> String {
+        let scheme = if self.tls.is_some() { "tls://" } else { "" };
         match self.pid {
-            Some(pid) => format!("{} (pid {pid})", self.addr),
-            None => self.addr.to_string(),
+            Some(pid) => format!("{scheme}{} (pid {pid})", self.addr),
+            None => format!("{scheme}{}", self.addr),
         }
     }
 
     fn uncontended(&mut self, options: &BenchOptions) -> Result<Uncontended, BenchError> {
         let mut poll = Poll::new().map_err(|e| e.to_string())?;
-        let mut conns = connect_all(self.addr, options.connections, &poll)?;
+        let mut conns = connect_all_over(self.addr, options.connections, self.tls(), &mut poll)?;
         let locks: Vec<Vec<u8>> = (0..conns.len())
             .map(|i| request("lock", LOCK_ID, &format!("bench/u/{i}")))
             .collect();
@@ -110,7 +148,7 @@ impl super::Backend for Pklock {
                 if !event.is_readable() {
                     continue;
                 }
-                for id in replies(conn).map_err(io_err)? {
+                for id in replies(conn, &poll, Token(i)).map_err(io_err)? {
                     match id {
                         LOCK_ID => {
                             record(&mut latency, now - sent_at[i]);
@@ -137,9 +175,9 @@ impl super::Backend for Pklock {
     }
 
     fn contended(&mut self, options: &BenchOptions) -> Result<Contended, BenchError> {
-        let ping = ping_latency(self.addr, Duration::from_secs(1))?;
+        let ping = ping_latency(self.addr, self.tls(), Duration::from_secs(1))?;
         let mut poll = Poll::new().map_err(|e| e.to_string())?;
-        let mut conns = connect_all(self.addr, options.connections, &poll)?;
+        let mut conns = connect_all_over(self.addr, options.connections, self.tls(), &mut poll)?;
         let lock = request("lock", LOCK_ID, "bench/contended");
         let mut unlock_then_lock = request("unlock", UNLOCK_ID, "bench/contended");
         unlock_then_lock.extend_from_slice(&lock);
@@ -168,7 +206,7 @@ impl super::Backend for Pklock {
                 if !event.is_readable() {
                     continue;
                 }
-                for id in replies(conn).map_err(io_err)? {
+                for id in replies(conn, &poll, Token(i)).map_err(io_err)? {
                     if id != LOCK_ID || now >= deadline {
                         continue;
                     }
@@ -193,18 +231,48 @@ impl super::Backend for Pklock {
     fn idle_holders(&mut self, options: &BenchOptions) -> Result<IdleHolders, BenchError> {
         raise_fd_limit(options.holders as u64 + 256)?;
         let probe_cycles = 2000;
-        let mut probe = BlockingConn::connect(self.addr)?;
+        let mut probe = BlockingConn::connect(self.addr, self.tls())?;
         let probe_alone = probe.cycles("bench/probe", probe_cycles)?;
         let rss_before = self.pid.and_then(proc::rss_kib);
-        let mut holders = Vec::with_capacity(options.holders);
-        for i in 0..options.holders {
-            let mut conn = TcpStream::connect(self.addr).map_err(|e| format!("holder {i}: {e}"))?;
-            conn.write_all(&request("lock", LOCK_ID, &format!("bench/idle/{i}")))
-                .map_err(|e| e.to_string())?;
-            holders.push(conn);
-        }
+        let mut poll = Poll::new().map_err(|e| e.to_string())?;
+        let mut holders = connect_all_over(self.addr, options.holders, self.tls(), &mut poll)
+            .map_err(|e| format!("holders: {e}"))?;
         for (i, conn) in holders.iter_mut().enumerate() {
-            frame::read_blocking(conn, 1 << 20).map_err(|e| format!("holder {i}: {e}"))?;
+            let lock = request("lock", LOCK_ID, &format!("bench/idle/{i}"));
+            conn.send(&lock, &poll, Token(i))
+                .map_err(|e| format!("holder {i}: {e}"))?;
+        }
+        let mut granted = vec![false; holders.len()];
+        let mut waiting = holders.len();
+        let deadline = Instant::now() + HOLDERS_TIMEOUT;
+        let mut events = Events::with_capacity(1024);
+        while waiting > 0 {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{waiting} of {} holders not granted after {HOLDERS_TIMEOUT:?}",
+                    holders.len()
+                ));
+            }
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            for event in &events {
+                let i = event.token().0;
+                let Some(conn) = holders.get_mut(i) else {
+                    continue;
+                };
+                if event.is_writable() {
+                    conn.flush(&poll, Token(i))
+                        .map_err(|e| format!("holder {i}: {e}"))?;
+                }
+                if !event.is_readable() {
+                    continue;
+                }
+                let ids = replies(conn, &poll, Token(i)).map_err(|e| format!("holder {i}: {e}"))?;
+                if ids.contains(&LOCK_ID) && !granted[i] {
+                    granted[i] = true;
+                    waiting -= 1;
+                }
+            }
         }
         // Let the server settle before reading its memory.
         std::thread::sleep(Duration::from_millis(200));
@@ -223,6 +291,82 @@ impl super::Backend for Pklock {
         })
     }
 
+    fn handshakes(&mut self, options: &BenchOptions) -> Result<Handshakes, BenchError> {
+        let mut poll = Poll::new().map_err(|e| e.to_string())?;
+        let mut ping = Vec::new();
+        let _ = frame::encode(
+            format!(r#"{{"command":"ping","id":{PING_ID}}}"#).as_bytes(),
+            &mut ping,
+        );
+        let tls = self.tls.as_ref().map(|t| &t.client);
+        let addr = self.addr;
+        // Connects, and asks for a ping at once: over TLS it is sent with the
+        // client's last handshake record, and its reply says the server has
+        // finished the handshake.
+        let open = |poll: &Poll, i: usize| -> Result<(LoadConn, Instant), BenchError> {
+            let opened = Instant::now();
+            let mut conn = LoadConn::open(addr, tls, poll, Token(i))?;
+            conn.send(&ping, poll, Token(i)).map_err(io_err)?;
+            Ok((conn, opened))
+        };
+        let cpu_before = self.pid.and_then(proc::cpu_ms);
+        let start = Instant::now();
+        let deadline = start + options.duration;
+        let mut slots = (0..options.connections)
+            .map(|i| open(&poll, i).map(Some))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut latency = histogram();
+        let (mut counted, mut all) = (0u64, 0u64);
+        let mut open_slots = slots.len();
+        let mut events = Events::with_capacity(1024);
+        while open_slots > 0 {
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            for event in &events {
+                let i = event.token().0;
+                let Some(Some((conn, opened))) = slots.get_mut(i) else {
+                    continue;
+                };
+                if event.is_writable() {
+                    conn.flush(&poll, Token(i)).map_err(io_err)?;
+                }
+                if !event.is_readable() {
+                    continue;
+                }
+                if !replies(conn, &poll, Token(i))
+                    .map_err(io_err)?
+                    .contains(&PING_ID)
+                {
+                    continue;
+                }
+                let now = Instant::now();
+                all += 1;
+                if now >= deadline {
+                    slots[i] = None;
+                    open_slots -= 1;
+                    continue;
+                }
+                counted += 1;
+                record(&mut latency, now - *opened);
+                // The old connection closes as the new one takes its slot.
+                slots[i] = Some(open(&poll, i)?);
+            }
+        }
+        let cpu_after = self.pid.and_then(proc::cpu_ms);
+        let elapsed = deadline
+            .saturating_duration_since(start)
+            .max(Duration::from_millis(1));
+        Ok(Handshakes {
+            tls: self.tls.is_some(),
+            per_sec: counted as f64 / elapsed.as_secs_f64(),
+            latency: Latency::from_histogram(&latency),
+            server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| ServerCpu {
+                cpu_ms: a - b,
+                us_per_op: (a - b) * 1000.0 / all.max(1) as f64,
+            }),
+        })
+    }
+
     fn supports(&self, _workload: super::Workload) -> bool {
         true
     }
@@ -230,12 +374,18 @@ impl super::Backend for Pklock {
     fn many_locks(&mut self, options: &BenchOptions) -> Result<super::ManyLocks, BenchError> {
         const PER_CONNECTION: usize = 5_000;
         let probe_cycles = 5000;
-        let mut probe = BlockingConn::connect(self.addr)?;
-        let mut few = hold_many(self.addr, 10, PER_CONNECTION, "bench/few")?;
+        let mut probe = BlockingConn::connect(self.addr, self.tls())?;
+        let mut few = hold_many(self.addr, self.tls(), 10, PER_CONNECTION, "bench/few")?;
         let probe_with_10 = probe.cycles("bench/probe-many", probe_cycles)?;
         few.clear();
         raise_fd_limit((options.many_locks / PER_CONNECTION) as u64 + 256)?;
-        let _many = hold_many(self.addr, options.many_locks, PER_CONNECTION, "bench/many")?;
+        let _many = hold_many(
+            self.addr,
+            self.tls(),
+            options.many_locks,
+            PER_CONNECTION,
+            "bench/many",
+        )?;
         let probe_with_many = probe.cycles("bench/probe-many", probe_cycles)?;
         Ok(super::ManyLocks {
             held: options.many_locks,
@@ -248,10 +398,15 @@ impl super::Backend for Pklock {
         let mut kill_to_grant = histogram();
         for round in 0..options.rounds {
             let name = format!("bench/dead/{round}");
-            let mut holder = spawn_holder(&["hold-pklock", &self.addr.to_string(), &name])?;
-            let mut waiter = BlockingConn::connect(self.addr)?;
+            let addr = self.addr.to_string();
+            let mut args = vec!["hold-pklock", &addr, &name];
+            if let Some(tls) = &self.tls {
+                args.extend(tls.args.iter().map(String::as_str));
+            }
+            let mut holder = spawn_holder(&args)?;
+            let mut waiter = BlockingConn::connect(self.addr, self.tls())?;
             waiter.send(&request("lock", LOCK_ID, &name))?;
-            wait_until_queued(self.addr, &name)?;
+            wait_until_queued(self.addr, self.tls(), &name)?;
             let killed_at = Instant::now();
             holder.kill().map_err(|e| e.to_string())?;
             waiter.recv()?;
@@ -265,15 +420,24 @@ impl super::Backend for Pklock {
     }
 }
 
+/// A socket, or a TLS session over one.
+trait Stream: Read + Write {}
+
+impl<T: Read + Write> Stream for T {}
+
 /// A blocking connection for probes and waiters.
 struct BlockingConn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
 }
 
 impl BlockingConn {
-    fn connect(addr: SocketAddr) -> Result<BlockingConn, BenchError> {
+    fn connect(addr: SocketAddr, tls: Option<&TlsClient>) -> Result<BlockingConn, BenchError> {
         let stream = TcpStream::connect(addr).map_err(|e| format!("connect to {addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let stream: Box<dyn Stream> = match tls {
+            Some(tls) => Box::new(tls.blocking(stream)?),
+            None => Box::new(stream),
+        };
         Ok(BlockingConn { stream })
     }
 
@@ -308,15 +472,16 @@ impl BlockingConn {
 /// each (requests pipelined); dropping them releases the locks.
 fn hold_many(
     addr: SocketAddr,
+    tls: Option<&TlsClient>,
     count: usize,
     per_connection: usize,
     prefix: &str,
-) -> Result<Vec<TcpStream>, BenchError> {
+) -> Result<Vec<BlockingConn>, BenchError> {
     let mut holders = Vec::new();
     let mut taken = 0;
     while taken < count {
         let n = per_connection.min(count - taken);
-        let mut conn = BlockingConn::connect(addr)?;
+        let mut conn = BlockingConn::connect(addr, tls)?;
         let mut requests = Vec::new();
         for i in taken..taken + n {
             requests.extend(request("lock", LOCK_ID, &format!("{prefix}/{i}")));
@@ -325,17 +490,24 @@ fn hold_many(
         for _ in 0..n {
             conn.recv()?;
         }
-        holders.push(conn.stream);
+        holders.push(conn);
         taken += n;
     }
     Ok(holders)
 }
 
 /// Round trips of `ping` on one connection, for `duration`.
-fn ping_latency(addr: SocketAddr, duration: Duration) -> Result<Latency, BenchError> {
-    let mut conn = BlockingConn::connect(addr)?;
+fn ping_latency(
+    addr: SocketAddr,
+    tls: Option<&TlsClient>,
+    duration: Duration,
+) -> Result<Latency, BenchError> {
+    let mut conn = BlockingConn::connect(addr, tls)?;
     let mut ping = Vec::new();
-    let _ = frame::encode(br#"{"command":"ping","id":3}"#, &mut ping);
+    let _ = frame::encode(
+        format!(r#"{{"command":"ping","id":{PING_ID}}}"#).as_bytes(),
+        &mut ping,
+    );
     let mut h = histogram();
     let start = Instant::now();
     while start.elapsed() < duration {
@@ -348,8 +520,12 @@ fn ping_latency(addr: SocketAddr, duration: Duration) -> Result<Latency, BenchEr
 }
 
 /// Waits until `name` has a waiter, so the kill finds one queued.
-fn wait_until_queued(addr: SocketAddr, name: &str) -> Result<(), BenchError> {
-    let mut conn = BlockingConn::connect(addr)?;
+fn wait_until_queued(
+    addr: SocketAddr,
+    tls: Option<&TlsClient>,
+    name: &str,
+) -> Result<(), BenchError> {
+    let mut conn = BlockingConn::connect(addr, tls)?;
     let mut status = Vec::new();
     let body = serde_json::json!({"command": "status", "id": 4, "parameters": {"lockName": name}})
         .to_string();
@@ -392,8 +568,8 @@ pub fn spawn_holder(args: &[&str]) -> Result<std::process::Child, BenchError> {
 }
 
 /// The holder process's side: take `name`, say `held`, and wait to be killed.
-pub fn hold(addr: SocketAddr, name: &str) -> Result<(), BenchError> {
-    let mut conn = BlockingConn::connect(addr)?;
+pub fn hold(addr: SocketAddr, tls: Option<&TlsClient>, name: &str) -> Result<(), BenchError> {
+    let mut conn = BlockingConn::connect(addr, tls)?;
     conn.send(&request("lock", LOCK_ID, name))?;
     conn.recv()?;
     println!("held");
