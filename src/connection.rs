@@ -37,6 +37,9 @@ struct Tls {
     first_checked: bool,
     /// The handshake's end was reported by [`Connection::handshake_done`].
     told_done: bool,
+    /// The last read of the socket returned less than it asked for: the
+    /// socket was empty then.
+    socket_drained: bool,
 }
 
 /// What a TLS listener got instead of TLS.
@@ -151,6 +154,7 @@ impl Connection {
             session,
             first_checked: false,
             told_done: false,
+            socket_drained: false,
         }));
         Ok(())
     }
@@ -160,6 +164,13 @@ impl Connection {
         self.tls
             .as_ref()
             .is_some_and(|tls| tls.session.is_handshaking())
+    }
+
+    /// Whether a read that gave `n` of `asked` bytes took everything there
+    /// was: a short read of the socket, and on TLS also every record
+    /// decrypted and read. Any later byte raises a new readiness event.
+    pub fn drained_after(&self, n: usize, asked: usize) -> bool {
+        n < asked && self.tls.as_ref().is_none_or(|tls| tls.socket_drained)
     }
 
     /// Whether the connection speaks TLS.
@@ -379,6 +390,20 @@ impl Write for Socket<'_> {
     }
 }
 
+/// The socket as rustls reads it, noting a read shorter than asked.
+struct CountedRead<'a> {
+    stream: &'a TcpStream,
+    short: bool,
+}
+
+impl Read for CountedRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = recv(self.stream, buf)?;
+        self.short = n < buf.len();
+        Ok(n)
+    }
+}
+
 impl Tls {
     /// Plain text into `buf`, reading and decrypting records as needed.
     /// `Ok(0)` is the peer's close; an error of kind `InvalidData` wrapping
@@ -404,7 +429,13 @@ impl Tls {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if self.session.read_tls(&mut Socket(stream))? == 0 {
+            let mut socket = CountedRead {
+                stream,
+                short: false,
+            };
+            let read = self.session.read_tls(&mut socket)?;
+            self.socket_drained = socket.short;
+            if read == 0 {
                 return Ok(0);
             }
             if let Err(e) = self.session.process_new_packets() {

@@ -1358,9 +1358,7 @@ impl Server {
                     let Some(conn) = self.conns.get_mut(key) else {
                         break;
                     };
-                    // Less than asked says the socket is empty, but not
-                    // that TLS has no more records to decrypt.
-                    let drained = n < scratch.len() && !to_the_end && !conn.is_tls();
+                    let drained = conn.drained_after(n, scratch.len()) && !to_the_end;
                     if drained {
                         conn.unread = false;
                     }
