@@ -74,6 +74,14 @@ impl Tokens {
     }
 }
 
+/// What a tokens file lists for `token`: its SHA-256, in hex.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn decode_hash(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.is_ascii() {
@@ -91,19 +99,12 @@ fn decode_hash(hex: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
 
-    fn hash_hex(token: &str) -> String {
-        Sha256::digest(token.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-
     #[test]
     fn a_token_names_its_principal_and_nothing_else_does() {
         let text = format!(
             "deploy = \"{}\"\nops = \"{}\"\n",
-            hash_hex("s3cret-deploy"),
-            hash_hex("s3cret-ops").to_uppercase()
+            token_hash("s3cret-deploy"),
+            token_hash("s3cret-ops").to_uppercase()
         );
         let tokens = Tokens::parse(&text).unwrap();
         assert_eq!(tokens.principal_of("s3cret-deploy"), Some("deploy"));
@@ -111,7 +112,7 @@ mod tests {
         assert_eq!(tokens.principal_of("s3cret-deplo"), None);
         assert_eq!(tokens.principal_of(""), None);
         assert_eq!(
-            tokens.principal_of(&hash_hex("s3cret-ops")),
+            tokens.principal_of(&token_hash("s3cret-ops")),
             None,
             "the hash is not the token"
         );
@@ -123,7 +124,7 @@ mod tests {
             ("deploy = \"abc\"", "`deploy` is not a SHA-256"),
             ("deploy = 5", "`deploy` must be a string"),
             (
-                &format!("anonymous = \"{}\"", hash_hex("x")),
+                &format!("anonymous = \"{}\"", token_hash("x")),
                 "`anonymous` cannot",
             ),
             ("deploy = ", "expected"),

@@ -1196,13 +1196,7 @@ mod tests {
     }
 
     fn with_tokens(core: &mut Core, allow_plaintext_auth: bool) {
-        let hash = |token: &str| -> String {
-            use sha2::Digest;
-            sha2::Sha256::digest(token.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        };
+        let hash = crate::auth::token_hash;
         let text = format!(
             "deploy = \"{}\"\nops = \"{}\"\n",
             hash("deploy-token"),

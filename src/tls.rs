@@ -22,7 +22,7 @@ const MAX_PRINCIPAL_BYTES: usize = 256;
 /// the error names the file at fault and what is wrong with it.
 pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(provider());
-    let certs = read_certificates(&config.cert_file, "cert_file")?;
+    let certs = read_certificates(&config.cert_file).map_err(|e| format!("tls.cert_file {e}"))?;
     let key = PrivateKeyDer::from_pem_file(&config.key_file).map_err(|e| {
         format!(
             "tls.key_file {}: no usable private key ({e})",
@@ -34,15 +34,7 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
         .map_err(|e| format!("TLS: {e}"))?;
     let builder = match &config.client_ca_file {
         Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for cert in read_certificates(path, "client_ca_file")? {
-                roots.add(cert).map_err(|e| {
-                    format!(
-                        "tls.client_ca_file {}: not a usable CA certificate ({e})",
-                        path.display()
-                    )
-                })?;
-            }
+            let roots = read_roots(path).map_err(|e| format!("tls.client_ca_file {e}"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| format!("tls.client_ca_file {}: {e}", path.display()))?;
@@ -85,17 +77,26 @@ pub fn provider() -> rustls::crypto::CryptoProvider {
     provider
 }
 
-fn read_certificates(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The PEM certificates in `path`, at least one; the error names the file.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls.{key} {}: {e}", path.display()))?;
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!(
-            "tls.{key} {}: no PEM certificate in it",
-            path.display()
-        ));
+        return Err(format!("{}: no PEM certificate in it", path.display()));
     }
     Ok(certs)
+}
+
+/// The CA certificates in `path`, as roots to verify a peer against.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certificates(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: not a usable CA certificate ({e})", path.display()))?;
+    }
+    Ok(roots)
 }
 
 /// The principal a client certificate names: its subject's common name, or

@@ -9,9 +9,9 @@ use std::path::Path;
 use common::pki::{Ca, Pair};
 use common::tls_peer::{TlsPeer, client_config};
 use common::{Peer, TestServer, temp_dir};
+use pklock::auth::token_hash;
 use pklock::config::{AuthConfig, Config, TlsConfig};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 fn tls_config(server: &Pair, client_ca: Option<&Path>) -> TlsConfig {
     TlsConfig {
@@ -35,13 +35,6 @@ fn tls_server(
     });
     let tls_addr = server.addrs[1];
     (server, tls_addr)
-}
-
-fn hash_hex(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[test]
@@ -115,7 +108,7 @@ fn tokens_name_principals_and_a_bad_token_is_refused_and_closed() {
     let tokens_file = dir.join("tokens.toml");
     std::fs::write(
         &tokens_file,
-        format!("deploy = \"{}\"\n", hash_hex("right-token")),
+        format!("deploy = \"{}\"\n", token_hash("right-token")),
     )
     .unwrap();
     let server = TestServer::with(|c| {
@@ -155,7 +148,7 @@ fn an_anonymous_peer_can_neither_see_nor_touch_a_locked_down_prefix() {
     let tokens_file = dir.join("tokens.toml");
     std::fs::write(
         &tokens_file,
-        format!("deploy = \"{}\"\n", hash_hex("d-token")),
+        format!("deploy = \"{}\"\n", token_hash("d-token")),
     )
     .unwrap();
     let server = TestServer::with(|c| {
@@ -212,7 +205,7 @@ fn the_example_rules_give_each_principal_exactly_its_rights_on_each_prefix() {
     let tokens_file = dir.join("tokens.toml");
     let lines: String = principals
         .iter()
-        .map(|p| format!("{p} = \"{}\"\n", hash_hex(&format!("{p}-token"))))
+        .map(|p| format!("{p} = \"{}\"\n", token_hash(&format!("{p}-token"))))
         .collect();
     std::fs::write(&tokens_file, lines).unwrap();
     let server = TestServer::with(|c| {

@@ -9,9 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::Resumption;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use rustls_pki_types::ServerName;
 
 use super::BenchError;
 
@@ -40,24 +39,7 @@ impl TlsClient {
     /// Session resumption is off, as it is on the server: every connection
     /// makes a full handshake, which is what a flood of new clients costs.
     pub fn new(ca_file: &Path, name: &str, group: Option<&str>) -> Result<TlsClient, BenchError> {
-        let certs = CertificateDer::pem_file_iter(ca_file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("--ca {}: {e}", ca_file.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "--ca {}: no PEM certificate in it",
-                ca_file.display()
-            ));
-        }
-        let mut roots = RootCertStore::empty();
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                format!(
-                    "--ca {}: not a usable CA certificate ({e})",
-                    ca_file.display()
-                )
-            })?;
-        }
+        let roots = crate::tls::read_roots(ca_file).map_err(|e| format!("--ca {e}"))?;
         let name = match name.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => ServerName::try_from(name.to_string())

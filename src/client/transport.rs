@@ -11,12 +11,12 @@
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, CertificateError, ClientConfig, ClientConnection, RootCertStore};
 
 use crate::frame;
@@ -140,7 +140,7 @@ impl Tls {
         let (roots, trusted) = match &options.roots {
             Roots::Store(store) => (Arc::clone(store), "a trusted CA".to_string()),
             Roots::CaFile(path) => (
-                Arc::new(load_roots(path)?),
+                Arc::new(crate::tls::read_roots(path)?),
                 format!("a CA in {}", path.display()),
             ),
         };
@@ -151,7 +151,7 @@ impl Tls {
         let config = match &options.client_cert {
             None => builder.with_no_client_auth(),
             Some(client) => {
-                let chain = load_certs(&client.cert_file)?;
+                let chain = crate::tls::read_certificates(&client.cert_file)?;
                 let key = PrivateKeyDer::from_pem_file(&client.key_file).map_err(|e| {
                     format!(
                         "cannot read a private key from {}: {e}",
@@ -196,29 +196,6 @@ impl Tls {
     pub(crate) fn covers(&self, address: &str) -> bool {
         self.every_address || address.starts_with(TLS_SCHEME)
     }
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let cannot =
-        |e: &dyn fmt::Display| format!("cannot read certificates from {}: {e}", path.display());
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| cannot(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cannot(&e))?;
-    match certs.is_empty() {
-        true => Err(cannot(&"no PEM certificate in it")),
-        false => Ok(certs),
-    }
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
-    }
-    Ok(roots)
 }
 
 /// `tls://host:port` -> (true, `host:port`); anything else is itself.
