@@ -37,6 +37,17 @@ fn tls_server(
     (server, tls_addr)
 }
 
+/// A tokens file in `dir` giving each principal its token.
+fn tokens_file(dir: &Path, tokens: &[(&str, &str)]) -> std::path::PathBuf {
+    let path = dir.join("tokens.toml");
+    let lines: String = tokens
+        .iter()
+        .map(|(principal, token)| format!("{principal} = \"{}\"\n", token_hash(token)))
+        .collect();
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
 #[test]
 fn a_tls_listener_serves_locks_beside_the_plain_one() {
     let dir = temp_dir("tls-serves");
@@ -105,12 +116,7 @@ fn mutual_tls_names_the_principal_and_turns_away_clients_without_a_good_certific
 #[test]
 fn tokens_name_principals_and_a_bad_token_is_refused_and_closed() {
     let dir = temp_dir("tokens");
-    let tokens_file = dir.join("tokens.toml");
-    std::fs::write(
-        &tokens_file,
-        format!("deploy = \"{}\"\n", token_hash("right-token")),
-    )
-    .unwrap();
+    let tokens_file = tokens_file(&dir, &[("deploy", "right-token")]);
     let server = TestServer::with(|c| {
         c.auth = AuthConfig {
             tokens_file: Some(tokens_file.clone()),
@@ -145,12 +151,7 @@ fn locked_down(c: &mut Config) {
 #[test]
 fn an_anonymous_peer_can_neither_see_nor_touch_a_locked_down_prefix() {
     let dir = temp_dir("anonymous");
-    let tokens_file = dir.join("tokens.toml");
-    std::fs::write(
-        &tokens_file,
-        format!("deploy = \"{}\"\n", token_hash("d-token")),
-    )
-    .unwrap();
+    let tokens_file = tokens_file(&dir, &[("deploy", "d-token")]);
     let server = TestServer::with(|c| {
         locked_down(c);
         c.auth.tokens_file = Some(tokens_file.clone());
@@ -201,13 +202,15 @@ fn an_anonymous_peer_can_neither_see_nor_touch_a_locked_down_prefix() {
 #[test]
 fn the_example_rules_give_each_principal_exactly_its_rights_on_each_prefix() {
     let dir = temp_dir("acl-matrix");
-    let principals = ["deploy", "backup", "ops", "stranger"];
-    let tokens_file = dir.join("tokens.toml");
-    let lines: String = principals
-        .iter()
-        .map(|p| format!("{p} = \"{}\"\n", token_hash(&format!("{p}-token"))))
-        .collect();
-    std::fs::write(&tokens_file, lines).unwrap();
+    let tokens_file = tokens_file(
+        &dir,
+        &[
+            ("deploy", "deploy-token"),
+            ("backup", "backup-token"),
+            ("ops", "ops-token"),
+            ("stranger", "stranger-token"),
+        ],
+    );
     let server = TestServer::with(|c| {
         locked_down(c);
         c.auth.tokens_file = Some(tokens_file.clone());
