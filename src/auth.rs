@@ -1,5 +1,5 @@
 //! Secret tokens that name principals: the `[auth] tokens_file` of
-//! `principal = "<SHA-256 of the token, hex>"` lines, and the lookup of a
+//! `principal = "sha256:<SHA-256 of the token, hex>"` lines, and the lookup of a
 //! token's principal in constant time. Stores hashes only, never tokens.
 
 use std::fs;
@@ -39,10 +39,13 @@ impl Tokens {
                     "`{principal}` must be a string: the SHA-256 of its token, in hex"
                 ));
             };
-            let Some(hash) = decode_hash(hex) else {
+            // The prefix tells a hash from a token pasted by mistake (a
+            // token made with `openssl rand -hex 32` looks like a hash).
+            let Some(hash) = hex.trim().strip_prefix(HASH_PREFIX).and_then(decode_hash) else {
                 return Err(format!(
-                    "`{principal}` is not a SHA-256 in hex (64 hex digits); make one with \
-                     `printf %s \"$TOKEN\" | sha256sum`"
+                    "`{principal}` is not \"sha256:\" and the SHA-256 of its token in hex (64 \
+                     hex digits; the file holds hashes, never tokens); make it with \
+                     `printf 'sha256:%s' \"$(printf %s \"$TOKEN\" | sha256sum | cut -d' ' -f1)\"`"
                 ));
             };
             entries.push((principal, hash));
@@ -74,12 +77,16 @@ impl Tokens {
     }
 }
 
-/// What a tokens file lists for `token`: its SHA-256, in hex.
+/// How a tokens file's values begin.
+const HASH_PREFIX: &str = "sha256:";
+
+/// What a tokens file lists for `token`: `sha256:` and its SHA-256, in hex.
 pub fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
+    let hex: String = Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect()
+        .collect();
+    format!("{HASH_PREFIX}{hex}")
 }
 
 fn decode_hash(hex: &str) -> Option<[u8; 32]> {
@@ -102,9 +109,11 @@ mod tests {
     #[test]
     fn a_token_names_its_principal_and_nothing_else_does() {
         let text = format!(
-            "deploy = \"{}\"\nops = \"{}\"\n",
+            "deploy = \"{}\"\nops = \"sha256:{}\"\n",
             token_hash("s3cret-deploy"),
-            token_hash("s3cret-ops").to_uppercase()
+            token_hash("s3cret-ops")
+                .replace("sha256:", "")
+                .to_uppercase()
         );
         let tokens = Tokens::parse(&text).unwrap();
         assert_eq!(tokens.principal_of("s3cret-deploy"), Some("deploy"));
@@ -121,7 +130,12 @@ mod tests {
     #[test]
     fn bad_files_are_refused_with_the_principal_named() {
         for (text, says) in [
-            ("deploy = \"abc\"", "`deploy` is not a SHA-256"),
+            ("deploy = \"sha256:abc\"", "`deploy` is not \"sha256:\""),
+            (
+                // A token pasted where its hash belongs.
+                &format!("deploy = \"{}\"", "ab".repeat(32)),
+                "never tokens",
+            ),
             ("deploy = 5", "`deploy` must be a string"),
             (
                 &format!("anonymous = \"{}\"", token_hash("x")),
@@ -129,8 +143,8 @@ mod tests {
             ),
             ("deploy = ", "expected"),
             (
-                &format!("d = \"{}\"", "g".repeat(64)),
-                "`d` is not a SHA-256",
+                &format!("d = \"sha256:{}\"", "g".repeat(64)),
+                "`d` is not \"sha256:\"",
             ),
         ] {
             let error = Tokens::parse(text).unwrap_err();

@@ -342,7 +342,16 @@ impl Config {
                     ""
                 }
             ),
-            None => "auth: no tokens file (principals only from client certificates)".to_string(),
+            None if self
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.client_ca_file.is_some()) =>
+            {
+                "auth: no tokens file (principals only from client certificates)".to_string()
+            }
+            None => "auth: no tokens file and no client certificates: every connection is \
+                     anonymous"
+                .to_string(),
         });
         lines.push(if self.acl.is_empty() {
             "acl: no rules, every connection may do everything".to_string()
@@ -444,6 +453,15 @@ impl Config {
                 "at least one address is needed (an empty `listen` is for a server that speaks \
                  only TLS, on `[tls] listen`)"
                     .to_string(),
+            ));
+        }
+        if let Some(tls) = &config.tls
+            && let Some(both) = tls.listen.iter().find(|addr| config.listen.contains(addr))
+        {
+            return Err(fail(
+                None,
+                Some("tls.listen".to_string()),
+                format!("{both} is in `listen` too: one address serves plain TCP or TLS, not both"),
             ));
         }
         let first_listen = config.first_listen();
@@ -692,6 +710,11 @@ mod tests {
         );
         let empty = error("[[acl]]\nprincipal = \"a\"\nprefixes = []\nrights = [\"lock\"]\n");
         assert!(empty.contains("gives nothing"), "{empty}");
+        let both = error(
+            "listen = [\"127.0.0.1:5\"]\n[tls]\nlisten = [\"127.0.0.1:5\"]\ncert_file = \"c\"\n\
+             key_file = \"k\"\n",
+        );
+        assert!(both.contains("127.0.0.1:5 is in `listen` too"), "{both}");
         let no_key = error("[tls]\nlisten = [\"127.0.0.1:1\"]\ncert_file = \"c\"\n");
         assert!(no_key.contains("key_file"), "{no_key}");
     }

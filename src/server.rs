@@ -1024,8 +1024,11 @@ impl Server {
         for key in &needs_restart {
             warn!("SIGHUP: {key} changed in the file, but only a restart applies it");
         }
-        self.apply_config(config, next_start_grace, now);
-        info!("configuration reloaded; in effect now:");
+        if self.apply_config(config, next_start_grace, now) {
+            info!("configuration reloaded; in effect now:");
+        } else {
+            info!("configuration reloaded but for what is logged above; in effect now:");
+        }
         for line in self.config.summary() {
             info!("in effect: {line}");
         }
@@ -1037,7 +1040,16 @@ impl Server {
     /// connection keeping (and being told in its `hello`) the values it was
     /// set up with. Only connections from peers `allowed` no longer admits
     /// are closed, releasing their locks.
-    fn apply_config(&mut self, config: Config, next_start_grace: Duration, now: Instant) {
+    ///
+    /// Returns false when TLS files, the tokens file or the rules could not
+    /// be used: those stay as they were, the rest applies.
+    fn apply_config(
+        &mut self,
+        mut config: Config,
+        next_start_grace: Duration,
+        now: Instant,
+    ) -> bool {
+        let mut whole = true;
         let keepalive = config.effective_keepalive();
         if keepalive != self.keepalive {
             let open = self.conns.len();
@@ -1082,17 +1094,36 @@ impl Server {
                         "SIGHUP: TLS certificate, key and client CA read again: new connections \
                          get them, open ones keep theirs"
                     );
+                    let had_client_ca = self
+                        .config
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| t.client_ca_file.is_some());
+                    if had_client_ca && tls.client_ca_file.is_none() {
+                        warn!(
+                            "SIGHUP: client_ca_file is gone: new TLS connections are no longer \
+                             asked for a certificate, and act as anonymous unless they give a token"
+                        );
+                    }
                 }
-                Err(e) => error!("SIGHUP: {e}; the TLS files in effect stay as they were"),
+                Err(e) => {
+                    error!("SIGHUP: {e}; the TLS files in effect stay as they were");
+                    config.tls.clone_from(&self.config.tls);
+                    whole = false;
+                }
             }
         }
         match access_for(&config) {
             Ok(access) => self.core.set_access(access),
             Err(e) => {
-                error!("SIGHUP: {e}; the tokens and [[acl]] rules in effect stay as they were")
+                error!("SIGHUP: {e}; the tokens and [[acl]] rules in effect stay as they were");
+                config.auth.clone_from(&self.config.auth);
+                config.acl.clone_from(&self.config.acl);
+                whole = false;
             }
         }
         self.config = config;
+        whole
     }
 
     /// Closes the connections of peers `allowed` does not admit, telling

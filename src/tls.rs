@@ -43,8 +43,14 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
         None => builder.with_no_client_auth(),
     };
     let mut server = builder.with_single_cert(certs, key).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(_) => {
+                "the key does not match the certificate (the first one in cert_file)".to_string()
+            }
+            other => other.to_string(),
+        };
         format!(
-            "tls.cert_file {} and tls.key_file {}: {e}",
+            "tls.cert_file {} and tls.key_file {}: {why}",
             config.cert_file.display(),
             config.key_file.display()
         )
