@@ -114,6 +114,8 @@ struct Peer {
     tls: bool,
     /// Whom it acts for, from its certificate or token; `None`: anonymous.
     principal: Option<String>,
+    /// The token it gave, by which it acts for `principal`.
+    token: Option<String>,
     /// What that principal may do.
     grants: Arc<Grants>,
 }
@@ -197,14 +199,49 @@ impl Core {
     }
 
     /// Sets who may act as whom and do what; open connections get the
-    /// rights of their principal under the new rules.
-    pub fn set_access(&mut self, access: Access) {
-        for peer in self.peers.values_mut() {
-            peer.grants = access
+    /// rights of their principal under the new rules. A connection whose
+    /// token the new tokens no longer take (removed, given to another
+    /// principal, or now refused in plain text) is told so and closed, with
+    /// all it holds: removing a leaked token must cut off its user.
+    pub fn set_access(&mut self, access: Access, out: &mut Vec<Outgoing>) {
+        self.access = access;
+        let mut revoked = Vec::new();
+        for (&client, peer) in &mut self.peers {
+            if let Some(token) = &peer.token {
+                let still = self.access.tokens.principal_of(token) == peer.principal.as_deref()
+                    && (peer.tls
+                        || peer.addr.ip().to_canonical().is_loopback()
+                        || self.access.allow_plaintext_auth);
+                if !still {
+                    // Nothing more until the server has closed it.
+                    peer.token = None;
+                    peer.principal = None;
+                    peer.grants = Arc::new(Grants::default());
+                    revoked.push(client);
+                    continue;
+                }
+            }
+            peer.grants = self
+                .access
                 .acl
                 .grants(peer.principal.as_deref().unwrap_or(ANONYMOUS));
         }
-        self.access = access;
+        for client in revoked {
+            warn!(
+                "{}: its token is no longer taken (the tokens changed); closing it",
+                self.describe(client)
+            );
+            out.push(Outgoing {
+                to: client,
+                reply: Reply::error(
+                    ErrorCode::AuthFailed,
+                    "the token this connection gave is no longer taken (the server's tokens \
+                     changed): it is closed, and every lock it held released"
+                        .to_string(),
+                ),
+            });
+            self.closes.push((client, CloseAsked::AuthFailed));
+        }
     }
 
     /// The connections to close that requests asked for, oldest first.
@@ -321,6 +358,7 @@ impl Core {
                 proofs: false,
                 tls,
                 principal: None,
+                token: None,
                 grants: self.access.acl.grants(ANONYMOUS),
             },
         );
@@ -805,6 +843,7 @@ impl Core {
         let name = name.to_string();
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.principal = Some(name);
+            peer.token = Some(token.to_string());
             peer.grants = grants;
         }
         Ok(())
@@ -820,7 +859,8 @@ impl Core {
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
-        if !self.grants_of(from).allows(Right::Admin, lock) {
+        let grants = self.grants_of(from);
+        if !grants.allows(Right::Admin, lock) {
             self.reply(from, id, Outcome::Denied, out);
             return;
         }
@@ -840,6 +880,17 @@ impl Core {
                 Outcome::Invalid("this connection holds the lock: unlock it".to_string()),
                 out,
             );
+            return;
+        }
+        // Closing a holder's connection gives up all it holds and waits
+        // for: the caller needs the right to release every one of those.
+        let beyond_rights = holders.iter().any(|&holder| {
+            self.table
+                .names_of(holder)
+                .any(|name| !grants.allows(Right::Admin, name))
+        });
+        if beyond_rights {
+            self.reply(from, id, Outcome::Denied, out);
             return;
         }
         let by = match self.peers.get(&from).and_then(|p| p.principal.as_deref()) {
@@ -1195,18 +1246,107 @@ mod tests {
         json!({"command": "lock", "id": id, "parameters": {"lockName": name}})
     }
 
-    fn with_tokens(core: &mut Core, allow_plaintext_auth: bool) {
-        let hash = crate::auth::token_hash;
-        let text = format!(
-            "deploy = \"{}\"\nops = \"{}\"\n",
-            hash("deploy-token"),
-            hash("ops-token")
+    /// Tokens `<principal>-token` for each of `principals`; what the new
+    /// access made the core say.
+    fn with_tokens_of(
+        core: &mut Core,
+        principals: &[&str],
+        allow_plaintext_auth: bool,
+    ) -> Vec<Outgoing> {
+        let text: String = principals
+            .iter()
+            .map(|p| {
+                format!(
+                    "{p} = \"{}\"\n",
+                    crate::auth::token_hash(&format!("{p}-token"))
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        core.set_access(
+            Access {
+                acl: Acl::new(&[]),
+                tokens: Tokens::parse(&text).unwrap(),
+                allow_plaintext_auth,
+            },
+            &mut out,
         );
-        core.set_access(Access {
-            acl: Acl::new(&[]),
-            tokens: Tokens::parse(&text).unwrap(),
-            allow_plaintext_auth,
-        });
+        out
+    }
+
+    fn with_tokens(core: &mut Core, allow_plaintext_auth: bool) {
+        with_tokens_of(core, &["deploy", "ops"], allow_plaintext_auth);
+    }
+
+    #[test]
+    fn a_token_taken_away_by_a_reload_closes_the_connections_that_gave_it() {
+        let mut core = core();
+        with_tokens(&mut core, false);
+        let deploy = core.connect("127.0.0.1:5000".parse().unwrap());
+        let ops = core.connect("127.0.0.1:5001".parse().unwrap());
+        ask(&mut core, deploy, hello_with("deploy-token"));
+        ask(&mut core, ops, hello_with("ops-token"));
+        assert_eq!(
+            ask(&mut core, deploy, lock(2, "deploy/web"))[0]["result"]["status"],
+            "ok"
+        );
+        let told = with_tokens_of(&mut core, &["ops"], false);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].to, deploy);
+        assert!(matches!(
+            told[0].reply,
+            Reply::Error {
+                error: ErrorCode::AuthFailed,
+                ..
+            }
+        ));
+        assert_eq!(core.take_closes(), [(deploy, CloseAsked::AuthFailed)]);
+        // A token now refused in plain text from another host goes too.
+        let remote = core.connect("10.0.0.9:5002".parse().unwrap());
+        with_tokens_of(&mut core, &["ops"], true);
+        ask(&mut core, remote, hello_with("ops-token"));
+        with_tokens_of(&mut core, &["ops"], false);
+        assert_eq!(core.take_closes(), [(remote, CloseAsked::AuthFailed)]);
+    }
+
+    #[test]
+    fn force_release_needs_admin_on_all_that_the_closed_connections_hold() {
+        use crate::acl::{AclRule, Right};
+        let mut core = core();
+        let rule = |principal: &str, prefix: &str, rights: Vec<Right>| AclRule {
+            principal: principal.to_string(),
+            prefixes: vec![prefix.to_string()],
+            rights,
+        };
+        let text = format!(
+            "jobs-admin = \"{}\"\n",
+            crate::auth::token_hash("admin-token")
+        );
+        core.set_access(
+            Access {
+                acl: Acl::new(&[
+                    rule(ANONYMOUS, "", vec![Right::Lock]),
+                    rule("jobs-admin", "jobs/", vec![Right::Admin]),
+                ]),
+                tokens: Tokens::parse(&text).unwrap(),
+                allow_plaintext_auth: false,
+            },
+            &mut Vec::new(),
+        );
+        let holder = core.connect("127.0.0.1:5000".parse().unwrap());
+        ask(&mut core, holder, lock(1, "jobs/a"));
+        ask(&mut core, holder, lock(2, "payments/ledger"));
+        let admin = core.connect("127.0.0.1:5001".parse().unwrap());
+        ask(&mut core, admin, hello_with("admin-token"));
+        let force = |name: &str| json!({"command": "forceRelease", "id": 3, "parameters": {"lockName": name}});
+        let said = ask(&mut core, admin, force("jobs/a"));
+        assert_eq!(said[0]["result"]["status"], "denied", "{said:?}");
+        assert!(core.take_closes().is_empty());
+        let other = core.connect("127.0.0.1:5002".parse().unwrap());
+        ask(&mut core, other, lock(1, "jobs/b"));
+        let said = ask(&mut core, admin, force("jobs/b"));
+        assert_eq!(said[0]["result"]["status"], "ok", "{said:?}");
+        assert_eq!(core.take_closes().len(), 1);
     }
 
     fn hello_with(token: &str) -> Value {
@@ -1270,14 +1410,17 @@ mod tests {
             ask(&mut core, holder, lock(1, "jobs/a"))[0]["result"]["status"],
             "ok"
         );
-        core.set_access(Access {
-            acl: Acl::new(&[AclRule {
-                principal: "ops".to_string(),
-                prefixes: vec![String::new()],
-                rights: vec![Right::Admin],
-            }]),
-            ..Access::default()
-        });
+        core.set_access(
+            Access {
+                acl: Acl::new(&[AclRule {
+                    principal: "ops".to_string(),
+                    prefixes: vec![String::new()],
+                    rights: vec![Right::Admin],
+                }]),
+                ..Access::default()
+            },
+            &mut Vec::new(),
+        );
         assert_eq!(
             ask(&mut core, holder, lock(2, "jobs/b"))[0]["result"]["status"],
             "denied"

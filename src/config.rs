@@ -456,7 +456,10 @@ impl Config {
             ));
         }
         if let Some(tls) = &config.tls
-            && let Some(both) = tls.listen.iter().find(|addr| config.listen.contains(addr))
+            && let Some(both) = tls
+                .listen
+                .iter()
+                .find(|addr| addr.port() != 0 && config.listen.contains(addr))
         {
             return Err(fail(
                 None,

@@ -1102,6 +1102,16 @@ impl<T> LockTable<T> {
         self.clients.holdings.get(&client).map_or(0, Holdings::len)
     }
 
+    /// The names `client` holds or waits for, in no order.
+    pub fn names_of(&self, client: ClientId) -> impl Iterator<Item = &str> + '_ {
+        self.clients
+            .holdings
+            .get(&client)
+            .into_iter()
+            .flat_map(|holdings| holdings.held.keys().chain(holdings.waits.keys()))
+            .map(|name| &**name)
+    }
+
     /// The lock named `lock`, if anyone holds or waits for it.
     pub fn get(&self, lock: &str) -> Option<LockView<'_, T>> {
         self.queues

@@ -349,7 +349,8 @@ impl Server {
             status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
         };
         let mut core = Core::new(settings, first_token, now);
-        core.set_access(access);
+        // No connection yet: nothing to tell.
+        core.set_access(access, &mut Vec::new());
         let mut server = Server {
             poll,
             listeners,
@@ -1114,7 +1115,11 @@ impl Server {
             }
         }
         match access_for(&config) {
-            Ok(access) => self.core.set_access(access),
+            Ok(access) => {
+                self.core.set_access(access, &mut self.outgoing);
+                self.deliver();
+                self.close_asked(now);
+            }
             Err(e) => {
                 error!("SIGHUP: {e}; the tokens and [[acl]] rules in effect stay as they were");
                 config.auth.clone_from(&self.config.auth);
@@ -1382,8 +1387,20 @@ impl Server {
                     conn.input.extend_from_slice(&scratch[..n]);
                     if let Some(certificate) = conn.handshake_done() {
                         let client = conn.client;
-                        if let Some(principal) = certificate.as_ref().and_then(tls::principal_of) {
-                            self.core.certificate_names(client, principal);
+                        match certificate.as_ref().map(tls::principal_of) {
+                            Some(Some(principal)) => self.core.certificate_names(client, principal),
+                            Some(None) => {
+                                let label = self.core.describe(client);
+                                self.log_rejection(
+                                    now,
+                                    format_args!(
+                                        "{label}: its client certificate names no principal (no \
+                                         CN or DNS, email or URI name of at most 256 bytes): it \
+                                         acts as anonymous"
+                                    ),
+                                );
+                            }
+                            None => {}
                         }
                     }
                     let Some(conn) = self.conns.get_mut(key) else {
@@ -1479,8 +1496,20 @@ impl Server {
         loop {
             match conn.read(scratch) {
                 Ok(0) => {
-                    if conn.unsent() == 0 {
+                    if !conn.wants_write() {
                         self.to_reap.push(key);
+                    } else if let State::Closing {
+                        deadline,
+                        write_shut,
+                        ..
+                    } = conn.state
+                    {
+                        // Reaped once the rest is written (flush_listed).
+                        conn.state = State::Closing {
+                            deadline,
+                            write_shut,
+                            peer_closed: true,
+                        };
                     }
                     return;
                 }

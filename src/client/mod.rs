@@ -595,8 +595,29 @@ impl Client {
     /// Closes the connection of every holder of `name` (the server's admin
     /// right is needed): the lock goes to the next in line.
     /// [`ForceRelease::NotHeld`] when nobody holds it.
+    ///
+    /// It is sent once: should the connection break before the answer, it
+    /// is not sent again after the reconnect (by then the lock may have
+    /// passed to someone else, whom a second release would close), and the
+    /// error says the release may or may not have happened.
     pub fn force_release(&self, name: &str) -> Result<ForceRelease, Error> {
-        let result = self.call("forceRelease", json!({"lockName": name}))?;
+        let rx = self
+            .session
+            .send_once("forceRelease", json!({"lockName": name}))
+            .map_err(Error::Lost)?;
+        let Ok(reply) = rx.recv() else {
+            return Err(match self.session.loss() {
+                Some(reason) => Error::Lost(reason),
+                None => Error::Refused {
+                    status: "unanswered".to_string(),
+                    error: format!(
+                        "the connection broke before the server answered: {name:?} may or may \
+                         not have been released; see `pklock status`"
+                    ),
+                },
+            });
+        };
+        let result = result_of_reply("forceRelease", reply)?;
         match status(&result) {
             "ok" => {
                 let closed = result.get("closed").cloned().unwrap_or(Value::Null);
@@ -727,18 +748,23 @@ impl Client {
             .send(command, parameters)
             .map_err(Error::Lost)?;
         let reply = self.session.wait_reply(&rx).map_err(Error::Lost)?;
-        if let Some(word) = reply.get("error").and_then(Value::as_str) {
-            let detail = reply.get("detail").and_then(Value::as_str).unwrap_or("");
-            return Err(Error::Refused {
-                status: word.to_string(),
-                error: detail.to_string(),
-            });
-        }
-        reply
-            .get("result")
-            .cloned()
-            .ok_or_else(|| Error::Protocol(format!("{command}: reply without a result: {reply}")))
+        result_of_reply(command, reply)
     }
+}
+
+/// The `result` of an RPC's reply, or the error it is.
+fn result_of_reply(command: &str, reply: Value) -> Result<Value, Error> {
+    if let Some(word) = reply.get("error").and_then(Value::as_str) {
+        let detail = reply.get("detail").and_then(Value::as_str).unwrap_or("");
+        return Err(Error::Refused {
+            status: word.to_string(),
+            error: detail.to_string(),
+        });
+    }
+    reply
+        .get("result")
+        .cloned()
+        .ok_or_else(|| Error::Protocol(format!("{command}: reply without a result: {reply}")))
 }
 
 impl Drop for Client {

@@ -391,6 +391,19 @@ impl Session {
 
     /// Sends a request whose reply nobody waits for (it still confirms the
     /// lease), on this connection only.
+    /// Like [`Session::send`], but never sent again after a reconnect: for
+    /// requests that must not be carried out twice. Should the connection
+    /// break first, the receiver ends without an answer.
+    pub(crate) fn send_once(
+        &self,
+        command: &str,
+        parameters: Value,
+    ) -> Result<Receiver<Value>, LossReason> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send_tracked(command, parameters, Awaiting::Caller(tx), None)?;
+        Ok(rx)
+    }
+
     pub(crate) fn send_untracked(
         &self,
         command: &str,
