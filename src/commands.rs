@@ -18,6 +18,7 @@ use crate::keepalive::Keepalive;
 use crate::lock_table::{
     ClientId, Departure, Effect, LockRequest, LockTable, LockView, Mode, Reclaim, Refusal, Unlocked,
 };
+use crate::metrics::{self, LockSeries, Snapshot};
 use crate::proof::ProofKey;
 use crate::protocol::{
     self, ANONYMOUS, ClosedHolder, ClusterRole, ErrorCode, HelloResult, HolderStatus,
@@ -1016,6 +1017,78 @@ impl Core {
         let result = StatusResult { locks, truncated };
         self.reply(from, id, Outcome::Status(Box::new(result)), out);
         self.settings.status_budget_bytes - budget.left
+    }
+
+    /// What a metrics scrape shows from the core: the table's totals and
+    /// state, the longest hold and deepest queue over every lock, and a
+    /// series for each lock under `lock_prefixes` (at most
+    /// [`metrics::MAX_LOCK_SERIES`]). Walks the whole table: the server
+    /// builds it at most once a second.
+    pub fn metrics(&self, now: Instant, lock_prefixes: &[String]) -> Snapshot {
+        let mut longest_hold = Duration::ZERO;
+        let mut deepest_queue = 0;
+        for view in self.table.iter_from("") {
+            if let Some(oldest) = view.holders().map(|h| h.since).min() {
+                longest_hold = longest_hold.max(now.saturating_duration_since(oldest));
+            }
+            deepest_queue = deepest_queue.max(view.waiters().count());
+        }
+        let mut prefixes: Vec<&str> = lock_prefixes.iter().map(String::as_str).collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        let mut kept: Vec<&str> = Vec::new();
+        for prefix in prefixes {
+            if !kept.last().is_some_and(|last| prefix.starts_with(last)) {
+                kept.push(prefix);
+            }
+        }
+        let mut lock_series = Vec::new();
+        let mut lock_series_dropped = 0;
+        for prefix in kept {
+            for view in self
+                .table
+                .iter_from(prefix)
+                .take_while(|view| view.name().starts_with(prefix))
+            {
+                if lock_series.len() == metrics::MAX_LOCK_SERIES {
+                    lock_series_dropped += 1;
+                    continue;
+                }
+                let oldest = view.holders().map(|h| h.since).min();
+                lock_series.push(LockSeries {
+                    name: view.name().to_string(),
+                    holders: view.holders().count(),
+                    waiters: view.waiters().count(),
+                    held_seconds: oldest.map_or(0.0, |since| {
+                        now.saturating_duration_since(since).as_secs_f64()
+                    }),
+                });
+            }
+        }
+        Snapshot {
+            totals: self.table.totals(),
+            connections: self.peers.len(),
+            locks: self.table.lock_count(),
+            lock_entries: self.table.entries(),
+            max_lock_entries: self.table.max_entries(),
+            grants_resume_in: self.table.grants_resume_in(now).as_secs_f64(),
+            reclaim_window: self.recovery.open_for(now).as_secs_f64(),
+            awaiting_reclaim: self.table.reserved(),
+            tokens_left: self.table.tokens_left(),
+            serving: !matches!(
+                self.cluster,
+                Some(ClusterRole {
+                    role: Role::Standby,
+                    ..
+                })
+            ),
+            longest_hold: longest_hold.as_secs_f64(),
+            deepest_queue,
+            lock_series,
+            lock_series_dropped,
+            uptime: now.saturating_duration_since(self.started).as_secs_f64(),
+            ..Snapshot::default()
+        }
     }
 
     fn command_stats(

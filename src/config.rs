@@ -84,6 +84,26 @@ pub struct Config {
     /// Who may do what; none: everyone may do everything, as without rules.
     #[serde(deserialize_with = "acl_rules")]
     pub acl: Vec<AclRule>,
+    /// Where Prometheus scrapes `/metrics` (peers in `allowed` only); none:
+    /// no metrics endpoint.
+    #[serde(deserialize_with = "addresses")]
+    pub metrics_listen: Vec<SocketAddr>,
+    /// Locks under these prefixes get metrics series of their own (at most
+    /// 1000 locks); the others are counted in the totals only.
+    pub metrics_lock_prefixes: Vec<String>,
+    /// How log lines are written: `text`, or `json` (one object per line).
+    pub log_format: LogFormat,
+}
+
+/// How the server writes its log lines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// env_logger's text lines.
+    #[default]
+    Text,
+    /// One JSON object per line: `ts`, `level`, `target`, `msg`.
+    Json,
 }
 
 /// Listeners of their own that speak TLS (the plain `listen` stays).
@@ -196,6 +216,9 @@ impl Default for Config {
             tls: None,
             auth: AuthConfig::default(),
             acl: Vec::new(),
+            metrics_listen: Vec::new(),
+            metrics_lock_prefixes: Vec::new(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -353,6 +376,21 @@ impl Config {
                      anonymous"
                 .to_string(),
         });
+        if !self.metrics_listen.is_empty() {
+            lines.push(format!(
+                "metrics: http://{}/metrics{}",
+                self.metrics_listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", http://"),
+                if self.metrics_lock_prefixes.is_empty() {
+                    String::new()
+                } else {
+                    format!(", a series per lock under {:?}", self.metrics_lock_prefixes)
+                }
+            ));
+        }
         lines.push(if self.acl.is_empty() {
             "acl: no rules, every connection may do everything".to_string()
         } else {

@@ -40,11 +40,14 @@ pub mod duration;
 pub mod frame;
 #[cfg(feature = "model")]
 pub mod harness;
+pub mod histogram;
 pub mod keepalive;
 #[cfg(feature = "model")]
 pub mod lock_model;
 pub mod lock_table;
 pub mod log_level;
+pub mod metrics;
+pub mod metrics_endpoint;
 pub mod proof;
 pub mod protocol;
 pub mod rate_limit;

@@ -33,6 +33,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use lane::Lane;
 
+use crate::histogram::Durations;
+
 /// The most waits one [`LockTable::expire`] call times out or clears. Each
 /// costs about a microsecond (more in a debug build), so a call stays within
 /// a few milliseconds however many waits end together; the rest are left for
@@ -349,6 +351,14 @@ pub struct Totals {
     pub released_by_disconnect: u64,
     /// Grants of an earlier run given back to their holders, since start.
     pub reclaims: u64,
+    /// Requests withdrawn by an unlock while they waited, since start.
+    pub cancels: u64,
+    /// Locks given up by an unlock, since start.
+    pub released_by_unlock: u64,
+    /// From request to grant, for every grant (reclaims aside).
+    pub waits: Durations,
+    /// From grant to release, for every grant released.
+    pub holds: Durations,
 }
 
 /// Everything a grant or a departure touches besides the queue itself.
@@ -447,6 +457,10 @@ fn settle<T>(
         books.totals.waiting -= 1;
         books.totals.held += 1;
         books.totals.grants += 1;
+        books
+            .totals
+            .waits
+            .record(now.saturating_duration_since(waiter.since));
         out.push(Effect::Granted {
             client,
             tag: waiter.tag,
@@ -623,6 +637,7 @@ impl<T> LockTable<T> {
             holdings.held.insert(Arc::clone(&name), (token, mode));
             self.books.totals.held += 1;
             self.books.totals.grants += 1;
+            self.books.totals.waits.record(Duration::ZERO);
             out.push(Effect::Granted {
                 client,
                 tag,
@@ -815,14 +830,20 @@ impl<T> LockTable<T> {
         };
         let outcome = match place {
             Place::Held(token) => {
-                if queue.holders.remove(token).is_some() {
+                if let Some(holder) = queue.holders.remove(token) {
                     self.books.totals.held -= 1;
+                    self.books.totals.released_by_unlock += 1;
+                    self.books
+                        .totals
+                        .holds
+                        .record(now.saturating_duration_since(holder.since));
                 }
                 Unlocked::Released
             }
             Place::Waiting(seq) => {
                 if let Some(waiter) = queue.waiters.remove(seq) {
                     self.books.totals.waiting -= 1;
+                    self.books.totals.cancels += 1;
                     self.books.forget_deadline(seq, &waiter);
                     out.push(Effect::Cancelled {
                         client,
@@ -893,9 +914,13 @@ impl<T> LockTable<T> {
             };
             match place {
                 Place::Held(token) => {
-                    if queue.holders.remove(token).is_some() {
+                    if let Some(holder) = queue.holders.remove(token) {
                         self.books.totals.held -= 1;
                         self.books.totals.released_by_disconnect += 1;
+                        self.books
+                            .totals
+                            .holds
+                            .record(now.saturating_duration_since(holder.since));
                         departure.released.push(Arc::clone(&name));
                     }
                 }
@@ -1069,6 +1094,11 @@ impl<T> LockTable<T> {
     /// Whether every token up to the last allowed has been granted.
     pub fn tokens_exhausted(&self) -> bool {
         self.books.next_token > self.books.last_token
+    }
+
+    /// How many more grants the token space and reservation allow.
+    pub fn tokens_left(&self) -> u64 {
+        (self.books.last_token.saturating_add(1)).saturating_sub(self.books.next_token)
     }
 
     /// The token the next grant will carry.

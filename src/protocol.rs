@@ -719,6 +719,27 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// The word of an error answer (an `error`, or a refusing `status`),
+    /// for counting; `None` for answers that are not errors.
+    pub fn error_word(&self) -> Option<&'static str> {
+        match self {
+            Reply::Error { error, .. } => Some(error.as_str()),
+            Reply::NotLeader { .. } => Some("notLeader"),
+            Reply::Unlock {
+                result: UnlockResult::Invalid,
+                ..
+            } => Some("invalid"),
+            Reply::Rpc { result, .. } => match result {
+                Outcome::Invalid(_) => Some("invalid"),
+                Outcome::TooMany(_) => Some("tooMany"),
+                Outcome::Refused(_) => Some("refused"),
+                Outcome::Denied => Some("denied"),
+                _ => None,
+            },
+            Reply::Unlock { .. } => None,
+        }
+    }
+
     /// An error with a detail and nothing else.
     pub fn error(error: ErrorCode, detail: String) -> Reply {
         Reply::Error {

@@ -47,6 +47,12 @@ pub fn merge(running: &Config, read: Config) -> Reloaded {
     if read.cluster != running.cluster {
         needs_restart.push("`[cluster]`".to_string());
     }
+    if read.metrics_listen != running.metrics_listen {
+        needs_restart.push("`metrics_listen`".to_string());
+    }
+    if read.log_format != running.log_format {
+        needs_restart.push("`log_format`".to_string());
+    }
     // The TLS listeners are bound; their certificate, key and client CA are
     // read again on every reload.
     let tls = match (&running.tls, read.tls.clone()) {
@@ -71,6 +77,8 @@ pub fn merge(running: &Config, read: Config) -> Reloaded {
     Reloaded {
         config: Config {
             tls,
+            metrics_listen: running.metrics_listen.clone(),
+            log_format: running.log_format,
             listen: running.listen.clone(),
             cluster: running.cluster.clone(),
             state_file: running.state_file.clone(),

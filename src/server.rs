@@ -30,6 +30,8 @@ use crate::frame;
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
 use crate::log_level;
+use crate::metrics::{self, Counters};
+use crate::metrics_endpoint::MetricsEndpoint;
 use crate::proof::{ProofKey, ProofKeyError};
 use crate::protocol::{ErrorCode, Reply};
 use crate::rate_limit::{LogLimiter, escaped};
@@ -43,6 +45,12 @@ const SIGNALS: Token = Token(usize::MAX - 1);
 const RELOAD_SIGNAL: Token = Token(usize::MAX - 2);
 /// Listener `i` has token `FIRST_LISTENER - i`; connections use small slab keys.
 const FIRST_LISTENER: usize = usize::MAX - 3;
+/// The metrics endpoint's tokens start here, far above connection keys.
+const FIRST_METRICS_TOKEN: usize = usize::MAX / 2;
+/// A metrics scrape shows what the loop gathered at most this long ago: a
+/// scrape walks the whole lock table, so a peer scraping in a loop costs
+/// one walk a second.
+const METRICS_FRESH_FOR: Duration = Duration::from_secs(1);
 
 /// Bytes read from one connection per loop turn before others get a go.
 const READ_BUDGET: usize = 256 * 1024;
@@ -170,6 +178,21 @@ enum CloseReason {
     ForceReleased { by: String, lock: String },
 }
 
+impl CloseReason {
+    /// The cause the metrics give the locks this close releases.
+    fn release_cause(&self) -> &'static str {
+        // ETIMEDOUT: keepalive probes or TCP_USER_TIMEOUT gave up on the peer.
+        let timed_out = |e: &io::Error| e.raw_os_error() == Some(110);
+        match self {
+            CloseReason::ReadFailed(e) | CloseReason::WriteFailed(e) if timed_out(e) => "keepalive",
+            CloseReason::NotReading { .. } => "not_reading",
+            CloseReason::ForceReleased { .. } => "force",
+            CloseReason::SteppedDown => "stepped_down",
+            _ => "disconnect",
+        }
+    }
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -245,6 +268,12 @@ pub struct Server {
     first_tls_listener: usize,
     /// For new TLS connections; each connection keeps the one it began with.
     tls_config: Option<Arc<rustls::ServerConfig>>,
+    /// `/metrics`, when `metrics_listen` is set.
+    metrics: Option<MetricsEndpoint>,
+    /// What the loop counts for the metrics besides the lock table.
+    counters: Counters,
+    /// The last metrics text, and when it was made.
+    metrics_text: Option<(Instant, String)>,
     conns: Slab<Connection>,
     keys: FxHashMap<ClientId, usize>,
     core: Core,
@@ -348,6 +377,14 @@ impl Server {
             keepalive,
             status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
         };
+        let metrics = if config.metrics_listen.is_empty() {
+            None
+        } else {
+            Some(
+                MetricsEndpoint::bind(&config.metrics_listen, poll.registry(), FIRST_METRICS_TOKEN)
+                    .map_err(|(addr, source)| ServerError::Bind { addr, source })?,
+            )
+        };
         let mut core = Core::new(settings, first_token, now);
         // No connection yet: nothing to tell.
         core.set_access(access, &mut Vec::new());
@@ -356,6 +393,9 @@ impl Server {
             listeners,
             first_tls_listener,
             tls_config,
+            metrics,
+            counters: Counters::default(),
+            metrics_text: None,
             conns: Slab::new(),
             keys: FxHashMap::default(),
             core,
@@ -455,6 +495,14 @@ impl Server {
         self.listeners.iter().map(|(_, addr)| *addr).collect()
     }
 
+    /// The addresses the metrics endpoint listens on, as bound.
+    pub fn metrics_addrs(&self) -> Vec<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .map(|m| m.local_addrs().collect())
+            .unwrap_or_default()
+    }
+
     /// A handle that stops the server from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
@@ -543,6 +591,9 @@ impl Server {
                     {
                         self.accept(FIRST_LISTENER - t, now);
                     }
+                    token if self.metrics.as_ref().is_some_and(|m| m.owns(token)) => {
+                        self.on_metrics_event(token, now);
+                    }
                     Token(key) => {
                         let closing = event.is_read_closed() || event.is_error();
                         if event.is_readable() || closing {
@@ -568,6 +619,9 @@ impl Server {
             self.reserve_tokens_ahead();
             self.close_stalled(now);
             self.close_silent(now);
+            if let Some(endpoint) = self.metrics.as_mut() {
+                endpoint.close_overdue(now, self.poll.registry());
+            }
             // A turn may have taken a while: no reply of a term leaves after
             // its end.
             self.end_term_if_due(Instant::now());
@@ -887,6 +941,11 @@ impl Server {
                     .then_some(self.next_sweep),
             )
             .chain(self.core.next_deadline())
+            .chain(
+                self.metrics
+                    .as_ref()
+                    .and_then(MetricsEndpoint::next_deadline),
+            )
             .chain(
                 self.cluster
                     .as_ref()
@@ -1231,6 +1290,7 @@ impl Server {
             Some(Ok((stream, peer))) => {
                 drop(stream);
                 self.core.connection_rejected();
+                Counters::add(&mut self.counters.refused, "out_of_descriptors", 1);
                 self.log_rejection(now, format_args!("refused {peer}: out of file descriptors"));
                 true
             }
@@ -1243,6 +1303,7 @@ impl Server {
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr, tls: bool, now: Instant) {
         if !self.config.allowed.permits(peer.ip()) {
             self.core.connection_rejected();
+            Counters::add(&mut self.counters.refused, "not_allowed", 1);
             self.log_rejection(now, format_args!("refused {peer}: not in `allowed`"));
             refuse(
                 stream,
@@ -1257,6 +1318,7 @@ impl Server {
         let counted = !ip.is_loopback();
         if counted && self.per_ip.get(&ip).is_some_and(|&n| n >= per_ip) {
             self.core.connection_rejected();
+            Counters::add(&mut self.counters.refused, "max_connections_per_ip", 1);
             self.log_rejection(
                 now,
                 format_args!("refused {peer}: max_connections_per_ip ({per_ip}) reached"),
@@ -1276,6 +1338,7 @@ impl Server {
         let max = self.config.max_connections;
         if self.conns.len() >= max {
             self.core.connection_rejected();
+            Counters::add(&mut self.counters.refused, "max_connections", 1);
             self.log_rejection(
                 now,
                 format_args!("refused {peer}: max_connections ({max}) reached"),
@@ -1314,6 +1377,7 @@ impl Server {
             Ok(conn) => {
                 entry.insert(conn);
                 self.keys.insert(client, key);
+                self.counters.accepted += 1;
                 if counted {
                     *self.per_ip.entry(ip).or_default() += 1;
                 }
@@ -1434,6 +1498,33 @@ impl Server {
             self.list_for_flush(key);
         }
         self.scratch = scratch;
+    }
+
+    /// Serves the metrics endpoint: scrapes whose request is whole get the
+    /// metrics of at most a second ago.
+    fn on_metrics_event(&mut self, token: Token, now: Instant) {
+        let Some(endpoint) = self.metrics.as_mut() else {
+            return;
+        };
+        let whole = endpoint.on_event(token, self.poll.registry(), &self.config.allowed, now);
+        for (key, request) in whole {
+            let fresh = self
+                .metrics_text
+                .as_ref()
+                .is_some_and(|(made, _)| now.saturating_duration_since(*made) < METRICS_FRESH_FOR);
+            if request == metrics::Request::Metrics && !fresh {
+                let mut snapshot = self.core.metrics(now, &self.config.metrics_lock_prefixes);
+                snapshot.counters = self.counters.clone();
+                self.metrics_text = Some((now, metrics::render(&snapshot)));
+            }
+            let body = self
+                .metrics_text
+                .as_ref()
+                .map_or("", |(_, text)| text.as_str());
+            if let Some(endpoint) = self.metrics.as_mut() {
+                endpoint.answer(key, &request, body, self.poll.registry());
+            }
+        }
     }
 
     /// Answers plain text on a TLS port in plain text, so that a client
@@ -1732,6 +1823,9 @@ impl Server {
     /// Appends the core's replies to their connections' output.
     fn deliver(&mut self) {
         for Outgoing { to, reply } in self.outgoing.drain(..) {
+            if let Some(word) = reply.error_word() {
+                Counters::add(&mut self.counters.errors, word, 1);
+            }
             let Some(&key) = self.keys.get(&to) else {
                 continue;
             };
@@ -1786,6 +1880,11 @@ impl Server {
         conn.input = Vec::new();
         let label = self.core.describe(client);
         let departure = self.core.disconnect(client, now, &mut self.outgoing);
+        Counters::add(
+            &mut self.counters.released,
+            reason.release_cause(),
+            departure.released.len() as u64,
+        );
         self.keys.remove(&client);
         self.deliver();
         if departure.released.is_empty() && departure.withdrawn == 0 {

@@ -28,6 +28,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// Every listen address, in configuration order.
     pub addrs: Vec<SocketAddr>,
+    /// The metrics endpoint's addresses.
+    pub metrics_addrs: Vec<SocketAddr>,
     handle: ShutdownHandle,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -53,11 +55,13 @@ impl TestServer {
     pub fn from_config(config: Config) -> TestServer {
         let server = Server::bind(config).expect("server binds");
         let addrs = server.local_addrs();
+        let metrics_addrs = server.metrics_addrs();
         let handle = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());
         TestServer {
             addr: addrs[0],
             addrs,
+            metrics_addrs,
             handle,
             thread: Some(thread),
         }
@@ -79,11 +83,13 @@ impl TestServer {
             match Server::bind(config) {
                 Ok(server) => {
                     let addrs = server.local_addrs();
+                    let metrics_addrs = server.metrics_addrs();
                     let handle = server.shutdown_handle();
                     let thread = std::thread::spawn(move || server.run());
                     return TestServer {
                         addr: addrs[0],
                         addrs,
+                        metrics_addrs,
                         handle,
                         thread: Some(thread),
                     };
