@@ -393,7 +393,14 @@ impl ServerProcess {
             log,
         };
         let line = process.wait_for_log("listening on ");
-        let addr = line.rsplit("listening on ").next().unwrap().trim();
+        // The address ends the text line, or the JSON line's message.
+        let addr: String = line
+            .rsplit("listening on ")
+            .next()
+            .unwrap()
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '"')
+            .collect();
         process.addr = addr.parse().expect("address in the log");
         process
     }
