@@ -83,7 +83,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         Some(path) => read_config(path, &dirs)?,
         None => state_location::locate(Config::default(), &dirs)?,
     };
-    log_level::install(config.log_level)?;
+    log_level::install_as(config.log_level, config.log_format)?;
     match &args.config {
         Some(path) => info!("configuration read from {}", path.display()),
         None => info!("no --config given: using the built-in defaults"),
