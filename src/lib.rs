@@ -28,7 +28,6 @@
 pub mod acl;
 pub mod allow_list;
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod cluster;
