@@ -37,11 +37,7 @@ pub mod connection;
 pub mod durable;
 pub mod duration;
 pub mod frame;
-#[cfg(feature = "model")]
-pub mod harness;
 pub mod keepalive;
-#[cfg(feature = "model")]
-pub mod lock_model;
 pub mod lock_table;
 pub mod log_level;
 pub mod proof;
