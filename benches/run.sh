@@ -15,7 +15,7 @@ BENCH_CPU=${BENCH_CPU:-0}
 PORT=${PKLOCK_BENCH_PORT:-22100}
 WORK=$(mktemp -d)
 
-cargo build --release --features compare >&2
+cargo build --release -p pklock -p pklock-bench --features pklock-bench/compare >&2
 
 cleanup() {
     [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null

@@ -28,7 +28,6 @@
 pub mod acl;
 pub mod allow_list;
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod cluster;
@@ -38,12 +37,8 @@ pub mod connection;
 pub mod durable;
 pub mod duration;
 pub mod frame;
-#[cfg(feature = "model")]
-pub mod harness;
 pub mod histogram;
 pub mod keepalive;
-#[cfg(feature = "model")]
-pub mod lock_model;
 pub mod lock_table;
 pub mod log_level;
 pub mod metrics;

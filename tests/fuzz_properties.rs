@@ -13,15 +13,15 @@
 //!   table's invariants after every step, only ever encodes valid JSON, and
 //!   grants strictly increasing fencing tokens.
 //!
-//! The checks themselves are in `pklock::harness`, shared with the fuzz
-//! targets; this file generates the cases.
+//! The checks themselves are in `pklock_testkit::harness`, shared with the
+//! fuzz targets; this file generates the cases.
 
 use pklock::frame::{self, TooLarge};
-use pklock::harness::{
+use pklock::protocol::{self, Outcome, Reply, Request};
+use pklock_testkit::harness::{
     self, CORE_CLIENTS, CORE_MAX_MESSAGE_BYTES, Decoded, IDS, LOCK_NAMES, MODES, Piece, Rpc,
     STATUS_PARAMETERS, Step, TIMEOUTS, decode_in_chunks, encode_all, encode_one,
 };
-use pklock::protocol::{self, Outcome, Reply, Request};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
@@ -39,7 +39,7 @@ fn config(cases: u32) -> ProptestConfig {
     }
 }
 
-/// A broken promise reported by `pklock::harness`, as a failed case.
+/// A broken promise reported by `pklock_testkit::harness`, as a failed case.
 fn case(checked: Result<(), String>) -> Result<(), TestCaseError> {
     checked.map_err(TestCaseError::fail)
 }

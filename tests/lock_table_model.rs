@@ -1,13 +1,14 @@
 //! Property test: random operation sequences on the lock table, checked
 //! step by step against the deliberately naive reference model
-//! ([`pklock::lock_model::Model`]), plus the table's own invariants after
-//! every step. The checks are `pklock::harness::check_against_model`,
-//! which the `lock_table_ops` fuzz target runs too.
+//! ([`pklock_testkit::lock_model::Model`]), plus the table's own invariants
+//! after every step. The checks are
+//! `pklock_testkit::harness::check_against_model`, which the
+//! `lock_table_ops` fuzz target runs too.
 
 use std::time::Duration;
 
-use pklock::harness::{TableOp, check_against_model};
 use pklock::lock_table::{ClientId, Mode};
+use pklock_testkit::harness::{TableOp, check_against_model};
 use proptest::prelude::*;
 
 const FIRST_TOKEN: u64 = 1000;
@@ -30,7 +31,8 @@ fn op() -> impl Strategy<Value = TableOp> {
     ]
 }
 
-/// The checks of `pklock::harness::check_against_model`, as a test case.
+/// The checks of `pklock_testkit::harness::check_against_model`, as a test
+/// case.
 fn run(max_entries: usize, hold_ms: Option<u64>, ops: &[TableOp]) -> Result<(), TestCaseError> {
     check_against_model(FIRST_TOKEN, LIMIT, max_entries, hold_ms, &NAMES, ops)
         .map_err(TestCaseError::fail)

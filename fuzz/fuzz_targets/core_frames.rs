@@ -5,13 +5,13 @@
 //! hold; every reply goes to a live connection and encodes as a JSON
 //! object; grants carry strictly increasing tokens (or, asked again, the
 //! token the client already holds). The checks are
-//! `pklock::harness::run_core`.
+//! `pklock_testkit::harness::run_core`.
 
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use pklock::harness::{
+use pklock_testkit::harness::{
     self, CORE_CLIENTS, IDS, LOCK_NAMES, MODES, Rpc, STATUS_PARAMETERS, TIMEOUTS,
 };
 

@@ -1,13 +1,13 @@
 //! The frame decoder: bodies encoded back to back and fed in arbitrary
 //! chunks come back exactly; arbitrary bytes decode as documented (an
 //! oversized prefix is refused as soon as it is complete) and chunking never
-//! changes what comes out. The checks are in `pklock::harness`.
+//! changes what comes out. The checks are in `pklock_testkit::harness`.
 
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use pklock::harness;
+use pklock_testkit::harness;
 
 #[derive(Arbitrary, Debug)]
 struct Input {

@@ -1,10 +1,10 @@
 //! The lock table against the naive reference model
-//! (`pklock::lock_model::Model`): operation sequences decoded from the input
-//! must give exactly the model's effects, step by step, and keep the table's
-//! invariants; every request is answered once, to the client that asked;
-//! a token is never granted to two clients, and new grants get strictly
-//! increasing tokens; no unanswered request is forgotten. The checks are
-//! `pklock::harness::check_against_model`.
+//! (`pklock_testkit::lock_model::Model`): operation sequences decoded from
+//! the input must give exactly the model's effects, step by step, and keep
+//! the table's invariants; every request is answered once, to the client
+//! that asked; a token is never granted to two clients, and new grants get
+//! strictly increasing tokens; no unanswered request is forgotten. The checks are
+//! `pklock_testkit::harness::check_against_model`.
 
 #![no_main]
 
@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use pklock::harness::{TableOp, check_against_model};
 use pklock::lock_table::{ClientId, Mode};
+use pklock_testkit::harness::{TableOp, check_against_model};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 

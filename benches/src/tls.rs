@@ -33,19 +33,19 @@ impl TlsClient {
     /// Trusts the certificates in the PEM file `ca_file`; checks the server's
     /// certificate against `name` (a DNS name or an IP address); offers only
     /// the key exchange `group` (`x25519`, `secp256r1`, `secp384r1`) when
-    /// one is named, else the groups of [`crate::tls::provider`] in its
+    /// one is named, else the groups of [`pklock::tls::provider`] in its
     /// order (the server takes the client's first).
     ///
     /// Session resumption is off, as it is on the server: every connection
     /// makes a full handshake, which is what a flood of new clients costs.
     pub fn new(ca_file: &Path, name: &str, group: Option<&str>) -> Result<TlsClient, BenchError> {
-        let roots = crate::tls::read_roots(ca_file).map_err(|e| format!("--ca {e}"))?;
+        let roots = pklock::tls::read_roots(ca_file).map_err(|e| format!("--ca {e}"))?;
         let name = match name.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
             Err(_) => ServerName::try_from(name.to_string())
                 .map_err(|e| format!("--tls-name {name:?}: {e}"))?,
         };
-        let mut provider = crate::tls::provider();
+        let mut provider = pklock::tls::provider();
         if let Some(group) = group {
             provider
                 .kx_groups

@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pklock::bench::tls::TlsClient;
-use pklock::bench::{self, Backend, BenchOptions, Workload};
 use pklock::duration;
+use pklock_bench::tls::TlsClient;
+use pklock_bench::{self as bench, Backend, BenchOptions, Workload};
 
 /// Benchmark pklock, alone or against a Redis lock and PostgreSQL advisory
-/// locks in the same run (--compare; build with --features compare).
+/// locks in the same run (--compare; build with
+/// `cargo build --release -p pklock-bench --features compare`).
 #[derive(Parser)]
 #[command(name = "pklock-bench", version)]
 struct Args {
@@ -245,6 +246,6 @@ fn compared(url: &str, workloads: &[Workload]) -> Result<Vec<Planned>, String> {
 #[cfg(not(feature = "compare"))]
 fn compared(url: &str, _workloads: &[Workload]) -> Result<Vec<Planned>, String> {
     Err(format!(
-        "--compare {url}: this build has no comparisons; build with `--features compare`"
+        "--compare {url}: this build has no comparisons; build with `-p pklock-bench --features compare`"
     ))
 }

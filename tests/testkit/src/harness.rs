@@ -1,6 +1,6 @@
 //! The checks shared by the property tests (`tests/fuzz_properties.rs`,
 //! `tests/lock_table_model.rs`) and the fuzz targets (`fuzz/`), each written
-//! once. Compiled only with the `model` feature.
+//! once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::commands::{Core, Outgoing, Settings};
-use crate::frame::{self, PREFIX_LEN, TooLarge};
-use crate::keepalive::Keepalive;
 use crate::lock_model::Model;
-use crate::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode};
-use crate::protocol::{self, Outcome, Reply, Request, UnlockForm, UnlockResult};
+use pklock::commands::{Core, Outgoing, Settings};
+use pklock::frame::{self, PREFIX_LEN, TooLarge};
+use pklock::keepalive::Keepalive;
+use pklock::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode};
+use pklock::protocol::{self, Outcome, Reply, Request, UnlockForm, UnlockResult};
 
 // A broken promise comes back as `Err` with a message: the property tests
 // turn it into a failing case (which proptest shrinks), the fuzz targets into

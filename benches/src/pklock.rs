@@ -18,7 +18,7 @@ use super::{
     BenchError, BenchOptions, Contended, DeadHolder, Handshakes, IdleHolders, Latency, ServerCpu,
     Uncontended, histogram, proc, record,
 };
-use crate::frame;
+use pklock::frame;
 
 /// How long the idle holders may take to be granted their locks.
 const HOLDERS_TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,8 +1,15 @@
 //! `pklock-bench`: the same lock workloads against pklock and, side by side in
 //! one run, against the locks people would use instead (a Redis `SET NX PX`
 //! lock, PostgreSQL advisory locks; behind the `compare` feature). Each
-//! backend implements [`Backend`]; this module runs them and reports.
+//! backend implements [`Backend`]; this crate runs them and reports.
 //! pklock is reached over plain TCP or, with [`tls::TlsClient`], over TLS.
+//!
+//! A crate of its own beside the pklock library, which it uses as any
+//! client would (its framing, and the TLS provider and CA reader the server
+//! and the client share), so that its load generators and comparison
+//! clients are no dependency of the product.
+
+#![deny(missing_docs)]
 
 pub mod conn;
 pub mod pklock;

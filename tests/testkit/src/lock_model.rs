@@ -1,4 +1,4 @@
-//! A deliberately naive reference model of [`crate::lock_table::LockTable`],
+//! A deliberately naive reference model of [`pklock::lock_table::LockTable`],
 //! used by the property tests and the fuzz targets to check the real table
 //! step by step. It must stay obviously correct rather than fast.
 
@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::lock_table::{ClientId, Effect, Mode, Refusal, Unlocked};
+use pklock::lock_table::{ClientId, Effect, Mode, Refusal, Unlocked};
 
 #[derive(Clone, Debug)]
 struct Request<T> {
