@@ -1,5 +1,6 @@
-//! `pklock`: the lock server from the shell. Argument parsing and wiring only;
-//! the subcommands live in pklock::cli.
+//! `pklock`: the lock server from the shell, and the server itself (`pklock
+//! server`). Argument parsing and wiring only; the subcommands live in
+//! pklock::cli.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -56,7 +57,8 @@ Exit codes:
   77   the server refused the auth token, or denied the request (the admin
        right is needed)";
 
-/// Take named locks on a pklock server from scripts and cron jobs.
+/// Take named locks on a pklock server from scripts and cron jobs, or run
+/// the server (pklock server).
 #[derive(Parser)]
 #[command(name = "pklock", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -144,6 +146,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Run the lock server (its own flags only: pklock server --help).
+    Server(cli::server::ServerArgs),
 }
 
 #[derive(Args)]
@@ -186,6 +190,19 @@ impl LockArgs {
 }
 
 fn main() -> ExitCode {
+    // `pklock server ...` is the server's own command line, with its flags
+    // only (none of the client's), its help and its exit codes, as the
+    // `server` binary's.
+    let first: Vec<OsString> = std::env::args_os().skip(1).take(2).collect();
+    match first.as_slice() {
+        [command, ..] if command == "server" => {
+            return cli::server::main("pklock server", std::env::args_os().skip(1));
+        }
+        [help, command] if help == "help" && command == "server" => {
+            return cli::server::main("pklock server", ["server", "--help"].map(OsString::from));
+        }
+        _ => {}
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -246,5 +263,11 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Release { name, force } => {
             printed(cli::release::release(&server, &access, &name, force)?)
         }
+        // Only a client flag before it gets `server` here.
+        Command::Server(_) => Err(Failure::new(
+            exit::USAGE,
+            "the server takes none of the client's flags (--server, --tls, --ca, --cert, \
+             --key, --auth-file): write `pklock server [--config FILE]`",
+        )),
     }
 }

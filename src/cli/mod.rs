@@ -1,12 +1,15 @@
 //! The `pklock` command's subcommands, for ops scripts: `run` a command under
-//! a lock, `lock` and hold, `status`, `stats`, `ping`, `release --force`.
-//! Exit codes follow flock(1) and sysexits(3) where they apply;
+//! a lock, `lock` and hold, `status`, `stats`, `ping`, `release --force`;
+//! the lock `server` itself; and `test_client`, the original's
+//! demonstration client. Exit codes follow flock(1) and sysexits(3) where they apply;
 //! bin/pklock.rs only parses arguments.
 
 pub mod hold;
 pub mod release;
 pub mod report;
 pub mod run;
+pub mod server;
+pub mod test_client;
 
 use std::fmt;
 use std::path::PathBuf;
