@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 use pklock::cli::{self, Access, Acquire, Failure, exit};
 use pklock::duration;
 
@@ -148,6 +149,23 @@ enum Command {
     },
     /// Run the lock server (its own flags only: pklock server --help).
     Server(cli::server::ServerArgs),
+    /// Print a shell completion script on stdout.
+    ///
+    /// bash: pklock completions bash > /etc/bash_completion.d/pklock (or
+    /// source it); zsh: into a directory of $fpath as _pklock; fish: into
+    /// ~/.config/fish/completions/pklock.fish.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages (pklock.1, pklock-server.1, ...) into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -269,5 +287,16 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             "the server takes none of the client's flags (--server, --tls, --ca, --cert, \
              --key, --auth-file): write `pklock server [--config FILE]`",
         )),
+        Command::Completions { shell } => printed(cli::manual::completions(Cli::command(), shell)),
+        Command::Man { dir } => {
+            let server = cli::server::command("pklock server");
+            let written = cli::manual::write_man_pages(Cli::command(), &[server], &dir)?;
+            printed(
+                written
+                    .iter()
+                    .map(|path| format!("{}\n", path.display()))
+                    .collect(),
+            )
+        }
     }
 }
