@@ -6,6 +6,7 @@
 
 use std::error::Error;
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -141,13 +142,19 @@ fn check_config(path: &Path, dirs: &StateDirs) -> Result<(), Box<dyn Error>> {
         ProofKey::check(&ProofKey::path_beside(state))?;
     }
     crate::server::check_security(&config)?;
-    println!("{}: valid", path.display());
+    let mut report = format!("{}: valid\n", path.display());
     for line in config.summary() {
-        println!("  {line}");
+        report.push_str(&format!("  {line}\n"));
     }
     if let Some(note) = state_file_note(&located) {
-        println!("  note: {note}");
+        report.push_str(&format!("  note: {note}\n"));
     }
+    // An error, not a panic, when stdout is a closed pipe.
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(report.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("cannot write to stdout: {e}"))?;
     Ok(())
 }
 
