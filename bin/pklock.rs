@@ -1,5 +1,6 @@
-//! `pklock`: the lock server from the shell. Argument parsing and wiring only;
-//! the subcommands live in pklock::cli.
+//! `pklock`: the lock server from the shell, and the server itself (`pklock
+//! server`). Argument parsing and wiring only; the subcommands live in
+//! pklock::cli.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -7,7 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 use pklock::cli::{self, Access, Acquire, Failure, exit};
 use pklock::duration;
 
@@ -56,7 +58,8 @@ Exit codes:
   77   the server refused the auth token, or denied the request (the admin
        right is needed)";
 
-/// Take named locks on a pklock server from scripts and cron jobs.
+/// Take named locks on a pklock server from scripts and cron jobs, or run
+/// the server (pklock server).
 #[derive(Parser)]
 #[command(name = "pklock", version, after_help = EXIT_CODES)]
 struct Cli {
@@ -144,6 +147,25 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Run the lock server (its own flags only: pklock server --help).
+    Server(cli::server::ServerArgs),
+    /// Print a shell completion script on stdout.
+    ///
+    /// bash: pklock completions bash > /etc/bash_completion.d/pklock (or
+    /// source it); zsh: into a directory of $fpath as _pklock; fish: into
+    /// ~/.config/fish/completions/pklock.fish.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages (pklock.1, pklock-server.1, ...) into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -186,6 +208,19 @@ impl LockArgs {
 }
 
 fn main() -> ExitCode {
+    // `pklock server ...` is the server's own command line, with its flags
+    // only (none of the client's), its help and its exit codes, as the
+    // `server` binary's.
+    let first: Vec<OsString> = std::env::args_os().skip(1).take(2).collect();
+    match first.as_slice() {
+        [command, ..] if command == "server" => {
+            return cli::server::main("pklock server", std::env::args_os().skip(1));
+        }
+        [help, command] if help == "help" && command == "server" => {
+            return cli::server::main("pklock server", ["server", "--help"].map(OsString::from));
+        }
+        _ => {}
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -245,6 +280,23 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Ping => printed(cli::report::ping(&server, &access)?),
         Command::Release { name, force } => {
             printed(cli::release::release(&server, &access, &name, force)?)
+        }
+        // Only a client flag before it gets `server` here.
+        Command::Server(_) => Err(Failure::new(
+            exit::USAGE,
+            "the server takes none of the client's flags (--server, --tls, --ca, --cert, \
+             --key, --auth-file): write `pklock server [--config FILE]`",
+        )),
+        Command::Completions { shell } => printed(cli::manual::completions(Cli::command(), shell)),
+        Command::Man { dir } => {
+            let server = cli::server::command("pklock server");
+            let written = cli::manual::write_man_pages(Cli::command(), &[server], &dir)?;
+            printed(
+                written
+                    .iter()
+                    .map(|path| format!("{}\n", path.display()))
+                    .collect(),
+            )
         }
     }
 }

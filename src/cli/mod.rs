@@ -1,12 +1,17 @@
 //! The `pklock` command's subcommands, for ops scripts: `run` a command under
-//! a lock, `lock` and hold, `status`, `stats`, `ping`, `release --force`.
-//! Exit codes follow flock(1) and sysexits(3) where they apply;
-//! bin/pklock.rs only parses arguments.
+//! a lock, `lock` and hold, `status`, `stats`, `ping`, `release --force`;
+//! and for the operator, `server` (the lock server itself), `completions`
+//! and `man`; and `test_client`, the original's demonstration client. Exit
+//! codes follow flock(1) and sysexits(3) where they apply; bin/pklock.rs
+//! only parses arguments.
 
 pub mod hold;
+pub mod manual;
 pub mod release;
 pub mod report;
 pub mod run;
+pub mod server;
+pub mod test_client;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -37,6 +42,8 @@ pub mod exit {
     /// The lock was lost while held: server gone, connection broken, lease
     /// expired (EX_TEMPFAIL: try again later).
     pub const LOST: u8 = 75;
+    /// An output file could not be written (EX_CANTCREAT).
+    pub const CANT_CREATE: u8 = 73;
     /// The command was found but could not be run.
     pub const CANNOT_RUN: u8 = 126;
     /// The command was not found.
