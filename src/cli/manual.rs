@@ -1,7 +1,7 @@
 //! The `pklock` command's manual: man pages (clap_mangen) and shell
 //! completions (clap_complete), both made from its clap command, so that
 //! they say what `--help` says. `pklock man --dir DIR` and `pklock
-//! completions SHELL`; packaging/build-deb puts them in the Debian package.
+//! completions SHELL`; contrib/deb/build-deb puts them in the Debian package.
 
 use std::path::{Path, PathBuf};
 
