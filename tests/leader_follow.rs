@@ -291,7 +291,7 @@ fn a_not_leader_answer_mid_session_moves_held_locks_to_the_new_leader() {
     common::eventually("the proxy to step down", || {
         proxy.standby.load(Ordering::SeqCst)
     });
-    let next = TestServer::taking_over(|c| {
+    let next = TestServer::with(|c| {
         c.listen = vec![next_addr];
         c.state_file = Some(state.clone());
         c.restart_grace_ms = Some(10_000);
@@ -424,7 +424,7 @@ fn pklock_says_which_server_it_moved_to_when_the_leader_changed() {
     // The leader steps down closing its connections; the standby names
     // the next one, which is not in pklock's list.
     first.stop().unwrap();
-    let next = TestServer::taking_over(|c| {
+    let next = TestServer::with(|c| {
         c.listen = vec![next_addr];
         c.state_file = Some(state.clone());
         c.restart_grace_ms = Some(10_000);

@@ -52,35 +52,13 @@ impl TestServer {
         TestServer::from_config(config)
     }
 
+    /// A server on `config`. A process another test forks meanwhile holds
+    /// a state file's lock until its exec closes the inherited descriptor,
+    /// so binding is tried again for a while.
     pub fn from_config(config: Config) -> TestServer {
-        let server = Server::bind(config).expect("server binds");
-        let addrs = server.local_addrs();
-        let metrics_addrs = server.metrics_addrs();
-        let handle = server.shutdown_handle();
-        let thread = std::thread::spawn(move || server.run());
-        TestServer {
-            addr: addrs[0],
-            addrs,
-            metrics_addrs,
-            handle,
-            thread: Some(thread),
-        }
-    }
-
-    /// Like [`TestServer::with`], for a server taking over the state file
-    /// of one just stopped: a process another test forks meanwhile holds
-    /// the file's lock until its exec closes the inherited descriptor, so
-    /// binding is tried again for a while.
-    pub fn taking_over(tweak: impl Fn(&mut Config)) -> TestServer {
         let start = Instant::now();
         loop {
-            let mut config = Config {
-                listen: vec!["127.0.0.1:0".parse().unwrap()],
-                restart_grace_ms: Some(0),
-                ..Config::default()
-            };
-            tweak(&mut config);
-            match Server::bind(config) {
+            match Server::bind(config.clone()) {
                 Ok(server) => {
                     let addrs = server.local_addrs();
                     let metrics_addrs = server.metrics_addrs();
