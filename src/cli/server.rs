@@ -40,11 +40,14 @@ TLS and access: [tls] adds listeners that speak only TLS (with client_ca_file, o
 clients with a certificate that CA signed); [auth] tokens_file names principals by token;
 [[acl]] rules give principals rights on lock-name prefixes (locked-down.example.toml).
 
-SIGHUP re-reads the --config file: allowed, the limits, log_level, [keepalive] (for
-connections accepted from then on), the [tls] certificate, key and client CA (for new
-connections), the tokens file and the [[acl]] rules change at once; listen, [tls] listen,
-state_file, restart_grace_ms and [cluster] need a restart. A file that does not check out
-changes nothing.
+Metrics: with metrics_listen, Prometheus metrics at http://ADDRESS/metrics; log_format =
+\"json\" writes one JSON object per log line.
+
+SIGHUP re-reads the --config file: allowed, the limits, log_level, metrics_lock_prefixes,
+[keepalive] (for connections accepted from then on), the [tls] certificate, key and client
+CA (for new connections), the tokens file and the [[acl]] rules change at once; listen,
+[tls] listen, state_file, restart_grace_ms, metrics_listen, log_format and [cluster] need a
+restart. A file that does not check out changes nothing.
 
 Example configurations, every key with its default and why: settings.example.toml and
 locked-down.example.toml, in config/ in the source, and in /usr/share/doc/pklock/ once
