@@ -871,7 +871,17 @@ impl Core {
             .map(|view| view.holders().map(|holder| holder.client).collect())
             .unwrap_or_default();
         if holders.is_empty() {
-            self.reply(from, id, Outcome::NotFound, out);
+            let outcome = match self.table.reserved_until(lock) {
+                // Its waiters wait for the previous run's holder, which no
+                // connection here holds: there is nobody to close.
+                Some(until) => Outcome::Invalid(format!(
+                    "nobody holds it: it is kept for its holder before the restart to reclaim, \
+                     for {} ms more at the most",
+                    millis(until.saturating_duration_since(now))
+                )),
+                None => Outcome::NotFound,
+            };
+            self.reply(from, id, outcome, out);
             return;
         }
         if holders.contains(&from) {
@@ -1543,6 +1553,38 @@ mod tests {
             json!(ask(&mut core, a, lock(5, "x"))),
             json!([{"error": "notLeader", "leader": null, "id": 5}])
         );
+    }
+
+    #[test]
+    fn force_release_of_a_lock_kept_for_a_reclaim_says_so() {
+        use crate::tokens::HeldLock;
+        let mut core = core();
+        let now = Instant::now();
+        let previous = PreviousRun::Stopped(vec![HeldLock {
+            lock_name: "nightly".to_string(),
+            mode: Mode::Exclusive,
+            token: 50,
+        }]);
+        let recovery = Recovery::new(
+            ProofKey::ephemeral(),
+            100,
+            &previous,
+            now,
+            Duration::from_secs(10),
+        );
+        core.recover(recovery, &previous);
+        let admin = core.connect("127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()));
+        let force = |name: &str| json!({"command": "forceRelease", "id": 1, "parameters": {"lockName": name}});
+        let kept = ask(&mut core, admin, force("nightly"));
+        assert_eq!(kept[0]["result"]["status"], "invalid", "{kept:?}");
+        assert!(
+            kept[0]["result"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("kept for its holder before the restart")),
+            "{kept:?}"
+        );
+        let free = ask(&mut core, admin, force("other"));
+        assert_eq!(free[0]["result"]["status"], "notFound", "{free:?}");
     }
 
     #[test]

@@ -804,6 +804,14 @@ impl<T> LockTable<T> {
         self.books.reserved.len()
     }
 
+    /// Until when `lock` is kept for a holder of the previous run to
+    /// reclaim, if it is.
+    pub fn reserved_until(&self, lock: &str) -> Option<Instant> {
+        self.books
+            .reserved_until
+            .filter(|_| self.books.reserved.contains_key(lock))
+    }
+
     /// Takes `client` out of `lock`'s queue, whether it holds the lock or waits
     /// for it; a withdrawn wait is answered [`Effect::Cancelled`]. Waiters that
     /// may now have the lock are granted it.
