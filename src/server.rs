@@ -1289,8 +1289,7 @@ impl Server {
         {
             Some(Ok((stream, peer))) => {
                 drop(stream);
-                self.core.connection_rejected();
-                Counters::add(&mut self.counters.refused, "out_of_descriptors", 1);
+                self.count_refusal("out_of_descriptors");
                 self.log_rejection(now, format_args!("refused {peer}: out of file descriptors"));
                 true
             }
@@ -1302,8 +1301,7 @@ impl Server {
 
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr, tls: bool, now: Instant) {
         if !self.config.allowed.permits(peer.ip()) {
-            self.core.connection_rejected();
-            Counters::add(&mut self.counters.refused, "not_allowed", 1);
+            self.count_refusal("not_allowed");
             self.log_rejection(now, format_args!("refused {peer}: not in `allowed`"));
             refuse(
                 stream,
@@ -1317,8 +1315,7 @@ impl Server {
         let ip = peer.ip().to_canonical();
         let counted = !ip.is_loopback();
         if counted && self.per_ip.get(&ip).is_some_and(|&n| n >= per_ip) {
-            self.core.connection_rejected();
-            Counters::add(&mut self.counters.refused, "max_connections_per_ip", 1);
+            self.count_refusal("max_connections_per_ip");
             self.log_rejection(
                 now,
                 format_args!("refused {peer}: max_connections_per_ip ({per_ip}) reached"),
@@ -1337,8 +1334,7 @@ impl Server {
         }
         let max = self.config.max_connections;
         if self.conns.len() >= max {
-            self.core.connection_rejected();
-            Counters::add(&mut self.counters.refused, "max_connections", 1);
+            self.count_refusal("max_connections");
             self.log_rejection(
                 now,
                 format_args!("refused {peer}: max_connections ({max}) reached"),
@@ -1393,6 +1389,12 @@ impl Server {
                 self.core.disconnect(client, now, &mut self.outgoing);
             }
         }
+    }
+
+    /// Counts a connection refused at accept, for `stats` and the metrics.
+    fn count_refusal(&mut self, reason: &'static str) {
+        self.core.connection_rejected();
+        Counters::add(&mut self.counters.refused, reason, 1);
     }
 
     fn log_rejection(&mut self, now: Instant, message: fmt::Arguments<'_>) {

@@ -796,8 +796,7 @@ fn a_flood_of_tls_handshakes_neither_stalls_the_server_nor_holds_memory() {
             pair.key_file.display()
         ),
     );
-    let line = server.wait_for_log("listening for TLS on ");
-    let tls_addr: SocketAddr = line.rsplit("on ").next().unwrap().trim().parse().unwrap();
+    let tls_addr = server.wait_for_address("listening for TLS on ");
     let rss_before = rss_bytes(&server);
     let bystander = Bystander::start(server.addr);
     std::thread::sleep(Duration::from_millis(200));

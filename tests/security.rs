@@ -406,14 +406,7 @@ fn a_certificate_reload_under_load_loses_no_lock_and_new_connections_get_the_new
             key_file.display()
         ),
     );
-    let tls_line = server.wait_for_log("listening for TLS on ");
-    let tls_addr: SocketAddr = tls_line
-        .rsplit("on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let tls_addr = server.wait_for_address("listening for TLS on ");
     let trusts_old = client_config(&old_ca.cert_file, None);
     let trusts_new = client_config(&new_ca.cert_file, None);
 

@@ -370,17 +370,22 @@ impl ServerProcess {
             addr: "0.0.0.0:0".parse().unwrap(),
             log,
         };
-        let line = process.wait_for_log("listening on ");
+        process.addr = process.wait_for_address("listening on ");
+        process
+    }
+
+    /// Waits for a log line `what` ADDRESS and returns the address.
+    pub fn wait_for_address(&mut self, what: &str) -> SocketAddr {
+        let line = self.wait_for_log(what);
         // The address ends the text line, or the JSON line's message.
         let addr: String = line
-            .rsplit("listening on ")
+            .rsplit(what)
             .next()
-            .unwrap()
+            .unwrap_or_default()
             .chars()
             .take_while(|c| !c.is_whitespace() && *c != '"')
             .collect();
-        process.addr = addr.parse().expect("address in the log");
-        process
+        addr.parse().expect("address in the log")
     }
 
     /// Waits for a log line containing `needle` and returns it.
