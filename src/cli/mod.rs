@@ -364,8 +364,16 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
 /// Writes `pklock: MESSAGE` on stderr and never fails: stderr may be a
 /// closed pipe, and a panic there would drop a lock while its work runs.
 pub fn say(message: std::fmt::Arguments<'_>) {
+    say_as("pklock", message);
+}
+
+/// Writes `PROGRAM: MESSAGE` on stderr in one `write`. stderr is
+/// unbuffered, and the command under `pklock run` shares it: a line written
+/// piece by piece could come out with the command's own words inside it.
+pub fn say_as(program: &str, message: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "pklock: {message}");
+    let line = format!("{program}: {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// `1400 ms`, or `1400.5 ms` when whole milliseconds would blur the limit.

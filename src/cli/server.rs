@@ -88,7 +88,7 @@ pub fn main(program: &str, args: impl IntoIterator<Item = OsString>) -> ExitCode
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{program}: {e}");
+            super::say_as(program, format_args!("{e}"));
             ExitCode::FAILURE
         }
     }

@@ -77,7 +77,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     match run(TestClientArgs::parse_from(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
-            eprintln!("test_client: {message}");
+            super::say_as("test_client", format_args!("{message}"));
             ExitCode::from(code)
         }
     }
