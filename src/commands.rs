@@ -1140,6 +1140,7 @@ impl Core {
     ) -> Option<(LockStatus, bool)> {
         let mut entry = LockStatus {
             lock_name: view.name().to_string(),
+            permits: None,
             holders: Vec::new(),
             waiters: Vec::new(),
         };
@@ -1154,6 +1155,7 @@ impl Core {
                 peer,
                 mode: h.mode,
                 token: h.token,
+                take: None,
                 held_ms: millis(now.saturating_duration_since(h.since)),
             };
             if !budget.take(&holder) {
@@ -1168,6 +1170,7 @@ impl Core {
                 client,
                 peer,
                 mode: w.mode,
+                take: None,
                 waiting_ms: millis(now.saturating_duration_since(w.since)),
             };
             if !budget.take(&waiter) {

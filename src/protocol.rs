@@ -1024,6 +1024,9 @@ pub struct StatusResult {
 pub struct LockStatus {
     /// The lock's name.
     pub lock_name: String,
+    /// For a semaphore: how many permits it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permits: Option<u32>,
     /// Who holds it.
     pub holders: Vec<HolderStatus>,
     /// Who waits for it, head first.
@@ -1044,6 +1047,9 @@ pub struct HolderStatus {
     pub mode: Mode,
     /// The grant's fencing token.
     pub token: u64,
+    /// For a semaphore: how many permits it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub take: Option<u32>,
     /// How long it has held the lock.
     pub held_ms: u64,
 }
@@ -1060,8 +1066,25 @@ pub struct WaiterStatus {
     pub peer: String,
     /// `exclusive` or `shared`.
     pub mode: Mode,
+    /// For a semaphore: how many permits it asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub take: Option<u32>,
     /// How long it has waited.
     pub waiting_ms: u64,
+}
+
+/// One step of a deadlock: a connection, and the lock it waits for, which
+/// the next step's connection holds or waits for ahead of it (the last
+/// step's, the first step's connection).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CycleStep {
+    /// The connection's id, as `status` shows it.
+    pub conn: u64,
+    /// The name it gave in `hello`.
+    pub client: String,
+    /// The lock it waits for.
+    pub lock_name: String,
 }
 
 /// What `stats` counts.

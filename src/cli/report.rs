@@ -194,12 +194,14 @@ mod tests {
         let status = StatusResult {
             locks: vec![LockStatus {
                 lock_name: "backup".into(),
+                permits: None,
                 holders: vec![HolderStatus {
                     conn: 3,
                     client: "nightly".into(),
                     peer: "127.0.0.1:5000".into(),
                     mode: Mode::Exclusive,
                     token: 42,
+                    take: None,
                     held_ms: 1500,
                 }],
                 waiters: vec![WaiterStatus {
@@ -207,6 +209,7 @@ mod tests {
                     client: "deploy job".into(),
                     peer: "10.0.0.7:40000".into(),
                     mode: Mode::Shared,
+                    take: None,
                     waiting_ms: 250,
                 }],
             }],
