@@ -16,12 +16,13 @@ use crate::auth::Tokens;
 use crate::frame::TooLarge;
 use crate::keepalive::Keepalive;
 use crate::lock_table::{
-    ClientId, Departure, Effect, LockRequest, LockTable, LockView, Mode, Reclaim, Refusal, Unlocked,
+    ClientId, Departure, Effect, LockRequest, LockTable, LockView, Mode, MultiLockRequest, Permits,
+    Reclaim, Refusal, Unlocked,
 };
 use crate::metrics::{self, LockSeries, Snapshot};
 use crate::proof::ProofKey;
 use crate::protocol::{
-    self, ANONYMOUS, ClosedHolder, ClusterRole, ErrorCode, HelloResult, HolderStatus,
+    self, ANONYMOUS, ClosedHolder, ClusterRole, CycleStep, ErrorCode, HelloResult, HolderStatus,
     KeepaliveInfo, LockStatus, Outcome, ReclaimClaim, Reply, Request, RequestId, Role, ServerName,
     StatsResult, StatusFilter, StatusResult, UnlockForm, UnlockResult, WaiterStatus,
 };
@@ -71,6 +72,8 @@ pub struct Settings {
     pub max_locks_per_connection: usize,
     /// Locks all connections together may hold plus wait for.
     pub max_lock_entries: usize,
+    /// Whether waits that would close a cycle are answered `deadlock`.
+    pub detect_deadlocks: bool,
     /// Keepalive as applied, for `hello`.
     pub keepalive: Keepalive,
     /// Roughly the most bytes one `status` reply may take; longer lists are
@@ -161,6 +164,7 @@ impl Core {
             settings.max_locks_per_connection,
             settings.max_lock_entries,
         );
+        table.set_deadlock_detection(settings.detect_deadlocks);
         // The ceiling a grant makes the state file store (its token plus a
         // reservation) must stay within what the next start accepts.
         table.stop_granting_after(tokens::MAX_TOKEN - tokens::RESERVATION - 1);
@@ -339,6 +343,7 @@ impl Core {
     pub fn set_settings(&mut self, settings: Settings) {
         self.table
             .set_limits(settings.max_locks_per_connection, settings.max_lock_entries);
+        self.table.set_deadlock_detection(settings.detect_deadlocks);
         self.settings = settings;
     }
 
@@ -429,6 +434,8 @@ impl Core {
             let id = match request {
                 Request::Hello { .. } | Request::Ping { .. } | Request::Stats { .. } => None,
                 Request::Lock { id, .. }
+                | Request::LockAll { id, .. }
+                | Request::UnlockAll { id, .. }
                 | Request::Status { id, .. }
                 | Request::ForceRelease { id, .. } => Some(Some(id.clone())),
                 Request::Unlock {
@@ -457,30 +464,61 @@ impl Core {
             {
                 self.reply(from, id, Outcome::Denied, out);
             }
+            Ok(Request::LockAll { id, locks, .. })
+                if !locks
+                    .iter()
+                    .all(|(lock, _)| self.grants_of(from).allows(Right::Lock, lock)) =>
+            {
+                self.reply(from, id, Outcome::Denied, out);
+            }
             Ok(Request::Lock {
                 id,
                 lock,
                 mode,
+                semaphore,
                 reclaim: Some(claim),
                 ..
-            }) => self.command_reclaim(from, id, &lock, mode, claim, now, out),
+            }) => self.command_reclaim(from, id, &lock, (mode, semaphore), claim, now, out),
             Ok(Request::Lock {
                 id,
                 lock,
                 timeout,
                 mode,
+                semaphore,
                 reclaim: None,
             }) => {
                 let request = LockRequest {
                     client: from,
                     lock: &lock,
                     mode,
+                    semaphore,
                     timeout,
                     tag: id,
                 };
                 self.command_lock(request, now, out);
             }
+            Ok(Request::LockAll { id, locks, timeout }) => {
+                let locks: Vec<(&str, Mode)> =
+                    locks.iter().map(|(lock, mode)| (&**lock, *mode)).collect();
+                let request = MultiLockRequest {
+                    client: from,
+                    locks: &locks,
+                    timeout,
+                    tag: id,
+                };
+                self.table.lock_all(request, now, &mut self.effects);
+                self.send_effects(out);
+            }
             Ok(Request::Unlock { form, lock }) => self.command_unlock(from, form, &lock, now, out),
+            Ok(Request::UnlockAll { id, locks }) => {
+                let mut found = false;
+                for lock in &locks {
+                    found |= self.table.unlock(from, lock, now, &mut self.effects) != Unlocked::NotFound;
+                }
+                self.send_effects(out);
+                let result = if found { Outcome::Ok } else { Outcome::NotFound };
+                self.reply(from, id, result, out);
+            }
             Ok(Request::Hello { id, client, auth }) => {
                 self.command_hello(from, id, client, auth, now, out);
             }
@@ -610,12 +648,14 @@ impl Core {
         from: ClientId,
         id: RequestId,
         lock: &str,
-        mode: Mode,
+        (mode, semaphore): (Mode, Option<Permits>),
         claim: ReclaimClaim,
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
         let ReclaimClaim { token, proof } = claim;
+        // A semaphore's grants are signed as shared: its holders share it.
+        let mode = if semaphore.is_some() { Mode::Shared } else { mode };
         if let Err(why) = self.recovery.check(lock, mode, token, &proof, now) {
             self.reclaims_refused += 1;
             if let Some(suppressed) = self.reclaim_log.admit(now) {
@@ -635,6 +675,7 @@ impl Core {
             client: from,
             lock,
             mode,
+            semaphore,
             token,
             tag: id,
         };
@@ -1140,7 +1181,7 @@ impl Core {
     ) -> Option<(LockStatus, bool)> {
         let mut entry = LockStatus {
             lock_name: view.name().to_string(),
-            permits: None,
+            permits: view.permits(),
             holders: Vec::new(),
             waiters: Vec::new(),
         };
@@ -1155,7 +1196,7 @@ impl Core {
                 peer,
                 mode: h.mode,
                 token: h.token,
-                take: None,
+                take: view.permits().map(|_| h.take),
                 held_ms: millis(now.saturating_duration_since(h.since)),
             };
             if !budget.take(&holder) {
@@ -1170,7 +1211,7 @@ impl Core {
                 client,
                 peer,
                 mode: w.mode,
-                take: None,
+                take: view.permits().map(|_| w.take),
                 waiting_ms: millis(now.saturating_duration_since(w.since)),
             };
             if !budget.take(&waiter) {
@@ -1213,6 +1254,41 @@ impl Core {
                         .is_some_and(|peer| peer.proofs)
                         .then(|| self.recovery.key().sign(&lock, mode, token));
                     (client, tag, Outcome::Granted { token, proof })
+                }
+                Effect::GrantedAll {
+                    client,
+                    tag,
+                    locks,
+                    token,
+                } => {
+                    debug!("granted {} locks at once to conn {client}, token {token}", locks.len());
+                    let proofs = self
+                        .peers
+                        .get(&client)
+                        .is_some_and(|peer| peer.proofs)
+                        .then(|| {
+                            let key = self.recovery.key();
+                            let proof = |(lock, mode): &(Arc<str>, Mode)| {
+                                (lock.to_string(), key.sign(lock, *mode, token))
+                            };
+                            locks.iter().map(proof).collect()
+                        });
+                    (client, tag, Outcome::GrantedAll { token, proofs })
+                }
+                Effect::Deadlock { client, tag, cycle } => {
+                    let cycle = cycle
+                        .into_iter()
+                        .map(|(conn, lock)| CycleStep {
+                            conn: conn.0,
+                            client: self
+                                .peers
+                                .get(&conn)
+                                .map(|peer| peer.name.clone())
+                                .unwrap_or_default(),
+                            lock_name: lock.to_string(),
+                        })
+                        .collect();
+                    (client, tag, Outcome::Deadlock(cycle))
                 }
                 Effect::TimedOut { client, tag } => (client, tag, Outcome::Timeout),
                 Effect::Cancelled { client, tag } => (client, tag, Outcome::Cancelled),
@@ -1259,6 +1335,26 @@ fn refusal_outcome(reason: Refusal) -> Outcome {
         Refusal::TableFull { limit } => Outcome::TooMany(format!(
             "the server holds or queues {limit} lock requests, the most allowed (max_lock_entries)"
         )),
+        Refusal::KindDiffers {
+            permits: Some(permits),
+        } => Outcome::PermitsDiffer {
+            error: format!(
+                "this lock is a semaphore of {permits} permits: ask with \"permits\": {permits} \
+                 (and no mode)"
+            ),
+            permits,
+        },
+        Refusal::KindDiffers { permits: None } => Outcome::Invalid(
+            "this lock is held or awaited as a mutex (exclusive or shared), not as a semaphore"
+                .to_string(),
+        ),
+        Refusal::HeldWithOtherTake(take) => Outcome::Invalid(format!(
+            "this connection already holds {take} permits of this semaphore; unlock it first"
+        )),
+        Refusal::AlreadyInvolved(lock) => Outcome::Invalid(format!(
+            "this connection already holds or waits for {}",
+            quoted(&lock)
+        )),
         Refusal::ReclaimConflict { holder, mode, .. } => Outcome::Refused(format!(
             "conn {holder} holds this lock in {} mode: two clients believe they hold it, and \
              the one that reclaimed first keeps it",
@@ -1304,6 +1400,7 @@ mod tests {
     fn core() -> Core {
         let settings = Settings {
             max_locks_per_connection: 100,
+            detect_deadlocks: true,
             max_lock_entries: 1000,
             keepalive: Keepalive::effective(&KeepaliveConfig::default()),
             status_budget_bytes: 64 << 10,

@@ -59,6 +59,9 @@ pub struct Config {
     /// table's memory ceiling.
     #[serde(deserialize_with = "at_least_one")]
     pub max_lock_entries: usize,
+    /// Whether a lock request whose wait would close a cycle of waits is
+    /// answered `deadlock` at once (true) or queued like any other.
+    pub detect_deadlocks: bool,
     /// Where the fencing-token ceiling is kept; none keeps tokens clock-based
     /// only. As read from a file, `None` means the key is absent (the default
     /// place) and an empty path turns it off; [`crate::state_location::locate`]
@@ -208,6 +211,7 @@ impl Default for Config {
             max_connections_per_ip: 1_000,
             frame_timeout_ms: 30_000,
             max_lock_entries: DEFAULT_MAX_LOCK_ENTRIES,
+            detect_deadlocks: true,
             state_file: None,
             restart_grace_ms: None,
             log_level: None,

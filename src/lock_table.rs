@@ -19,6 +19,7 @@
 //! The table keeps at most `max_entries` requests (held, waiting, or left by
 //! a departed connection and not yet cleared), so its memory has a ceiling.
 
+mod deadlock;
 mod lane;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -90,6 +91,18 @@ pub enum Refusal {
         /// The table's limit.
         limit: usize,
     },
+    /// The lock is in force as a semaphore of `permits` (or, with `None`,
+    /// as a mutex: exclusive or shared), and the request asks otherwise.
+    KindDiffers {
+        /// The permits in force; `None` for a mutex.
+        permits: Option<u32>,
+    },
+    /// The connection holds these permits of the semaphore, and asks again
+    /// for another number.
+    HeldWithOtherTake(u32),
+    /// A multi-lock names a lock the connection already holds or waits for
+    /// (or names it twice).
+    AlreadyInvolved(Arc<str>),
     /// A reclaim of a lock someone holds in a way that excludes it (two
     /// clients both believe they hold it: one of them is wrong).
     ReclaimConflict {
@@ -119,6 +132,29 @@ pub enum Effect<T> {
         /// The fencing token of this grant.
         token: u64,
     },
+    /// A multi-lock is granted: all of its locks at once, with one token.
+    GrantedAll {
+        /// Who gets them.
+        client: ClientId,
+        /// The request being answered.
+        tag: T,
+        /// The locks, in the request's order, each with its mode.
+        locks: Vec<(Arc<str>, Mode)>,
+        /// The fencing token of this grant.
+        token: u64,
+    },
+    /// The request would wait for ever: its wait would close a cycle of
+    /// connections each waiting for the next. Refused, never queued.
+    Deadlock {
+        /// Who asked.
+        client: ClientId,
+        /// The request being answered.
+        tag: T,
+        /// The cycle, starting with the asker: each connection with a lock
+        /// it waits for, held (or awaited ahead of it) by the next one; the
+        /// last one's by the first.
+        cycle: Vec<(ClientId, Arc<str>)>,
+    },
     /// The wait ran out before the lock could be granted.
     TimedOut {
         /// Whose wait.
@@ -144,6 +180,15 @@ pub enum Effect<T> {
     },
 }
 
+/// How many permits a semaphore has, and how many of them a request takes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Permits {
+    /// The semaphore's permits: at most this many are held at once.
+    pub of: u32,
+    /// How many the request takes, from 1 to `of`.
+    pub take: u32,
+}
+
 /// A request for a lock.
 #[derive(Debug)]
 pub struct LockRequest<'a, T> {
@@ -151,8 +196,24 @@ pub struct LockRequest<'a, T> {
     pub client: ClientId,
     /// The lock's name.
     pub lock: &'a str,
-    /// Exclusive or shared.
+    /// Exclusive or shared (for a semaphore: shared).
     pub mode: Mode,
+    /// For a semaphore, its permits and the request's take; `None` for a
+    /// mutex.
+    pub semaphore: Option<Permits>,
+    /// `None` waits for ever, zero tries once, anything else waits at most that long.
+    pub timeout: Option<Duration>,
+    /// The caller's tag, handed back in the answering effect.
+    pub tag: T,
+}
+
+/// A request for several locks at once, granted all together or not at all.
+#[derive(Debug)]
+pub struct MultiLockRequest<'a, T> {
+    /// Who asks.
+    pub client: ClientId,
+    /// The locks, each with its mode, no name twice.
+    pub locks: &'a [(&'a str, Mode)],
     /// `None` waits for ever, zero tries once, anything else waits at most that long.
     pub timeout: Option<Duration>,
     /// The caller's tag, handed back in the answering effect.
@@ -170,6 +231,8 @@ pub struct Reclaim<'a, T> {
     pub lock: &'a str,
     /// The mode it was granted in.
     pub mode: Mode,
+    /// For a semaphore grant, its permits and take.
+    pub semaphore: Option<Permits>,
     /// The token it was granted with, below every token of this table.
     pub token: u64,
     /// The caller's tag, handed back in the answering effect.
@@ -205,6 +268,8 @@ pub struct Holder {
     pub mode: Mode,
     /// The fencing token of the grant.
     pub token: u64,
+    /// The permits it holds: 1 for a mutex.
+    pub take: u32,
     /// When it was granted.
     pub since: Instant,
 }
@@ -216,10 +281,24 @@ pub struct Waiter<T> {
     pub client: ClientId,
     /// The mode asked for.
     pub mode: Mode,
+    /// The permits asked for: 1 for a mutex.
+    pub take: u32,
     /// When the request arrived.
     pub since: Instant,
+    /// For a multi-lock, on its first lock only.
     deadline: Option<Instant>,
+    /// `None` for a part of a multi-lock, whose tag is in its [`Group`].
+    tag: Option<T>,
+}
+
+/// A multi-lock still waiting: a waiter with this arrival number in each
+/// of its locks' queues.
+#[derive(Debug)]
+struct Group<T> {
+    client: ClientId,
     tag: T,
+    locks: Vec<(Arc<str>, Mode)>,
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -235,15 +314,43 @@ struct Queue<T> {
     /// The head waiter (arrival number, connection) unless an exclusive
     /// holder blocks it, as filed in that connection's [`Holdings::heads`].
     head: Option<(u64, ClientId)>,
+    /// A semaphore's permits, fixed while the queue lives; `None` for a mutex.
+    permits: Option<u32>,
+    /// The permits held: the sum of the holders' takes.
+    used: u64,
 }
 
 impl<T> Queue<T> {
-    fn new() -> Self {
+    fn new(permits: Option<u32>) -> Self {
         Queue {
             holders: Lane::new(),
             waiters: Lane::new(),
             head: None,
+            permits,
+            used: 0,
         }
+    }
+
+    /// Adds a holder whose token is above every holder's.
+    fn push_holder(&mut self, holder: Holder) {
+        self.used += u64::from(holder.take);
+        self.holders.push_back(holder.token, holder);
+    }
+
+    /// Adds a holder in its place by token; false if the token is there.
+    fn insert_holder(&mut self, holder: Holder) -> bool {
+        let take = holder.take;
+        let inserted = self.holders.insert(holder.token, holder);
+        if inserted {
+            self.used += u64::from(take);
+        }
+        inserted
+    }
+
+    fn remove_holder(&mut self, token: u64) -> Option<Holder> {
+        let holder = self.holders.remove(token)?;
+        self.used -= u64::from(holder.take);
+        Some(holder)
     }
 
     fn is_empty(&self) -> bool {
@@ -265,8 +372,12 @@ impl<T> Queue<T> {
             .map(|(seq, waiter)| (seq, waiter.client))
     }
 
-    /// Whether a request in `mode` may join the current holders.
-    fn admits(&self, mode: Mode) -> bool {
+    /// Whether a request in `mode` for `take` permits may join the current
+    /// holders.
+    fn admits(&self, mode: Mode, take: u32) -> bool {
+        if let Some(permits) = self.permits {
+            return self.used + u64::from(take) <= u64::from(permits);
+        }
         match self.holders.front() {
             None => true,
             Some((_, holder)) => holder.mode == Mode::Shared && mode == Mode::Shared,
@@ -287,6 +398,10 @@ struct Holdings {
     /// When the connection goes, these and its holds are all that can let
     /// anyone else in.
     heads: FxHashSet<Arc<str>>,
+    /// How many of the waits have a wait queued behind them. With this at
+    /// zero and nothing held, nobody waits for the connection, so no cycle
+    /// of waits can run through it: the deadlock check is skipped at once.
+    behind: usize,
 }
 
 impl Holdings {
@@ -310,6 +425,37 @@ impl Holdings {
             self.heads.shrink_to(2 * self.heads.len());
         }
     }
+}
+
+/// Queues `waiter` at the tail of `queue`: the wait it joins behind now has
+/// one behind it.
+fn push_wait<T>(queue: &mut Queue<T>, seq: u64, waiter: Waiter<T>, clients: &mut Clients) {
+    if let Some((_, tail)) = queue.waiters.back() {
+        if let Some(holdings) = clients.holdings.get_mut(&tail.client) {
+            holdings.behind += 1;
+        }
+    }
+    queue.waiters.push_back(seq, waiter);
+}
+
+/// Takes wait `seq` out of `queue`: if it was the tail, the new tail has
+/// nobody behind it any more; if not, it had someone behind it.
+fn take_wait<T>(queue: &mut Queue<T>, seq: u64, clients: &mut Clients) -> Option<Waiter<T>> {
+    let was_tail = queue.waiters.back().is_some_and(|(last, _)| last == seq);
+    let waiter = if queue.waiters.front().is_some_and(|(first, _)| first == seq) {
+        queue.waiters.pop_front().map(|(_, waiter)| waiter)
+    } else {
+        queue.waiters.remove(seq)
+    }?;
+    let relieved = if was_tail {
+        queue.waiters.back().map(|(_, tail)| tail.client)
+    } else {
+        Some(waiter.client)
+    };
+    if let Some(holdings) = relieved.and_then(|client| clients.holdings.get_mut(&client)) {
+        holdings.behind = holdings.behind.saturating_sub(1);
+    }
+    Some(waiter)
 }
 
 /// A departed connection's waits still in queues: the lock name and the
@@ -355,6 +501,11 @@ pub struct Totals {
     pub cancels: u64,
     /// Locks given up by an unlock, since start.
     pub released_by_unlock: u64,
+    /// Requests answered `deadlock`, since start.
+    pub deadlocks: u64,
+    /// Waits queued without a deadlock check, for the part of the table
+    /// they depend on was too big to look at, since start.
+    pub deadlock_checks_cut: u64,
     /// From request to grant, for every grant (reclaims aside).
     pub waits: Durations,
     /// From grant to release, for every grant released.
@@ -408,10 +559,14 @@ impl Books {
 
 /// Brings `queue` to rest after a change: clears departed connections' waits
 /// off its head; grants to the head for as long as the head may join the
-/// holders (shared heads are granted together, and a shared request behind a
-/// waiting exclusive one stays behind it); files the new head in its
-/// connection's holdings, unless an exclusive holder blocks it (then its
-/// departure could let nobody in).
+/// holders (shared heads are granted together, and a request behind a
+/// waiting one stays behind it); files the new head in its connection's
+/// holdings, unless an exclusive holder blocks it (then its departure could
+/// let nobody in).
+///
+/// A multi-lock at the head that may join the holders here is granted only
+/// with its other locks: its arrival number is returned, for the caller to
+/// try, and until it is granted it blocks those behind it.
 fn settle<T>(
     queue: &mut Queue<T>,
     name: &Arc<str>,
@@ -419,37 +574,40 @@ fn settle<T>(
     clients: &mut Clients,
     now: Instant,
     out: &mut Vec<Effect<T>>,
-) {
+) -> Option<u64> {
     let holding = books.holding_back(name, now);
-    while let Some((_, head)) = queue.waiters.front() {
-        let (client, mode) = (head.client, head.mode);
+    let mut multi_head = None;
+    while let Some((seq, head)) = queue.waiters.front() {
+        let (client, mode, take) = (head.client, head.mode, head.take);
         let departed = !clients.departed.is_empty() && clients.departed.contains(&client);
         if departed && queue.unblocked_head().is_none() {
             // Behind an exclusive holder it is in nobody's way: left for
             // the batches of `LockTable::expire`.
             break;
         }
-        if !departed && (holding || !queue.admits(mode)) {
+        if !departed && (holding || !queue.admits(mode, take)) {
             break;
         }
-        let Some((seq, waiter)) = queue.waiters.pop_front() else {
+        if !departed && head.tag.is_none() {
+            multi_head = Some(seq);
+            break;
+        }
+        let Some(waiter) = take_wait(queue, seq, clients) else {
             break;
         };
         books.forget_deadline(seq, &waiter);
-        if departed {
+        let (false, Some(tag)) = (departed, waiter.tag) else {
             clients.dead_waits -= 1;
             continue;
-        }
+        };
         let token = books.issue_token();
-        queue.holders.push_back(
+        queue.push_holder(Holder {
+            client,
+            mode,
             token,
-            Holder {
-                client,
-                mode,
-                token,
-                since: now,
-            },
-        );
+            take,
+            since: now,
+        });
         if let Some(holdings) = clients.holdings.get_mut(&client) {
             holdings.waits.remove(&**name);
             holdings.held.insert(Arc::clone(name), (token, mode));
@@ -463,7 +621,7 @@ fn settle<T>(
             .record(now.saturating_duration_since(waiter.since));
         out.push(Effect::Granted {
             client,
-            tag: waiter.tag,
+            tag,
             lock: Arc::clone(name),
             mode,
             token,
@@ -483,6 +641,7 @@ fn settle<T>(
         }
         queue.head = head;
     }
+    multi_head
 }
 
 /// Where a connection stands in a queue.
@@ -500,9 +659,12 @@ pub struct LockTable<T> {
     queues: BTreeMap<Arc<str>, Queue<T>>,
     clients: Clients,
     books: Books,
+    /// Multi-locks still waiting, by arrival number.
+    groups: FxHashMap<u64, Group<T>>,
     next_wait_seq: u64,
     max_per_client: usize,
     max_entries: usize,
+    detect_deadlocks: bool,
 }
 
 impl<T> LockTable<T> {
@@ -522,10 +684,18 @@ impl<T> LockTable<T> {
                 deadlines: BTreeMap::new(),
                 totals: Totals::default(),
             },
+            groups: FxHashMap::default(),
             next_wait_seq: 0,
             max_per_client,
             max_entries,
+            detect_deadlocks: true,
         }
+    }
+
+    /// Turns the deadlock check of waits on or off (on by default). With it
+    /// off, a wait that closes a cycle is queued like any other.
+    pub fn set_deadlock_detection(&mut self, on: bool) {
+        self.detect_deadlocks = on;
     }
 
     /// Changes the limits for requests from now on (a configuration
@@ -544,31 +714,50 @@ impl<T> LockTable<T> {
             client,
             lock,
             mode,
+            semaphore,
             timeout,
             tag,
         } = request;
+        let (mode, take) = match semaphore {
+            Some(permits) => (Mode::Shared, permits.take),
+            None => (mode, 1),
+        };
+        let permits = semaphore.map(|p| p.of);
         if self.clients.departed.contains(&client) {
             // A connection id in use again (the server never does this;
             // tests do): what the old connection left goes first.
             self.clear_departed_now(client);
         }
+        let queue = self.queues.get_key_value(lock);
         let holdings = self.clients.holdings.get(&client);
         if let Some(holdings) = holdings {
             if let Some((name, &(token, held_mode))) = holdings.held.get_key_value(lock) {
-                out.push(if held_mode == mode {
-                    Effect::Granted {
+                let in_force = queue.and_then(|(_, q)| q.permits);
+                let held_take = queue
+                    .and_then(|(_, q)| q.holders.get(token))
+                    .map_or(1, |h| h.take);
+                let reason = if in_force != permits {
+                    Some(Refusal::KindDiffers { permits: in_force })
+                } else if held_mode != mode {
+                    Some(Refusal::HeldInOtherMode(held_mode))
+                } else if held_take != take {
+                    Some(Refusal::HeldWithOtherTake(held_take))
+                } else {
+                    None
+                };
+                out.push(match reason {
+                    Some(reason) => Effect::Refused {
+                        client,
+                        tag,
+                        reason,
+                    },
+                    None => Effect::Granted {
                         client,
                         tag,
                         lock: Arc::clone(name),
                         mode,
                         token,
-                    }
-                } else {
-                    Effect::Refused {
-                        client,
-                        tag,
-                        reason: Refusal::HeldInOtherMode(held_mode),
-                    }
+                    },
                 });
                 return;
             }
@@ -581,6 +770,16 @@ impl<T> LockTable<T> {
                 return;
             }
         }
+        if let Some((_, queue)) = queue.filter(|(_, q)| q.permits != permits) {
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason: Refusal::KindDiffers {
+                    permits: queue.permits,
+                },
+            });
+            return;
+        }
         if holdings.map_or(0, Holdings::len) >= self.max_per_client {
             out.push(Effect::Refused {
                 client,
@@ -591,7 +790,7 @@ impl<T> LockTable<T> {
             });
             return;
         }
-        if !self.make_room() {
+        if !self.make_room(1) {
             out.push(Effect::Refused {
                 client,
                 tag,
@@ -606,7 +805,7 @@ impl<T> LockTable<T> {
         let (name, free) = match self.queues.get_key_value(lock) {
             Some((name, queue)) => (
                 Arc::clone(name),
-                !holding && queue.waiters.is_empty() && queue.admits(mode),
+                !holding && queue.waiters.is_empty() && queue.admits(mode, take),
             ),
             None => (Arc::from(lock), !holding),
         };
@@ -618,22 +817,26 @@ impl<T> LockTable<T> {
             out.push(Effect::TimedOut { client, tag });
             return;
         }
+        if !free && self.detect_deadlocks {
+            if let Some(cycle) = self.check_wait(client, &[(&name, mode, take)]) {
+                out.push(Effect::Deadlock { client, tag, cycle });
+                return;
+            }
+        }
         let queue = self
             .queues
             .entry(Arc::clone(&name))
-            .or_insert_with(Queue::new);
-        let holdings = self.clients.holdings.entry(client).or_default();
+            .or_insert_with(|| Queue::new(permits));
         if free {
             let token = self.books.issue_token();
-            queue.holders.push_back(
+            queue.push_holder(Holder {
+                client,
+                mode,
                 token,
-                Holder {
-                    client,
-                    mode,
-                    token,
-                    since: now,
-                },
-            );
+                take,
+                since: now,
+            });
+            let holdings = self.clients.holdings.entry(client).or_default();
             holdings.held.insert(Arc::clone(&name), (token, mode));
             self.books.totals.held += 1;
             self.books.totals.grants += 1;
@@ -653,16 +856,16 @@ impl<T> LockTable<T> {
         // A deadline too far to represent is no deadline.
         let deadline = timeout.and_then(|t| now.checked_add(t));
         let first = queue.waiters.is_empty();
-        queue.waiters.push_back(
-            seq,
-            Waiter {
-                client,
-                mode,
-                since: now,
-                deadline,
-                tag,
-            },
-        );
+        let waiter = Waiter {
+            client,
+            mode,
+            take,
+            since: now,
+            deadline,
+            tag: Some(tag),
+        };
+        push_wait(queue, seq, waiter, &mut self.clients);
+        let holdings = self.clients.holdings.entry(client).or_default();
         holdings.waits.insert(Arc::clone(&name), seq);
         self.books.totals.waiting += 1;
         if let Some(at) = deadline {
@@ -675,6 +878,160 @@ impl<T> LockTable<T> {
         }
     }
 
+    /// Asks for several locks at once. They are granted together, with one
+    /// token, once the request is at the head of every one of their queues
+    /// and each admits it; until then it holds none of them. It joins the
+    /// tail of every queue at once, so two multi-locks stand in the same
+    /// order in every queue they share. Exactly one effect answers it, now or
+    /// later: [`Effect::GrantedAll`], or a wait's other answers.
+    pub fn lock_all(
+        &mut self,
+        request: MultiLockRequest<'_, T>,
+        now: Instant,
+        out: &mut Vec<Effect<T>>,
+    ) {
+        let MultiLockRequest {
+            client,
+            locks,
+            timeout,
+            tag,
+        } = request;
+        if self.clients.departed.contains(&client) {
+            self.clear_departed_now(client);
+        }
+        let holdings = self.clients.holdings.get(&client);
+        let mut refusal = None;
+        for (index, &(lock, _)) in locks.iter().enumerate() {
+            let involved = holdings
+                .is_some_and(|h| h.held.contains_key(lock) || h.waits.contains_key(lock))
+                || locks[..index].iter().any(|&(earlier, _)| earlier == lock);
+            if involved {
+                refusal = Some(Refusal::AlreadyInvolved(Arc::from(lock)));
+                break;
+            }
+            if let Some(permits) = self.queues.get(lock).and_then(|q| q.permits) {
+                refusal = Some(Refusal::KindDiffers {
+                    permits: Some(permits),
+                });
+                break;
+            }
+        }
+        if refusal.is_none()
+            && holdings.map_or(0, Holdings::len).saturating_add(locks.len()) > self.max_per_client
+        {
+            refusal = Some(Refusal::TooMany {
+                limit: self.max_per_client,
+            });
+        }
+        if refusal.is_none() && !self.make_room(locks.len()) {
+            refusal = Some(Refusal::TableFull {
+                limit: self.max_entries,
+            });
+        }
+        if let Some(reason) = refusal {
+            out.push(Effect::Refused {
+                client,
+                tag,
+                reason,
+            });
+            return;
+        }
+        let named: Vec<(Arc<str>, Mode)> = locks
+            .iter()
+            .map(|&(lock, mode)| match self.queues.get_key_value(lock) {
+                Some((name, _)) => (Arc::clone(name), mode),
+                None => (Arc::from(lock), mode),
+            })
+            .collect();
+        let free = named.iter().all(|(name, mode)| {
+            !self.books.holding_back(name, now)
+                && self
+                    .queues
+                    .get(name)
+                    .is_none_or(|q| q.waiters.is_empty() && q.admits(*mode, 1))
+        });
+        if !free && timeout.is_some_and(|t| t.is_zero()) {
+            self.books.totals.timeouts += 1;
+            out.push(Effect::TimedOut { client, tag });
+            return;
+        }
+        if !free && self.detect_deadlocks {
+            let waits: Vec<(&str, Mode, u32)> =
+                named.iter().map(|(name, mode)| (&**name, *mode, 1)).collect();
+            if let Some(cycle) = self.check_wait(client, &waits) {
+                out.push(Effect::Deadlock { client, tag, cycle });
+                return;
+            }
+        }
+        if free {
+            let token = self.books.issue_token();
+            let holdings = self.clients.holdings.entry(client).or_default();
+            for (name, mode) in &named {
+                let queue = self
+                    .queues
+                    .entry(Arc::clone(name))
+                    .or_insert_with(|| Queue::new(None));
+                queue.push_holder(Holder {
+                    client,
+                    mode: *mode,
+                    token,
+                    take: 1,
+                    since: now,
+                });
+                holdings.held.insert(Arc::clone(name), (token, *mode));
+            }
+            self.books.totals.held += named.len();
+            self.books.totals.grants += 1;
+            self.books.totals.waits.record(Duration::ZERO);
+            out.push(Effect::GrantedAll {
+                client,
+                tag,
+                locks: named,
+                token,
+            });
+            return;
+        }
+        let seq = self.next_wait_seq;
+        self.next_wait_seq += 1;
+        let deadline = timeout.and_then(|t| now.checked_add(t));
+        for (index, (name, mode)) in named.iter().enumerate() {
+            let queue = self
+                .queues
+                .entry(Arc::clone(name))
+                .or_insert_with(|| Queue::new(None));
+            let first = queue.waiters.is_empty();
+            let waiter = Waiter {
+                client,
+                mode: *mode,
+                take: 1,
+                since: now,
+                // One deadline for the whole request, on its first lock.
+                deadline: deadline.filter(|_| index == 0),
+                tag: None,
+            };
+            push_wait(queue, seq, waiter, &mut self.clients);
+            let holdings = self.clients.holdings.entry(client).or_default();
+            holdings.waits.insert(Arc::clone(name), seq);
+            if first && queue.unblocked_head().is_some() {
+                queue.head = Some((seq, client));
+                holdings.heads.insert(Arc::clone(name));
+            }
+        }
+        self.books.totals.waiting += named.len();
+        if let (Some(at), Some((first, _))) = (deadline, named.first()) {
+            self.books.deadlines.insert((at, seq), Arc::clone(first));
+        }
+        self.groups.insert(
+            seq,
+            Group {
+                client,
+                tag,
+                locks: named,
+                since: now,
+            },
+        );
+    }
+
     /// Gives a grant of an earlier run back to `client`, with its own token,
     /// ahead of any waiter, unless it would exclude a holder or break a
     /// limit. Answered at once: [`Effect::Granted`] with the grant's token,
@@ -685,9 +1042,15 @@ impl<T> LockTable<T> {
             client,
             lock,
             mode,
+            semaphore,
             token,
             tag,
         } = request;
+        let (mode, take) = match semaphore {
+            Some(permits) => (Mode::Shared, permits.take),
+            None => (mode, 1),
+        };
+        let permits = semaphore.map(|p| p.of);
         if self.clients.departed.contains(&client) {
             self.clear_departed_now(client);
         }
@@ -700,9 +1063,16 @@ impl<T> LockTable<T> {
             Some(Refusal::TooMany {
                 limit: self.max_per_client,
             })
+        } else if let Some(queue) = self.queues.get(lock).filter(|q| q.permits != permits) {
+            Some(Refusal::KindDiffers {
+                permits: queue.permits,
+            })
         } else if let Some(holder) = self.queues.get(lock).and_then(|queue| {
             let (_, holder) = queue.holders.front()?;
-            let excludes = holder.mode == Mode::Exclusive || mode == Mode::Exclusive;
+            let excludes = match permits {
+                Some(_) => !queue.admits(mode, take),
+                None => holder.mode == Mode::Exclusive || mode == Mode::Exclusive,
+            };
             excludes.then_some(holder)
         }) {
             Some(Refusal::ReclaimConflict {
@@ -717,7 +1087,7 @@ impl<T> LockTable<T> {
                 mode,
                 token,
             })
-        } else if !self.make_room() {
+        } else if !self.make_room(1) {
             Some(Refusal::TableFull {
                 limit: self.max_entries,
             })
@@ -739,14 +1109,15 @@ impl<T> LockTable<T> {
         let queue = self
             .queues
             .entry(Arc::clone(&name))
-            .or_insert_with(Queue::new);
+            .or_insert_with(|| Queue::new(permits));
         let holder = Holder {
             client,
             mode,
             token,
+            take,
             since: now,
         };
-        if !queue.holders.insert(token, holder) {
+        if !queue.insert_holder(holder) {
             // Only shared holders can be there, none of them with this token
             // (tokens are unique, and a token is reclaimed once).
             out.push(Effect::Refused {
@@ -784,7 +1155,7 @@ impl<T> LockTable<T> {
                 }
             }
         }
-        settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+        self.settle_name(&name, now, out);
     }
 
     /// Reserves the locks the previous run held when it stopped, one entry
@@ -813,8 +1184,10 @@ impl<T> LockTable<T> {
     }
 
     /// Takes `client` out of `lock`'s queue, whether it holds the lock or waits
-    /// for it; a withdrawn wait is answered [`Effect::Cancelled`]. Waiters that
-    /// may now have the lock are granted it.
+    /// for it; a withdrawn wait is answered [`Effect::Cancelled`] (for a
+    /// multi-lock still waiting, the whole request is withdrawn; of one
+    /// granted, only this lock is released). Waiters that may now have the
+    /// lock are granted it.
     pub fn unlock(
         &mut self,
         client: ClientId,
@@ -836,9 +1209,10 @@ impl<T> LockTable<T> {
         let Some(queue) = self.queues.get_mut(&name) else {
             return Unlocked::NotFound;
         };
+        let mut group = None;
         let outcome = match place {
             Place::Held(token) => {
-                if let Some(holder) = queue.holders.remove(token) {
+                if let Some(holder) = queue.remove_holder(token) {
                     self.books.totals.held -= 1;
                     self.books.totals.released_by_unlock += 1;
                     self.books
@@ -849,23 +1223,150 @@ impl<T> LockTable<T> {
                 Unlocked::Released
             }
             Place::Waiting(seq) => {
-                if let Some(waiter) = queue.waiters.remove(seq) {
+                if let Some(waiter) = take_wait(queue, seq, &mut self.clients) {
                     self.books.totals.waiting -= 1;
                     self.books.totals.cancels += 1;
                     self.books.forget_deadline(seq, &waiter);
-                    out.push(Effect::Cancelled {
-                        client,
-                        tag: waiter.tag,
-                    });
+                    match waiter.tag {
+                        Some(tag) => out.push(Effect::Cancelled { client, tag }),
+                        None => group = Some(seq),
+                    }
                 }
                 Unlocked::Withdrawn
             }
         };
-        settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-        if queue.is_empty() {
-            self.queues.remove(&name);
+        let others = match group.and_then(|seq| self.withdraw_group(seq, &name)) {
+            Some((tag, others)) => {
+                out.push(Effect::Cancelled { client, tag });
+                others
+            }
+            None => Vec::new(),
+        };
+        self.settle_name(&name, now, out);
+        for other in others {
+            self.settle_name(&other, now, out);
         }
         outcome
+    }
+
+    /// Takes what is left of a waiting multi-lock (all but `taken`, already
+    /// out) out of its queues, handing back its tag and the locks to settle.
+    fn withdraw_group(&mut self, seq: u64, taken: &str) -> Option<(T, Vec<Arc<str>>)> {
+        let group = self.groups.remove(&seq)?;
+        let mut others = Vec::with_capacity(group.locks.len());
+        for (name, _) in group.locks {
+            if &*name == taken {
+                continue;
+            }
+            if let Some(holdings) = self.clients.holdings.get_mut(&group.client) {
+                holdings.waits.remove(&name);
+                holdings.heads.remove(&name);
+            }
+            if let Some(waiter) = self
+                .queues
+                .get_mut(&name)
+                .and_then(|q| take_wait(q, seq, &mut self.clients))
+            {
+                self.books.totals.waiting -= 1;
+                self.books.forget_deadline(seq, &waiter);
+            }
+            others.push(name);
+        }
+        Some((group.tag, others))
+    }
+
+    /// Settles `name`'s queue (see [`settle`]), dropping it once empty, and
+    /// grants the multi-locks that this lets in, settling their queues in
+    /// turn.
+    fn settle_name(&mut self, name: &Arc<str>, now: Instant, out: &mut Vec<Effect<T>>) {
+        let Some(queue) = self.queues.get_mut(name) else {
+            return;
+        };
+        let multi = settle(queue, name, &mut self.books, &mut self.clients, now, out);
+        if queue.is_empty() {
+            self.queues.remove(name);
+        }
+        if let Some(seq) = multi {
+            self.grant_groups_from(seq, now, out);
+        }
+    }
+
+    /// Grants the multi-lock `seq` if every one of its queues admits it,
+    /// then settles its queues in its order; multi-locks those settles find
+    /// at a head are tried after, in the order found.
+    fn grant_groups_from(&mut self, seq: u64, now: Instant, out: &mut Vec<Effect<T>>) {
+        let mut pending = VecDeque::from([seq]);
+        while let Some(seq) = pending.pop_front() {
+            let Some(names) = self.grant_group(seq, now, out) else {
+                continue;
+            };
+            for name in names {
+                let Some(queue) = self.queues.get_mut(&name) else {
+                    continue;
+                };
+                let multi = settle(queue, &name, &mut self.books, &mut self.clients, now, out);
+                pending.extend(multi);
+            }
+        }
+    }
+
+    /// Grants the waiting multi-lock `seq`, with one token, if it heads
+    /// every one of its queues and each admits it; returns its locks then.
+    fn grant_group(
+        &mut self,
+        seq: u64,
+        now: Instant,
+        out: &mut Vec<Effect<T>>,
+    ) -> Option<Vec<Arc<str>>> {
+        let group = self.groups.get(&seq)?;
+        let ready = group.locks.iter().all(|(name, mode)| {
+            !self.books.holding_back(name, now)
+                && self.queues.get(name).is_some_and(|queue| {
+                    queue.waiters.front().is_some_and(|(first, _)| first == seq)
+                        && queue.admits(*mode, 1)
+                })
+        });
+        if !ready {
+            return None;
+        }
+        let group = self.groups.remove(&seq)?;
+        let token = self.books.issue_token();
+        for (name, mode) in &group.locks {
+            let Some(queue) = self.queues.get_mut(name) else {
+                continue;
+            };
+            if let Some(waiter) = take_wait(queue, seq, &mut self.clients) {
+                self.books.forget_deadline(seq, &waiter);
+            }
+            queue.push_holder(Holder {
+                client: group.client,
+                mode: *mode,
+                token,
+                take: 1,
+                since: now,
+            });
+            if let Some(holdings) = self.clients.holdings.get_mut(&group.client) {
+                holdings.waits.remove(name);
+                holdings.heads.remove(name);
+                holdings.held.insert(Arc::clone(name), (token, *mode));
+            }
+        }
+        let count = group.locks.len();
+        self.books.totals.waiting -= count;
+        self.books.totals.held += count;
+        self.books.totals.grants += 1;
+        self.books
+            .totals
+            .waits
+            .record(now.saturating_duration_since(group.since));
+        let names = group.locks.iter().map(|(name, _)| Arc::clone(name)).collect();
+        out.push(Effect::GrantedAll {
+            client: group.client,
+            tag: group.tag,
+            locks: group.locks,
+            token,
+        });
+        Some(names)
     }
 
     /// Releases every lock `client` holds and drops every wait it has (no
@@ -883,10 +1384,24 @@ impl<T> LockTable<T> {
             held,
             mut waits,
             heads,
+            ..
         }) = self.clients.holdings.remove(&client)
         else {
             return departure;
         };
+        // Every wait is dead from here on, before anything moves: a
+        // multi-lock of this connection must not be granted by the grants
+        // that its releases cause.
+        let dead = waits.len();
+        if dead > 0 {
+            self.books.totals.waiting -= dead;
+            departure.withdrawn = dead;
+            self.clients.dead_waits += dead;
+            self.clients.departed.insert(client);
+            for seq in waits.values() {
+                self.groups.remove(seq);
+            }
+        }
         // In name order, the order of the grants this may cause: the holds,
         // and the waits at the head of a queue that no exclusive holder
         // blocks.
@@ -922,7 +1437,7 @@ impl<T> LockTable<T> {
             };
             match place {
                 Place::Held(token) => {
-                    if let Some(holder) = queue.holders.remove(token) {
+                    if let Some(holder) = queue.remove_holder(token) {
                         self.books.totals.held -= 1;
                         self.books.totals.released_by_disconnect += 1;
                         self.books
@@ -933,28 +1448,23 @@ impl<T> LockTable<T> {
                     }
                 }
                 Place::Waiting(seq) => {
-                    if let Some(waiter) = queue.waiters.remove(seq) {
-                        self.books.totals.waiting -= 1;
-                        departure.withdrawn += 1;
+                    if let Some(waiter) = take_wait(queue, seq, &mut self.clients) {
+                        self.clients.dead_waits -= 1;
                         self.books.forget_deadline(seq, &waiter);
                     }
                 }
             }
-            settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-            if queue.is_empty() {
-                self.queues.remove(&name);
-            }
+            self.settle_name(&name, now, out);
         }
-        if !waits.is_empty() {
-            let dead = waits.len();
-            self.books.totals.waiting -= dead;
-            departure.withdrawn += dead;
-            self.clients.dead_waits += dead;
-            self.clients.departed.insert(client);
-            self.clients
-                .to_clear
-                .push_back((client, waits.into_iter().collect()));
-            self.clients.clear_due.get_or_insert(now);
+        if dead > 0 {
+            if waits.is_empty() {
+                self.clients.departed.remove(&client);
+            } else {
+                self.clients
+                    .to_clear
+                    .push_back((client, waits.into_iter().collect()));
+                self.clients.clear_due.get_or_insert(now);
+            }
         }
         self.give_back_memory();
         departure
@@ -992,7 +1502,7 @@ impl<T> LockTable<T> {
             let Some(queue) = self.queues.get_mut(&name) else {
                 continue;
             };
-            let Some(waiter) = queue.waiters.remove(seq) else {
+            let Some(waiter) = take_wait(queue, seq, &mut self.clients) else {
                 continue;
             };
             if self.clients.departed.contains(&waiter.client) {
@@ -1006,21 +1516,26 @@ impl<T> LockTable<T> {
             if let Some(holdings) = self.clients.holdings.get_mut(&waiter.client) {
                 holdings.waits.remove(&name);
             }
+            let (tag, others) = match waiter.tag {
+                Some(tag) => (tag, Vec::new()),
+                None => match self.withdraw_group(seq, &name) {
+                    Some(group) => group,
+                    None => continue,
+                },
+            };
             out.push(Effect::TimedOut {
                 client: waiter.client,
-                tag: waiter.tag,
+                tag,
             });
-            settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-            if queue.is_empty() {
-                self.queues.remove(&name);
+            self.settle_name(&name, now, out);
+            for other in others {
+                self.settle_name(&other, now, out);
             }
         }
         // The hold ends after the waits that ran out before it.
         if !due(&self.books) && self.books.grants_from.is_some_and(|from| from <= now) {
             self.books.grants_from = None;
-            for (name, queue) in self.queues.iter_mut() {
-                settle(queue, name, &mut self.books, &mut self.clients, now, out);
-            }
+            self.settle_all(now, out);
         }
         if !due(&self.books) && self.books.reserved_until.is_some_and(|until| until <= now) {
             self.books.reserved_until = None;
@@ -1035,9 +1550,7 @@ impl<T> LockTable<T> {
                 else {
                     continue;
                 };
-                if let Some(queue) = self.queues.get_mut(&name) {
-                    settle(queue, &name, &mut self.books, &mut self.clients, now, out);
-                }
+                self.settle_name(&name, now, out);
             }
         }
         self.clear_departed(budget);
@@ -1093,9 +1606,19 @@ impl<T> LockTable<T> {
         let was_exhausted = self.tokens_exhausted();
         self.books.last_token = self.books.last_token.max(last);
         if was_exhausted && !self.tokens_exhausted() {
-            for (name, queue) in self.queues.iter_mut() {
-                settle(queue, name, &mut self.books, &mut self.clients, now, out);
-            }
+            self.settle_all(now, out);
+        }
+    }
+
+    /// Settles every queue, in name order, when grants resume.
+    fn settle_all(&mut self, now: Instant, out: &mut Vec<Effect<T>>) {
+        let mut multis = Vec::new();
+        for (name, queue) in self.queues.iter_mut() {
+            multis.extend(settle(queue, name, &mut self.books, &mut self.clients, now, out));
+        }
+        self.queues.retain(|_, queue| !queue.is_empty());
+        for seq in multis {
+            self.grant_groups_from(seq, now, out);
         }
     }
 
@@ -1199,6 +1722,30 @@ impl<T> LockTable<T> {
                     "{name:?}: an exclusive holder beside another holder"
                 ));
             }
+            let used: u64 = queue.holders.iter().map(|(_, h)| u64::from(h.take)).sum();
+            if used != queue.used {
+                return Err(format!("{name:?}: {used} permits held, {} counted", queue.used));
+            }
+            match queue.permits {
+                Some(permits) => {
+                    if used > u64::from(permits) {
+                        return Err(format!("{name:?}: {used} of {permits} permits held"));
+                    }
+                    let entries = queue.holders.iter().map(|(_, h)| (h.mode, h.take));
+                    let asked = queue.waiters.iter().map(|(_, w)| (w.mode, w.take));
+                    if entries.chain(asked).any(|(mode, take)| {
+                        mode != Mode::Shared || take == 0 || take > permits
+                    }) {
+                        return Err(format!("{name:?}: a semaphore entry out of shape"));
+                    }
+                }
+                None => {
+                    let entries = queue.holders.iter().map(|(_, h)| h.take);
+                    if entries.chain(queue.waiters.iter().map(|(_, w)| w.take)).any(|t| t != 1) {
+                        return Err(format!("{name:?}: a mutex entry takes permits"));
+                    }
+                }
+            }
             let head = queue.unblocked_head();
             if head != queue.head {
                 return Err(format!("{name:?}: the head on file is not the head"));
@@ -1212,9 +1759,14 @@ impl<T> LockTable<T> {
                 .waiters
                 .iter()
                 .find(|(_, w)| !clients.departed.contains(&w.client));
-            if let Some((_, w)) = first_live {
+            if let Some((seq, w)) = first_live {
                 let reserved = self.books.reserved.contains_key(&**name);
-                if self.books.grants_from.is_none() && !reserved && queue.admits(w.mode) {
+                if self.books.grants_from.is_none()
+                    && !reserved
+                    && !self.tokens_exhausted()
+                    && queue.admits(w.mode, w.take)
+                    && (w.tag.is_some() || self.group_ready(seq))
+                {
                     return Err(format!("{name:?}: head waiter could be granted but waits"));
                 }
             }
@@ -1240,6 +1792,19 @@ impl<T> LockTable<T> {
                     timed += 1;
                     if self.books.deadlines.get(&(at, seq)) != Some(name) {
                         return Err(format!("{name:?}: a deadline is not tracked"));
+                    }
+                }
+                if w.tag.is_none() && !clients.departed.contains(&w.client) {
+                    let part = self.groups.get(&seq).and_then(|g| {
+                        let index = g.locks.iter().position(|(n, _)| n == name)?;
+                        Some((g.client, g.locks[index].1, index))
+                    });
+                    if part != Some((w.client, w.mode, part.map_or(0, |p| p.2))) {
+                        return Err(format!("{name:?}: a multi-lock's wait is not in its group"));
+                    }
+                    let first = part.is_some_and(|p| p.2 == 0);
+                    if !first && w.deadline.is_some() {
+                        return Err(format!("{name:?}: a multi-lock deadline off its first lock"));
                     }
                 }
                 if clients.departed.contains(&w.client) {
@@ -1291,12 +1856,43 @@ impl<T> LockTable<T> {
                     return Err(format!("client {client} filed as waiting for {name:?}"));
                 }
             }
+            let behind = holdings
+                .waits
+                .iter()
+                .filter(|(name, seq)| {
+                    self.queues
+                        .get(*name)
+                        .and_then(|q| q.waiters.back())
+                        .is_some_and(|(last, _)| last != **seq)
+                })
+                .count();
+            if behind != holdings.behind {
+                return Err(format!(
+                    "client {client} has {behind} waits with one behind, {} counted",
+                    holdings.behind
+                ));
+            }
             if let Some(name) = holdings
                 .heads
                 .iter()
                 .find(|n| !holdings.waits.contains_key(*n))
             {
                 return Err(format!("client {client} filed as heading {name:?}"));
+            }
+        }
+        for (seq, group) in &self.groups {
+            if clients.departed.contains(&group.client) {
+                return Err(format!("multi-lock {seq} of a departed client is kept"));
+            }
+            for (name, _) in &group.locks {
+                let queued = self
+                    .queues
+                    .get(name)
+                    .and_then(|q| q.waiters.get(*seq))
+                    .is_some_and(|w| w.client == group.client && w.tag.is_none());
+                if !queued {
+                    return Err(format!("multi-lock {seq} is not queued for {name:?}"));
+                }
             }
         }
         let listed: FxHashSet<ClientId> = clients.to_clear.iter().map(|(c, _)| *c).collect();
@@ -1332,18 +1928,49 @@ impl<T> LockTable<T> {
         Ok(())
     }
 
-    /// Whether one more request fits, clearing a dead wait to make room if
-    /// need be (so only live requests ever count against the limit).
-    fn make_room(&mut self) -> bool {
+    /// The cycle that `client` waiting for `new` would close, if any; counts
+    /// what the check found.
+    fn check_wait(
+        &mut self,
+        client: ClientId,
+        new: &[(&str, Mode, u32)],
+    ) -> Option<Vec<(ClientId, Arc<str>)>> {
+        match self.find_deadlock(client, new) {
+            deadlock::Found::Clear => None,
+            deadlock::Found::TooBig => {
+                self.books.totals.deadlock_checks_cut += 1;
+                None
+            }
+            deadlock::Found::Cycle(cycle) => {
+                self.books.totals.deadlocks += 1;
+                Some(cycle)
+            }
+        }
+    }
+
+    /// Whether the waiting multi-lock `seq` heads each of its queues, and
+    /// each admits it.
+    fn group_ready(&self, seq: u64) -> bool {
+        self.groups.get(&seq).is_some_and(|group| {
+            group.locks.iter().all(|(name, mode)| {
+                self.queues.get(name).is_some_and(|queue| {
+                    queue.waiters.front().is_some_and(|(first, _)| first == seq)
+                        && queue.admits(*mode, 1)
+                })
+            })
+        })
+    }
+
+    /// Whether `count` more requests fit, clearing dead waits to make room
+    /// if need be (so only live requests ever count against the limit).
+    fn make_room(&mut self, count: usize) -> bool {
+        let fits = |table: &Self| table.entries().saturating_add(count) <= table.max_entries;
         // Each listed wait is taken once, so this loop's work over all calls
         // is at most what departures listed.
-        while self.entries() >= self.max_entries
-            && self.clients.dead_waits > 0
-            && !self.clients.to_clear.is_empty()
-        {
+        while !fits(self) && self.clients.dead_waits > 0 && !self.clients.to_clear.is_empty() {
             self.clear_departed(1);
         }
-        self.entries() < self.max_entries
+        fits(self)
     }
 
     /// Clears up to `budget` waits that departed connections left.
@@ -1390,7 +2017,7 @@ impl<T> LockTable<T> {
         let Some(queue) = self.queues.get_mut(name) else {
             return;
         };
-        if let Some(waiter) = queue.waiters.remove(seq) {
+        if let Some(waiter) = take_wait(queue, seq, &mut self.clients) {
             self.clients.dead_waits -= 1;
             self.books.forget_deadline(seq, &waiter);
         }
@@ -1432,6 +2059,11 @@ impl<'a, T> LockView<'a, T> {
         self.name
     }
 
+    /// For a semaphore, its permits; `None` for a mutex.
+    pub fn permits(&self) -> Option<u32> {
+        self.queue.permits
+    }
+
     /// Current holders, in grant order.
     pub fn holders(&self) -> impl Iterator<Item = &'a Holder> + 'a {
         self.queue.holders.iter().map(|(_, holder)| holder)
@@ -1451,6 +2083,8 @@ impl<'a, T> LockView<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod primitives;
 
     const A: ClientId = ClientId(1);
     const B: ClientId = ClientId(2);
@@ -1484,6 +2118,7 @@ mod tests {
                 client,
                 lock: name,
                 mode,
+                semaphore: None,
                 timeout: timeout.map(Duration::from_millis),
                 tag,
             };
@@ -1503,6 +2138,7 @@ mod tests {
                 client,
                 lock: name,
                 mode,
+                semaphore: None,
                 token,
                 tag,
             };
@@ -1827,7 +2463,7 @@ mod tests {
         f.lock(A, "x", Mode::Exclusive, None, 1);
         f.lock(A, "y", Mode::Exclusive, None, 2);
         f.lock(B, "x", Mode::Exclusive, None, 3);
-        f.lock(B, "z", Mode::Exclusive, None, 4);
+        f.lock(C, "z", Mode::Exclusive, None, 4);
         f.lock(A, "z", Mode::Exclusive, Some(1000), 5);
         let (departure, effects) = f.disconnect(A);
         assert_eq!(
@@ -2067,6 +2703,7 @@ mod tests {
                         client: ClientId(client),
                         lock: name,
                         mode: Mode::Exclusive,
+                        semaphore: None,
                         timeout: timeout.filter(|_| client > 0),
                         tag: i as u32,
                     };

@@ -11,7 +11,7 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::value::RawValue;
 
 use crate::frame;
-use crate::lock_table::Mode;
+use crate::lock_table::{Mode, Permits};
 
 /// The longest lock name, in bytes of UTF-8.
 pub const MAX_LOCK_NAME_BYTES: usize = 1024;
@@ -62,8 +62,26 @@ pub enum Request<'a> {
         timeout: Option<Duration>,
         /// Exclusive or shared.
         mode: Mode,
+        /// For a semaphore: its permits, and how many to take.
+        semaphore: Option<Permits>,
         /// A grant of an earlier run to have back, instead of a new one.
         reclaim: Option<ReclaimClaim>,
+    },
+    /// Ask for several locks at once (`lockNames`).
+    LockAll {
+        /// The RPC id.
+        id: RequestId,
+        /// The locks, each with its mode, no name twice.
+        locks: Vec<(Cow<'a, str>, Mode)>,
+        /// `None` waits for ever; zero tries once.
+        timeout: Option<Duration>,
+    },
+    /// Give up several locks, or a wait for them (`lockNames`).
+    UnlockAll {
+        /// The RPC id.
+        id: RequestId,
+        /// The locks.
+        locks: Vec<Cow<'a, str>>,
     },
     /// Give up a lock, or a wait for one.
     Unlock {
@@ -229,6 +247,9 @@ struct Parameters<'a> {
     after: Option<&'a RawValue>,
     reclaim: Option<&'a RawValue>,
     auth: Option<&'a RawValue>,
+    lock_names: Option<&'a RawValue>,
+    permits: Option<&'a RawValue>,
+    take: Option<&'a RawValue>,
     /// A key read here that came twice (the first value is kept).
     duplicate: Option<&'static str>,
 }
@@ -261,6 +282,9 @@ impl<'de> Visitor<'de> for ParamsVisitor {
                 "after" => (&mut params.after, "after"),
                 "reclaim" => (&mut params.reclaim, "reclaim"),
                 "auth" => (&mut params.auth, "auth"),
+                "lockNames" => (&mut params.lock_names, "lockNames"),
+                "permits" => (&mut params.permits, "permits"),
+                "take" => (&mut params.take, "take"),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                     continue;
@@ -382,6 +406,21 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
         Ok(params) => params,
         Err(error) => return Err(BadRequest::Invalid { id, error }),
     };
+    if params.lock_names.is_some_and(|raw| !is_null(raw)) {
+        let request = match command.as_ref() {
+            "lock" => parse_lock_all(&params).map(|(locks, timeout)| Request::LockAll {
+                id: id.clone(),
+                locks,
+                timeout,
+            }),
+            "unlock" => parse_unlock_all(&params).map(|locks| Request::UnlockAll {
+                id: id.clone(),
+                locks,
+            }),
+            _ => Err(format!("`{command}` takes no `lockNames`")),
+        };
+        return request.map_err(|error| BadRequest::Invalid { id, error });
+    }
     let checked = match command.as_ref() {
         "lock" => parse_lock(&params),
         "unlock" => {
@@ -399,12 +438,17 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
         Err(error) => return Err(BadRequest::Invalid { id, error }),
     };
     let request = match command.as_ref() {
-        "lock" => match reclaim_claim(&params) {
-            Ok(reclaim) => Request::Lock {
+        "lock" => match reclaim_claim(&params).and_then(|reclaim| {
+            semaphore(&params)
+                .map(|semaphore| (reclaim, semaphore))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((reclaim, semaphore)) => Request::Lock {
                 id,
                 lock,
                 timeout,
                 mode,
+                semaphore,
                 reclaim,
             },
             Err(error) => return Err(BadRequest::Invalid { id, error }),
@@ -481,7 +525,11 @@ fn reclaim_claim(params: &Parameters<'_>) -> Result<Option<ReclaimClaim>, String
 }
 
 fn parse_lock<'a>(params: &Parameters<'a>) -> Result<LockParts<'a>, String> {
-    let lock = lock_name(params.lock_name)?;
+    lock_parts(params, lock_name(params.lock_name)?)
+}
+
+/// `lock` with its `timeoutMs` and `mode`.
+fn lock_parts<'a>(params: &Parameters<'a>, lock: Cow<'a, str>) -> Result<LockParts<'a>, String> {
     let timeout = match params.timeout_ms.filter(|raw| !is_null(raw)) {
         None => None,
         Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
@@ -496,18 +544,132 @@ fn parse_lock<'a>(params: &Parameters<'a>) -> Result<LockParts<'a>, String> {
     };
     let mode = match params.mode.filter(|raw| !is_null(raw)) {
         None => Mode::Exclusive,
-        Some(raw) => match as_string(raw).as_deref() {
-            Some("exclusive") => Mode::Exclusive,
-            Some("shared") => Mode::Shared,
-            _ => {
-                return Err(format!(
-                    "`mode` must be \"exclusive\" or \"shared\", got {}",
-                    quote(raw.get())
-                ));
-            }
-        },
+        Some(raw) => parse_mode(raw)?,
     };
     Ok((lock, timeout, mode))
+}
+
+fn parse_mode(raw: &RawValue) -> Result<Mode, String> {
+    match as_string(raw).as_deref() {
+        Some("exclusive") => Ok(Mode::Exclusive),
+        Some("shared") => Ok(Mode::Shared),
+        _ => Err(format!(
+            "`mode` must be \"exclusive\" or \"shared\", got {}",
+            quote(raw.get())
+        )),
+    }
+}
+
+/// The most locks one `lockNames` may name.
+pub const MAX_LOCK_NAMES: usize = 64;
+/// The most permits a semaphore may have.
+pub const MAX_PERMITS: u32 = 1_000_000;
+
+/// `permits` and `take`, if given.
+fn semaphore(params: &Parameters<'_>) -> Result<Option<Permits>, String> {
+    let number = |raw: Option<&RawValue>, key: &str| -> Result<Option<u32>, String> {
+        let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
+            return Ok(None);
+        };
+        match serde_json::from_str::<u32>(raw.get()) {
+            Ok(n) if (1..=MAX_PERMITS).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "`{key}` must be an integer from 1 to {MAX_PERMITS}, got {}",
+                quote(raw.get())
+            )),
+        }
+    };
+    let permits = number(params.permits, "permits")?;
+    let take = number(params.take, "take")?;
+    match (permits, take) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err("`take` needs `permits`".to_string()),
+        (Some(_), _) if params.mode.is_some_and(|raw| !is_null(raw)) => {
+            Err("`permits` and `mode` do not go together: a semaphore has no mode".to_string())
+        }
+        (Some(of), take) => {
+            let take = take.unwrap_or(1);
+            if take > of {
+                return Err(format!("`take` is {take}, more than the {of} permits"));
+            }
+            Ok(Some(Permits { of, take }))
+        }
+    }
+}
+
+/// The parameters of a `lock` with `lockNames`.
+fn parse_lock_all<'a>(
+    params: &Parameters<'a>,
+) -> Result<(Vec<(Cow<'a, str>, Mode)>, Option<Duration>), String> {
+    for (given, key) in [
+        (params.lock_name, "lockName"),
+        (params.permits, "permits"),
+        (params.take, "take"),
+        (params.reclaim, "reclaim"),
+    ] {
+        if given.is_some_and(|raw| !is_null(raw)) {
+            return Err(format!("`lockNames` and `{key}` do not go together"));
+        }
+    }
+    let (_, timeout, mode) = lock_parts(params, Cow::Borrowed(""))?;
+    let entries = lock_name_list(params.lock_names)?;
+    let mut locks = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let lock = if as_str(entry).is_some() || !entry.get().trim_start().starts_with('{') {
+            (lock_name(Some(entry))?, mode)
+        } else {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Entry<'a> {
+                #[serde(borrow, rename = "lockName")]
+                lock_name: Option<&'a RawValue>,
+                #[serde(borrow)]
+                mode: Option<&'a RawValue>,
+            }
+            let parsed: Entry<'a> = serde_json::from_str(entry.get()).map_err(|_| {
+                format!(
+                    "each of `lockNames` must be a name or {{\"lockName\": name, \"mode\": mode}}, got {}",
+                    quote(entry.get())
+                )
+            })?;
+            let mode = match parsed.mode.filter(|raw| !is_null(raw)) {
+                None => mode,
+                Some(raw) => parse_mode(raw)?,
+            };
+            (lock_name(parsed.lock_name)?, mode)
+        };
+        if locks.iter().any(|(name, _)| *name == lock.0) {
+            return Err(format!("`lockNames` names {} twice", quote(&lock.0)));
+        }
+        locks.push(lock);
+    }
+    Ok((locks, timeout))
+}
+
+/// The names of an `unlock` with `lockNames`.
+fn parse_unlock_all<'a>(params: &Parameters<'a>) -> Result<Vec<Cow<'a, str>>, String> {
+    if params.lock_name.is_some_and(|raw| !is_null(raw)) {
+        return Err("`lockNames` and `lockName` do not go together".to_string());
+    }
+    lock_name_list(params.lock_names)?
+        .into_iter()
+        .map(|raw| lock_name(Some(raw)))
+        .collect()
+}
+
+/// `lockNames`: an array of 1 to [`MAX_LOCK_NAMES`] entries.
+fn lock_name_list(raw: Option<&RawValue>) -> Result<Vec<&RawValue>, String> {
+    let raw = raw.map_or("null", RawValue::get);
+    let entries: Vec<&RawValue> = serde_json::from_str(raw).map_err(|_| {
+        format!("`lockNames` must be an array of lock names, got {}", quote(raw))
+    })?;
+    if entries.is_empty() || entries.len() > MAX_LOCK_NAMES {
+        return Err(format!(
+            "`lockNames` must name 1 to {MAX_LOCK_NAMES} locks, got {}",
+            entries.len()
+        ));
+    }
+    Ok(entries)
 }
 
 /// A lock name: a string of 1 to 1024 bytes, or an integer spelled in decimal
@@ -730,7 +892,8 @@ impl Reply {
                 ..
             } => Some("invalid"),
             Reply::Rpc { result, .. } => match result {
-                Outcome::Invalid(_) => Some("invalid"),
+                Outcome::Invalid(_) | Outcome::PermitsDiffer { .. } => Some("invalid"),
+                Outcome::Deadlock(_) => Some("deadlock"),
                 Outcome::TooMany(_) => Some("tooMany"),
                 Outcome::Refused(_) => Some("refused"),
                 Outcome::Denied => Some("denied"),
@@ -896,6 +1059,24 @@ pub enum Outcome {
     Timeout,
     /// The wait was withdrawn by unlock.
     Cancelled,
+    /// `ok` for a multi-lock, with its one token and each lock's proof.
+    GrantedAll {
+        /// The fencing token.
+        token: u64,
+        /// Each lock's proof, by name (sent to connections that said
+        /// `hello`).
+        proofs: Option<Vec<(String, String)>>,
+    },
+    /// The wait would close a cycle of waits: refused, not queued.
+    Deadlock(Vec<CycleStep>),
+    /// A semaphore request that disagrees with the permits in force (or a
+    /// mutex request on a semaphore, with the permits in force named).
+    PermitsDiffer {
+        /// What is wrong.
+        error: String,
+        /// The permits in force.
+        permits: u32,
+    },
     /// Nothing to unlock.
     NotFound,
     /// Bad parameters.
@@ -1213,6 +1394,34 @@ impl Serialize for Outcome {
             Outcome::TooMany(error) => simple("tooMany", None, Some(error)).serialize(s),
             Outcome::Refused(error) => simple("refused", None, Some(error)).serialize(s),
             Outcome::Denied => simple("denied", None, None).serialize(s),
+            Outcome::GrantedAll { token, proofs } => {
+                struct Proofs<'a>(&'a [(String, String)]);
+                impl Serialize for Proofs<'_> {
+                    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                        s.collect_map(self.0.iter().map(|(name, proof)| (name, proof)))
+                    }
+                }
+                let mut map = s.serialize_map(None)?;
+                map.serialize_entry("status", "ok")?;
+                map.serialize_entry("token", token)?;
+                if let Some(proofs) = proofs {
+                    map.serialize_entry("proofs", &Proofs(proofs))?;
+                }
+                map.end()
+            }
+            Outcome::Deadlock(cycle) => {
+                let mut map = s.serialize_map(Some(2))?;
+                map.serialize_entry("status", "deadlock")?;
+                map.serialize_entry("cycle", cycle)?;
+                map.end()
+            }
+            Outcome::PermitsDiffer { error, permits } => {
+                let mut map = s.serialize_map(Some(3))?;
+                map.serialize_entry("status", "invalid")?;
+                map.serialize_entry("error", error)?;
+                map.serialize_entry("permits", permits)?;
+                map.end()
+            }
             Outcome::Closed(closed) => {
                 let mut map = s.serialize_map(Some(2))?;
                 map.serialize_entry("status", "ok")?;
@@ -1287,6 +1496,7 @@ mod tests {
                 timeout,
                 mode,
                 reclaim,
+                semaphore: None,
             } => {
                 assert_eq!(
                     (id.get(), lock.as_ref(), timeout, mode, reclaim),

@@ -97,6 +97,13 @@ impl<V> Lane<V> {
         slot.value.as_ref().map(|value| (slot.key, value))
     }
 
+    /// The entry with the highest key (never a hole: holes at the ends go
+    /// at once).
+    pub(super) fn back(&self) -> Option<(u64, &V)> {
+        let slot = self.slots.back()?;
+        slot.value.as_ref().map(|value| (slot.key, value))
+    }
+
     pub(super) fn pop_front(&mut self) -> Option<(u64, V)> {
         let slot = self.slots.pop_front()?;
         let value = slot.value?;
@@ -122,6 +129,15 @@ impl<V> Lane<V> {
     pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &V)> + '_ {
         self.slots
             .iter()
+            .filter_map(|slot| slot.value.as_ref().map(|value| (slot.key, value)))
+    }
+
+    /// The entries whose keys are in `from..to`, in key order.
+    pub(super) fn range(&self, from: u64, to: u64) -> impl Iterator<Item = (u64, &V)> + '_ {
+        let start = self.slots.partition_point(|slot| slot.key < from);
+        self.slots
+            .range(start..)
+            .take_while(move |slot| slot.key < to)
             .filter_map(|slot| slot.value.as_ref().map(|value| (slot.key, value)))
     }
 
@@ -203,6 +219,9 @@ mod tests {
         lane.push_back(100, 10);
         assert_eq!(keys(&lane), [20, 30, 40, 60, 70, 80, 100]);
         lane.check().unwrap();
+        let between: Vec<u64> = lane.range(25, 70).map(|(key, _)| key).collect();
+        assert_eq!(between, [30, 40, 60], "from inclusive, to exclusive, holes skipped");
+        assert_eq!(lane.range(101, u64::MAX).count(), 0);
     }
 
     #[test]

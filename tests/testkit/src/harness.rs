@@ -255,6 +255,8 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
     let id_ok = |id: &protocol::RequestId| id.get().len() <= protocol::MAX_ID_BYTES;
     match &request {
         Request::Lock { id, .. }
+        | Request::LockAll { id, .. }
+        | Request::UnlockAll { id, .. }
         | Request::Hello { id, .. }
         | Request::Ping { id }
         | Request::Status { id, .. }
@@ -278,6 +280,46 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
                     token: 1,
                     proof: None,
                 },
+            }
+        }
+        Request::LockAll { id, locks, .. } => {
+            ensure!(
+                (1..=protocol::MAX_LOCK_NAMES).contains(&locks.len()),
+                "{} lockNames",
+                locks.len()
+            );
+            for (index, (lock, _)) in locks.iter().enumerate() {
+                ensure!(name_ok(lock), "lock name {lock:?}");
+                ensure!(
+                    !locks[..index].iter().any(|(earlier, _)| earlier == lock),
+                    "{lock:?} named twice"
+                );
+            }
+            Reply::Rpc {
+                id,
+                result: Outcome::GrantedAll {
+                    token: 1,
+                    proofs: Some(
+                        locks
+                            .iter()
+                            .map(|(lock, _)| (lock.to_string(), "00".to_string()))
+                            .collect(),
+                    ),
+                },
+            }
+        }
+        Request::UnlockAll { id, locks } => {
+            ensure!(
+                (1..=protocol::MAX_LOCK_NAMES).contains(&locks.len()),
+                "{} lockNames",
+                locks.len()
+            );
+            for lock in &locks {
+                ensure!(name_ok(lock), "lock name {lock:?}");
+            }
+            Reply::Rpc {
+                id,
+                result: Outcome::NotFound,
             }
         }
         Request::Unlock { form, lock } => {
@@ -538,6 +580,7 @@ impl CoreCheck {
         let settings = Settings {
             max_locks_per_connection: limit,
             max_lock_entries: limit + 1,
+            detect_deadlocks: true,
             keepalive,
             // Small enough that `status` is sometimes cut.
             status_budget_bytes: 250,
@@ -784,6 +827,7 @@ pub fn check_against_model(
                     client,
                     lock: names[name],
                     mode,
+                    semaphore: None,
                     timeout,
                     tag,
                 };
@@ -819,9 +863,13 @@ pub fn check_against_model(
             let (tag, client, token) = match effect {
                 Effect::Granted {
                     tag, client, token, ..
+                }
+                | Effect::GrantedAll {
+                    tag, client, token, ..
                 } => (tag, client, Some(token)),
                 Effect::TimedOut { tag, client }
                 | Effect::Cancelled { tag, client }
+                | Effect::Deadlock { tag, client, .. }
                 | Effect::Refused { tag, client, .. } => (tag, client, None),
             };
             // Every request is answered once, to the client that asked.
