@@ -513,10 +513,15 @@ impl Core {
             Ok(Request::UnlockAll { id, locks }) => {
                 let mut found = false;
                 for lock in &locks {
-                    found |= self.table.unlock(from, lock, now, &mut self.effects) != Unlocked::NotFound;
+                    found |=
+                        self.table.unlock(from, lock, now, &mut self.effects) != Unlocked::NotFound;
                 }
                 self.send_effects(out);
-                let result = if found { Outcome::Ok } else { Outcome::NotFound };
+                let result = if found {
+                    Outcome::Ok
+                } else {
+                    Outcome::NotFound
+                };
                 self.reply(from, id, result, out);
             }
             Ok(Request::Hello { id, client, auth }) => {
@@ -655,7 +660,11 @@ impl Core {
     ) {
         let ReclaimClaim { token, proof } = claim;
         // A semaphore's grants are signed as shared: its holders share it.
-        let mode = if semaphore.is_some() { Mode::Shared } else { mode };
+        let mode = if semaphore.is_some() {
+            Mode::Shared
+        } else {
+            mode
+        };
         if let Err(why) = self.recovery.check(lock, mode, token, &proof, now) {
             self.reclaims_refused += 1;
             if let Some(suppressed) = self.reclaim_log.admit(now) {
@@ -1261,7 +1270,10 @@ impl Core {
                     locks,
                     token,
                 } => {
-                    debug!("granted {} locks at once to conn {client}, token {token}", locks.len());
+                    debug!(
+                        "granted {} locks at once to conn {client}, token {token}",
+                        locks.len()
+                    );
                     let proofs = self
                         .peers
                         .get(&client)

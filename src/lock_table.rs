@@ -917,7 +917,10 @@ impl<T> LockTable<T> {
             }
         }
         if refusal.is_none()
-            && holdings.map_or(0, Holdings::len).saturating_add(locks.len()) > self.max_per_client
+            && holdings
+                .map_or(0, Holdings::len)
+                .saturating_add(locks.len())
+                > self.max_per_client
         {
             refusal = Some(Refusal::TooMany {
                 limit: self.max_per_client,
@@ -956,8 +959,10 @@ impl<T> LockTable<T> {
             return;
         }
         if !free && self.detect_deadlocks {
-            let waits: Vec<(&str, Mode, u32)> =
-                named.iter().map(|(name, mode)| (&**name, *mode, 1)).collect();
+            let waits: Vec<(&str, Mode, u32)> = named
+                .iter()
+                .map(|(name, mode)| (&**name, *mode, 1))
+                .collect();
             if let Some(cycle) = self.check_wait(client, &waits) {
                 out.push(Effect::Deadlock { client, tag, cycle });
                 return;
@@ -1359,7 +1364,11 @@ impl<T> LockTable<T> {
             .totals
             .waits
             .record(now.saturating_duration_since(group.since));
-        let names = group.locks.iter().map(|(name, _)| Arc::clone(name)).collect();
+        let names = group
+            .locks
+            .iter()
+            .map(|(name, _)| Arc::clone(name))
+            .collect();
         out.push(Effect::GrantedAll {
             client: group.client,
             tag: group.tag,
@@ -1614,7 +1623,14 @@ impl<T> LockTable<T> {
     fn settle_all(&mut self, now: Instant, out: &mut Vec<Effect<T>>) {
         let mut multis = Vec::new();
         for (name, queue) in self.queues.iter_mut() {
-            multis.extend(settle(queue, name, &mut self.books, &mut self.clients, now, out));
+            multis.extend(settle(
+                queue,
+                name,
+                &mut self.books,
+                &mut self.clients,
+                now,
+                out,
+            ));
         }
         self.queues.retain(|_, queue| !queue.is_empty());
         for seq in multis {
@@ -1724,7 +1740,10 @@ impl<T> LockTable<T> {
             }
             let used: u64 = queue.holders.iter().map(|(_, h)| u64::from(h.take)).sum();
             if used != queue.used {
-                return Err(format!("{name:?}: {used} permits held, {} counted", queue.used));
+                return Err(format!(
+                    "{name:?}: {used} permits held, {} counted",
+                    queue.used
+                ));
             }
             match queue.permits {
                 Some(permits) => {
@@ -1733,15 +1752,19 @@ impl<T> LockTable<T> {
                     }
                     let entries = queue.holders.iter().map(|(_, h)| (h.mode, h.take));
                     let asked = queue.waiters.iter().map(|(_, w)| (w.mode, w.take));
-                    if entries.chain(asked).any(|(mode, take)| {
-                        mode != Mode::Shared || take == 0 || take > permits
-                    }) {
+                    if entries
+                        .chain(asked)
+                        .any(|(mode, take)| mode != Mode::Shared || take == 0 || take > permits)
+                    {
                         return Err(format!("{name:?}: a semaphore entry out of shape"));
                     }
                 }
                 None => {
                     let entries = queue.holders.iter().map(|(_, h)| h.take);
-                    if entries.chain(queue.waiters.iter().map(|(_, w)| w.take)).any(|t| t != 1) {
+                    if entries
+                        .chain(queue.waiters.iter().map(|(_, w)| w.take))
+                        .any(|t| t != 1)
+                    {
                         return Err(format!("{name:?}: a mutex entry takes permits"));
                     }
                 }
@@ -1804,7 +1827,9 @@ impl<T> LockTable<T> {
                     }
                     let first = part.is_some_and(|p| p.2 == 0);
                     if !first && w.deadline.is_some() {
-                        return Err(format!("{name:?}: a multi-lock deadline off its first lock"));
+                        return Err(format!(
+                            "{name:?}: a multi-lock deadline off its first lock"
+                        ));
                     }
                 }
                 if clients.departed.contains(&w.client) {

@@ -72,7 +72,7 @@ pub enum Request<'a> {
         /// The RPC id.
         id: RequestId,
         /// The locks, each with its mode, no name twice.
-        locks: Vec<(Cow<'a, str>, Mode)>,
+        locks: NamedLocks<'a>,
         /// `None` waits for ever; zero tries once.
         timeout: Option<Duration>,
     },
@@ -597,10 +597,13 @@ fn semaphore(params: &Parameters<'_>) -> Result<Option<Permits>, String> {
     }
 }
 
+/// Locks, each with its mode.
+type NamedLocks<'a> = Vec<(Cow<'a, str>, Mode)>;
+
 /// The parameters of a `lock` with `lockNames`.
 fn parse_lock_all<'a>(
     params: &Parameters<'a>,
-) -> Result<(Vec<(Cow<'a, str>, Mode)>, Option<Duration>), String> {
+) -> Result<(NamedLocks<'a>, Option<Duration>), String> {
     for (given, key) in [
         (params.lock_name, "lockName"),
         (params.permits, "permits"),
@@ -661,7 +664,10 @@ fn parse_unlock_all<'a>(params: &Parameters<'a>) -> Result<Vec<Cow<'a, str>>, St
 fn lock_name_list(raw: Option<&RawValue>) -> Result<Vec<&RawValue>, String> {
     let raw = raw.map_or("null", RawValue::get);
     let entries: Vec<&RawValue> = serde_json::from_str(raw).map_err(|_| {
-        format!("`lockNames` must be an array of lock names, got {}", quote(raw))
+        format!(
+            "`lockNames` must be an array of lock names, got {}",
+            quote(raw)
+        )
     })?;
     if entries.is_empty() || entries.len() > MAX_LOCK_NAMES {
         return Err(format!(

@@ -374,7 +374,7 @@ impl Server {
         let settings = Settings {
             max_locks_per_connection: config.max_locks_per_connection,
             max_lock_entries: config.max_lock_entries,
-        detect_deadlocks: config.detect_deadlocks,
+            detect_deadlocks: config.detect_deadlocks,
             keepalive,
             status_budget_bytes: (config.max_output_bytes / 2).min(STATUS_REPLY_BYTES),
         };

@@ -81,7 +81,12 @@ impl<T> LockTable<T> {
     }
 
     /// The waits of `x` (with `new` for the asker).
-    fn waits_of<'a>(&'a self, x: ClientId, asker: ClientId, new: &'a [(&'a str, Mode, u32)]) -> Vec<Wait<'a>> {
+    fn waits_of<'a>(
+        &'a self,
+        x: ClientId,
+        asker: ClientId,
+        new: &'a [(&'a str, Mode, u32)],
+    ) -> Vec<Wait<'a>> {
         let mut waits = Vec::new();
         if x == asker {
             waits.extend(new.iter().map(|&(lock, mode, take)| Wait {
@@ -190,7 +195,10 @@ impl<T> LockTable<T> {
                 let mut could = true;
                 for wait in self.waits_of(x, asker, new) {
                     let queue = self.queues.get(wait.lock);
-                    spend(steps, queue.map_or(1, |q| q.holders.len() + q.waiters.len()))?;
+                    spend(
+                        steps,
+                        queue.map_or(1, |q| q.holders.len() + q.waiters.len()),
+                    )?;
                     if !self.could_be_granted(&wait, &stuck) {
                         could = false;
                         break;
@@ -232,7 +240,9 @@ impl<T> LockTable<T> {
                 let kept: u64 = kept.map(|holder| u64::from(holder.take)).sum();
                 kept + u64::from(wait.take) <= u64::from(permits)
             }
-            None => !kept.any(|holder| wait.mode == Mode::Exclusive || holder.mode == Mode::Exclusive),
+            None => {
+                !kept.any(|holder| wait.mode == Mode::Exclusive || holder.mode == Mode::Exclusive)
+            }
         }
     }
 
@@ -290,7 +300,9 @@ impl<T> LockTable<T> {
             // Only a cycle already there (made by a reclaim after a restart)
             // can leave the asker stuck without one through it: name the
             // first thing it waits for.
-            let lock = new.first().map_or_else(|| Arc::from(""), |(l, _, _)| Arc::from(*l));
+            let lock = new
+                .first()
+                .map_or_else(|| Arc::from(""), |(l, _, _)| Arc::from(*l));
             return vec![(asker, lock)];
         };
         let mut cycle = vec![(last, lock)];

@@ -220,7 +220,11 @@ mod tests {
         assert_eq!(keys(&lane), [20, 30, 40, 60, 70, 80, 100]);
         lane.check().unwrap();
         let between: Vec<u64> = lane.range(25, 70).map(|(key, _)| key).collect();
-        assert_eq!(between, [30, 40, 60], "from inclusive, to exclusive, holes skipped");
+        assert_eq!(
+            between,
+            [30, 40, 60],
+            "from inclusive, to exclusive, holes skipped"
+        );
         assert_eq!(lane.range(101, u64::MAX).count(), 0);
     }
 

@@ -5,7 +5,14 @@ use super::*;
 const E: ClientId = ClientId(5);
 
 impl Fixture {
-    fn take(&mut self, client: ClientId, name: &str, of: u32, take: u32, tag: u32) -> Vec<Effect<u32>> {
+    fn take(
+        &mut self,
+        client: ClientId,
+        name: &str,
+        of: u32,
+        take: u32,
+        tag: u32,
+    ) -> Vec<Effect<u32>> {
         let request = LockRequest {
             client,
             lock: name,
@@ -40,7 +47,10 @@ fn granted_all(client: ClientId, tag: u32, locks: &[(&str, Mode)], token: u64) -
     Effect::GrantedAll {
         client,
         tag,
-        locks: locks.iter().map(|&(name, mode)| (Arc::from(name), mode)).collect(),
+        locks: locks
+            .iter()
+            .map(|&(name, mode)| (Arc::from(name), mode))
+            .collect(),
         token,
     }
 }
@@ -66,7 +76,11 @@ fn a_semaphore_grants_up_to_its_permits_and_then_queues_in_order() {
     assert_eq!(t.take(C, "s", 3, 1, 3), [], "3 of 3 held: waits");
     assert_eq!(t.take(D, "s", 3, 2, 4), []);
     let (_, effects) = t.unlock(B, "s");
-    assert_eq!(effects, [shared(C, 3, "s", 102)], "one permit back: the head gets it");
+    assert_eq!(
+        effects,
+        [shared(C, 3, "s", 102)],
+        "one permit back: the head gets it"
+    );
     let (_, effects) = t.unlock(A, "s");
     assert_eq!(effects, [shared(D, 4, "s", 103)]);
 }
@@ -85,10 +99,19 @@ fn a_big_take_at_the_head_keeps_smaller_ones_behind_it() {
 fn everyone_under_one_name_agrees_on_the_permits_and_the_kind() {
     let mut t = Fixture::new();
     t.take(A, "s", 3, 1, 1);
-    let refused = |reason| vec![Effect::Refused { client: B, tag: 2, reason }];
+    let refused = |reason| {
+        vec![Effect::Refused {
+            client: B,
+            tag: 2,
+            reason,
+        }]
+    };
     let in_force = Refusal::KindDiffers { permits: Some(3) };
     assert_eq!(t.take(B, "s", 4, 1, 2), refused(in_force.clone()));
-    assert_eq!(t.lock(B, "s", Mode::Shared, None, 2), refused(in_force.clone()));
+    assert_eq!(
+        t.lock(B, "s", Mode::Shared, None, 2),
+        refused(in_force.clone())
+    );
     assert_eq!(t.lock_all(B, &[("s", X)], None, 2), refused(in_force));
     t.lock(A, "m", X, None, 3);
     let mutex = Refusal::KindDiffers { permits: None };
@@ -130,7 +153,13 @@ fn a_semaphore_grant_is_reclaimed_only_if_the_permits_allow() {
     assert_eq!(reclaim(&mut t, B, 1, 7, 2), [shared(B, 2, "s", 7)]);
     let got = reclaim(&mut t, C, 1, 8, 3);
     assert!(
-        matches!(got[..], [Effect::Refused { reason: Refusal::ReclaimConflict { .. }, .. }]),
+        matches!(
+            got[..],
+            [Effect::Refused {
+                reason: Refusal::ReclaimConflict { .. },
+                ..
+            }]
+        ),
         "a third permit of two: {got:?}"
     );
 }
@@ -141,26 +170,43 @@ fn a_multi_lock_waits_holding_nothing_and_is_granted_all_at_once_with_one_token(
     t.lock(A, "x", X, None, 1);
     let locks = [("x", X), ("y", Mode::Shared)];
     assert_eq!(t.lock_all(B, &locks, None, 2), [], "x is held");
-    assert!(t.table.get("y").is_some_and(|v| v.holders().count() == 0), "holds nothing");
+    assert!(
+        t.table.get("y").is_some_and(|v| v.holders().count() == 0),
+        "holds nothing"
+    );
     // C came after B: FIFO per name puts it behind B's wait on y.
     assert_eq!(t.lock(C, "y", X, None, 3), []);
     let (_, effects) = t.unlock(A, "x");
     assert_eq!(effects, [granted_all(B, 2, &locks, 101)]);
     let (_, effects) = t.unlock(B, "y");
-    assert_eq!(effects, [granted(C, 3, "y", 102)], "releasing one lock of a multi-grant");
-    assert!(t.table.get("x").is_some_and(|v| v.holders().any(|h| h.client == B && h.token == 101)));
+    assert_eq!(
+        effects,
+        [granted(C, 3, "y", 102)],
+        "releasing one lock of a multi-grant"
+    );
+    assert!(
+        t.table
+            .get("x")
+            .is_some_and(|v| v.holders().any(|h| h.client == B && h.token == 101))
+    );
 }
 
 #[test]
 fn a_free_multi_lock_is_granted_at_once_and_a_try_that_cannot_be_is_a_timeout() {
     let mut t = Fixture::new();
     let locks = [("x", X), ("y", X)];
-    assert_eq!(t.lock_all(A, &locks, Some(0), 1), [granted_all(A, 1, &locks, 100)]);
+    assert_eq!(
+        t.lock_all(A, &locks, Some(0), 1),
+        [granted_all(A, 1, &locks, 100)]
+    );
     assert_eq!(
         t.lock_all(B, &[("z", X), ("y", X)], Some(0), 2),
         [Effect::TimedOut { client: B, tag: 2 }]
     );
-    assert!(t.table.get("z").is_none(), "a try that fails leaves no trace");
+    assert!(
+        t.table.get("z").is_none(),
+        "a try that fails leaves no trace"
+    );
 }
 
 #[test]
@@ -181,7 +227,13 @@ fn a_multi_lock_times_out_as_a_whole_once() {
     t.lock(A, "y", X, None, 1);
     t.lock_all(B, &[("x", X), ("y", X)], Some(50), 2);
     assert_eq!(t.lock(C, "x", X, None, 3), [], "behind B's wait on x");
-    assert_eq!(t.advance(60), [Effect::TimedOut { client: B, tag: 2 }, granted(C, 3, "x", 101)]);
+    assert_eq!(
+        t.advance(60),
+        [
+            Effect::TimedOut { client: B, tag: 2 },
+            granted(C, 3, "x", 101)
+        ]
+    );
     assert_eq!(t.advance(60), []);
 }
 
@@ -212,7 +264,11 @@ fn a_wait_that_closes_a_cycle_is_answered_deadlock_and_never_queued() {
     let mut t = Fixture::new();
     t.lock(A, "x", X, None, 1);
     t.lock(B, "y", X, None, 2);
-    assert_eq!(t.lock(A, "y", X, None, 3), [], "A waits for B: no cycle yet");
+    assert_eq!(
+        t.lock(A, "y", X, None, 3),
+        [],
+        "A waits for B: no cycle yet"
+    );
     let effects = t.lock(B, "x", X, Some(60_000), 4);
     assert_eq!(cycle_of(&effects), [(B, "x"), (A, "y")]);
     assert_eq!(t.table.totals().waiting, 1, "B's request was not queued");
@@ -257,7 +313,10 @@ fn shared_holders_of_a_lock_do_not_make_a_cycle_between_shared_waiters() {
     t.lock(B, "y", X, None, 2);
     assert_eq!(t.lock(A, "y", X, None, 3), []);
     // B asks x shared: A holds it shared, so B is granted at once.
-    assert_eq!(t.lock(B, "x", Mode::Shared, None, 4), [shared(B, 4, "x", 102)]);
+    assert_eq!(
+        t.lock(B, "x", Mode::Shared, None, 4),
+        [shared(B, 4, "x", 102)]
+    );
 }
 
 #[test]
