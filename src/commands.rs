@@ -1176,6 +1176,8 @@ impl Core {
             reclaims_refused: self.reclaims_refused,
             reclaim_conflicts: self.reclaim_conflicts,
             awaiting_reclaim: self.table.reserved(),
+            deadlocks: totals.deadlocks,
+            deadlock_checks_cut: totals.deadlock_checks_cut,
         };
         self.reply(from, id, Outcome::Stats(Box::new(result)), out);
     }

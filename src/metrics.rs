@@ -255,6 +255,18 @@ pub fn render(snapshot: &Snapshot) -> String {
     );
     counter(
         &mut out,
+        "pklock_deadlocks_total",
+        "Lock requests answered deadlock: their wait would have closed a cycle",
+        &[(None, u(t.deadlocks))],
+    );
+    counter(
+        &mut out,
+        "pklock_deadlock_checks_cut_total",
+        "Waits queued unchecked: what they depend on was too big to look at",
+        &[(None, u(t.deadlock_checks_cut))],
+    );
+    counter(
+        &mut out,
         "pklock_reclaims_total",
         "Grants of an earlier run given back after a restart or failover",
         &[(None, u(t.reclaims))],

@@ -1321,6 +1321,13 @@ pub struct StatsResult {
     /// them yet: granted to nobody else until they do, or the window ends.
     #[serde(default)]
     pub awaiting_reclaim: usize,
+    /// Lock requests answered `deadlock`.
+    #[serde(default)]
+    pub deadlocks: u64,
+    /// Waits queued without a deadlock check: what they depend on was too
+    /// big to look at.
+    #[serde(default)]
+    pub deadlock_checks_cut: u64,
 }
 
 impl Serialize for Reply {
