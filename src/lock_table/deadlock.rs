@@ -260,50 +260,19 @@ impl<T> LockTable<T> {
         let mut frontier = VecDeque::from([asker]);
         let mut closing = None;
         'search: while let Some(x) = frontier.pop_front() {
-            for wait in self.waits_of(x, asker, new) {
-                let Some((name, queue)) = self.queues.get_key_value(wait.lock) else {
-                    continue;
-                };
-                // Only holders in the way: a shared holder is not in the
-                // way of a shared wait (what it waits for is ahead of it).
-                let holders = queue
-                    .holders
-                    .iter()
-                    .map(|(_, h)| h)
-                    .filter(|h| {
-                        queue.permits.is_some()
-                            || wait.mode == Mode::Exclusive
-                            || h.mode == Mode::Exclusive
-                    })
-                    .map(|h| h.client);
-                let ahead = queue
-                    .waiters
-                    .range(0, wait.below)
-                    .map(|(_, w)| w.client)
-                    .filter(|y| !self.clients.departed.contains(y));
-                for y in holders.chain(ahead) {
-                    if !stuck.contains(&y) {
-                        continue;
-                    }
-                    if y == asker {
-                        closing = Some((x, Arc::clone(name)));
-                        break 'search;
-                    }
-                    if y != x && !came_from.contains_key(&y) {
-                        came_from.insert(y, (x, Arc::clone(name)));
-                        frontier.push_back(y);
-                    }
+            for (y, lock) in self.stuck_in_the_way(x, asker, new, stuck) {
+                if y == asker {
+                    closing = Some((x, lock));
+                    break 'search;
+                }
+                if y != x && !came_from.contains_key(&y) {
+                    came_from.insert(y, (x, lock));
+                    frontier.push_back(y);
                 }
             }
         }
         let Some((last, lock)) = closing else {
-            // Only a cycle already there (made by a reclaim after a restart)
-            // can leave the asker stuck without one through it: name the
-            // first thing it waits for.
-            let lock = new
-                .first()
-                .map_or_else(|| Arc::from(""), |(l, _, _)| Arc::from(*l));
-            return vec![(asker, lock)];
+            return self.path_into_a_cycle(asker, new, stuck);
         };
         let mut cycle = vec![(last, lock)];
         let mut at = last;
@@ -316,6 +285,72 @@ impl<T> LockTable<T> {
         }
         cycle.reverse();
         cycle
+    }
+
+    /// Only a cycle already in the table (a reclaim after a restart can
+    /// make one: it is never refused) can leave the asker stuck without a
+    /// cycle through it. Then the path from the asker into that cycle,
+    /// ending where it closes on an earlier step.
+    fn path_into_a_cycle(
+        &self,
+        asker: ClientId,
+        new: &[(&str, Mode, u32)],
+        stuck: &FxHashSet<ClientId>,
+    ) -> Vec<(ClientId, Arc<str>)> {
+        let mut path: Vec<(ClientId, Arc<str>)> = Vec::new();
+        let mut at = asker;
+        while !path.iter().any(|(x, _)| *x == at) {
+            let Some((next, lock)) = self
+                .stuck_in_the_way(at, asker, new, stuck)
+                .into_iter()
+                .next()
+            else {
+                break;
+            };
+            path.push((at, lock));
+            at = next;
+        }
+        path
+    }
+
+    /// The stuck connections in the way of `x`'s waits, each with the lock:
+    /// holders that exclude the wait, and waits ahead of it.
+    fn stuck_in_the_way(
+        &self,
+        x: ClientId,
+        asker: ClientId,
+        new: &[(&str, Mode, u32)],
+        stuck: &FxHashSet<ClientId>,
+    ) -> Vec<(ClientId, Arc<str>)> {
+        let mut in_the_way = Vec::new();
+        for wait in self.waits_of(x, asker, new) {
+            let Some((name, queue)) = self.queues.get_key_value(wait.lock) else {
+                continue;
+            };
+            // A shared holder is not in the way of a shared wait (what that
+            // waits for is ahead of it); any holder may be of a semaphore's.
+            let holders = queue
+                .holders
+                .iter()
+                .map(|(_, h)| h)
+                .filter(|h| {
+                    queue.permits.is_some()
+                        || wait.mode == Mode::Exclusive
+                        || h.mode == Mode::Exclusive
+                })
+                .map(|h| h.client);
+            let ahead = queue
+                .waiters
+                .range(0, wait.below)
+                .map(|(_, w)| w.client)
+                .filter(|y| !self.clients.departed.contains(y));
+            for y in holders.chain(ahead) {
+                if stuck.contains(&y) {
+                    in_the_way.push((y, Arc::clone(name)));
+                }
+            }
+        }
+        in_the_way
     }
 }
 
