@@ -332,6 +332,7 @@ pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
             Mode::Exclusive
         },
         wait: acquire.wait,
+        ..LockOptions::default()
     };
     client.lock(&acquire.name, &options).map_err(|e| match e {
         Error::NotGranted => {
