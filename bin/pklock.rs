@@ -17,6 +17,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0    success (run: the command's own exit code is passed on)
   1    the lock was not granted in time (change with --conflict-exit-code)
+  35   deadlock: waiting would close a cycle of clients waiting for each
+       other (the message names it); nothing was taken
   64   bad arguments, or a --kill-grace too long for the server
   69   the server cannot be reached (TLS with it failed), or refused the request
   70   the server answered something unexpected
@@ -32,6 +34,8 @@ const LOCK_EXIT_CODES: &str = "\
 Exit codes:
   0    the lock was held until stdin closed or a signal came
   1    the lock was not granted in time (change with --conflict-exit-code)
+  35   deadlock: waiting would close a cycle of clients waiting for each
+       other (the message names it); nothing was taken
   64   bad arguments
   69   the server cannot be reached (TLS with it failed), or refused the request
   70   the server answered something unexpected
@@ -92,6 +96,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a command while holding a lock; stop it if the lock is lost.
+    ///
+    /// Several names are taken together, all at once or none, under one
+    /// token. The command gets PKLOCK_TOKEN (the grant's fencing token),
+    /// PKLOCK_NAMES (the names, one per line) and, for one name,
+    /// PKLOCK_NAME.
     #[command(after_help = EXIT_CODES)]
     Run {
         #[command(flatten)]
@@ -106,7 +115,8 @@ enum Command {
     },
     /// Take a lock, print its token, hold it until stdin closes.
     ///
-    /// Holds the lock until stdin closes or INT, TERM or HUP arrives. If the
+    /// Several names are taken together, all at once or none, under one
+    /// token. Holds the lock until stdin closes or INT, TERM or HUP arrives. If the
     /// lock is lost meanwhile, prints `lost` and keeps it all the same until
     /// then: stop the work, then close stdin.
     #[command(after_help = LOCK_EXIT_CODES)]
@@ -170,17 +180,27 @@ enum Command {
 
 #[derive(Args)]
 struct LockArgs {
-    /// The lock's name.
-    name: String,
+    /// The lock's name; several names are taken together, all at once or
+    /// none, with one fencing token.
+    #[arg(required = true, value_name = "NAME")]
+    names: Vec<String>,
     /// Wait at most this long for the lock (30s, 500ms, 2m); default: for ever.
     #[arg(short, long, value_name = "DURATION", value_parser = duration::parse, conflicts_with = "no_wait")]
     wait: Option<Duration>,
     /// Fail at once if the lock is held elsewhere.
     #[arg(short, long)]
     no_wait: bool,
-    /// Take a shared lock instead of an exclusive one.
+    /// Take a shared lock instead of an exclusive one (every name).
     #[arg(short, long)]
     shared: bool,
+    /// Take the lock as a semaphore of N permits (1 to 1000000; one name
+    /// only): at most N held at once. Everyone using the name must give the
+    /// same N.
+    #[arg(long, value_name = "N", conflicts_with = "shared", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    permits: Option<u32>,
+    /// How many of the semaphore's permits to take [default: 1].
+    #[arg(long, value_name = "K", requires = "permits", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    take: Option<u32>,
     /// Exit code when the lock is not granted.
     #[arg(short = 'E', long, value_name = "N", default_value_t = exit::CONFLICT)]
     conflict_exit_code: u8,
@@ -194,13 +214,15 @@ impl LockArgs {
         Acquire {
             server,
             access,
-            name: self.name,
+            names: self.names,
             wait: if self.no_wait {
                 Some(Duration::ZERO)
             } else {
                 self.wait
             },
             shared: self.shared,
+            permits: self.permits,
+            take: self.take.unwrap_or(1),
             conflict_code: self.conflict_exit_code,
             lost_code: self.lost_exit_code,
         }
@@ -297,6 +319,71 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     .map(|path| format!("{}\n", path.display()))
                     .collect(),
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> Result<Acquire, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("pklock").chain(args.iter().copied()))?;
+        match cli.command {
+            Command::Run { lock, .. } | Command::Lock { lock } => {
+                Ok(lock.acquire(cli.server, Access::default()))
+            }
+            _ => panic!("not run or lock: {args:?}"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn names_come_before_the_command_and_flags_apply_to_all() {
+        let acquire = parsed(&["run", "db", "cache", "--shared", "--", "cp", "a", "b"]).unwrap();
+        assert_eq!(acquire.names, ["db", "cache"]);
+        assert!(acquire.shared);
+        assert_eq!(acquire.permits, None);
+        let cli = Cli::try_parse_from(["pklock", "run", "db", "--", "db", "x"]).unwrap();
+        let Command::Run { command, lock, .. } = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(lock.names, ["db"]);
+        assert_eq!(command, ["db", "x"].map(OsString::from));
+        let acquire = parsed(&["lock", "a", "b", "c", "-n"]).unwrap();
+        assert_eq!(acquire.names, ["a", "b", "c"]);
+        assert_eq!(acquire.wait, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn permits_and_take_are_checked_as_parsed() {
+        let acquire = parsed(&["run", "--permits", "5", "--take", "2", "api", "--", "x"]).unwrap();
+        assert_eq!((acquire.permits, acquire.take), (Some(5), 2));
+        let acquire = parsed(&["lock", "--permits", "5", "api"]).unwrap();
+        assert_eq!((acquire.permits, acquire.take), (Some(5), 1));
+        for bad in [
+            &["run", "--take", "2", "api", "--", "x"][..],
+            &["run", "--permits", "0", "api", "--", "x"],
+            &["run", "--permits", "1000001", "api", "--", "x"],
+            &["run", "--permits", "2", "--shared", "api", "--", "x"],
+            &["run", "--", "x"],
+        ] {
+            let error = parsed(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} parsed"));
+            // main exits 64 for these.
+            assert!(error.use_stderr(), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn help_lists_the_deadlock_exit_code() {
+        for help in [EXIT_CODES, LOCK_EXIT_CODES] {
+            assert!(help.contains("\n  35   deadlock:"), "{help}");
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `pklock lock`: takes a lock, prints its fencing token on stdout, and holds
+//! `pklock lock`: takes a lock (or several together, one token for all, or
+//! a semaphore's permits), prints its fencing token on stdout, and holds
 //! it until stdin closes or INT, TERM or HUP arrives; for interactive use and
 //! for shells that hold a lock across several commands with a coprocess.
 //! When the lock is lost it prints `lost` and keeps the connection until
@@ -22,10 +23,11 @@ enum Event {
 
 /// Holds the lock; returns the exit code for pklock.
 pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
+    acquire.check()?;
     let client = super::connect(
         &acquire.server,
         &acquire.access,
-        &format!("pklock lock {}", acquire.name),
+        &format!("pklock lock {}", acquire.listed()),
         StopTime::Exactly(Default::default()),
     )?;
     let guard = super::take(&client, acquire)?;
@@ -61,9 +63,9 @@ pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
     }
     match events.recv() {
         Ok(Event::StdinClosed | Event::Signal) => {
-            guard.unlock().map_err(|e| {
-                Failure::new(acquire.lost_code, format!("lock {:?}: {e}", acquire.name))
-            })?;
+            guard
+                .unlock()
+                .map_err(|e| Failure::new(acquire.lost_code, format!("{}: {e}", acquire.what())))?;
             Ok(0)
         }
         Ok(Event::Lost(reason)) => {
@@ -75,8 +77,8 @@ pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
                 }
             };
             say(format_args!(
-                "lost the lock {:?}: {reason}; stop the work, then close pklock's stdin{kept}",
-                acquire.name
+                "lost the {}: {reason}; stop the work, then close pklock's stdin{kept}",
+                acquire.what()
             ));
             // Scripts that poll stdout learn it here; the exit code says it again.
             let _ = writeln!(stdout, "lost").and_then(|()| stdout.flush());
@@ -89,7 +91,7 @@ pub fn hold(acquire: &Acquire) -> Result<u8, Failure> {
             drop(guard);
             Err(Failure::new(
                 acquire.lost_code,
-                format!("lost the lock {:?}: {reason}", acquire.name),
+                format!("lost the {}: {reason}", acquire.what()),
             ))
         }
         Err(_) => Err(Failure::new(

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::{
-    AuthToken, Client, ClientCert, ClientOptions, Error, LockGuard, LockOptions, Mode, Resumed,
-    Roots, TLS_SCHEME, TlsOptions, TlsProblem, longest_stop_time,
+    AuthToken, Client, ClientCert, ClientOptions, Error, LockGuard, LockOptions, MultiGuard,
+    Resumed, Roots, TLS_SCHEME, TlsOptions, TlsProblem, longest_stop_time,
 };
 use crate::protocol::MAX_CLIENT_NAME_BYTES;
 
@@ -44,6 +44,9 @@ pub mod exit {
     pub const LOST: u8 = 75;
     /// An output file could not be written (EX_CANTCREAT).
     pub const CANT_CREATE: u8 = 73;
+    /// Waiting for the lock would have closed a cycle of connections
+    /// waiting for each other (Linux's EDEADLK).
+    pub const DEADLOCK: u8 = 35;
     /// The command was found but could not be run.
     pub const CANNOT_RUN: u8 = 126;
     /// The command was not found.
@@ -161,16 +164,106 @@ pub struct Acquire {
     pub server: String,
     /// TLS and the auth token.
     pub access: Access,
-    /// Lock name.
-    pub name: String,
+    /// Lock names: one, or several taken together in one request (one
+    /// token for all).
+    pub names: Vec<String>,
     /// `None` waits for ever; zero tries once.
     pub wait: Option<Duration>,
-    /// Shared instead of exclusive.
+    /// Shared instead of exclusive (every name).
     pub shared: bool,
+    /// A semaphore of this many permits (one name only).
+    pub permits: Option<u32>,
+    /// How many of the semaphore's permits to take.
+    pub take: u32,
     /// Exit code when the lock is not granted.
     pub conflict_code: u8,
     /// Exit code when the lock is lost while held.
     pub lost_code: u8,
+}
+
+impl Acquire {
+    /// Refuses what cannot be asked (exit 64): no name, a name given twice,
+    /// `--permits` with several names, `--take` past `--permits`, several
+    /// names one of which holds a line break (PKLOCK_NAMES could not list it).
+    pub fn check(&self) -> Result<(), Failure> {
+        let usage = |message: String| Err(Failure::new(exit::USAGE, message));
+        if self.names.is_empty() {
+            return usage("no lock name given".to_string());
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = self.names.iter().find(|name| !seen.insert(name.as_str())) {
+            return usage(format!("lock {twice:?} is named twice"));
+        }
+        if let Some(permits) = self.permits {
+            if self.names.len() > 1 {
+                return usage(format!(
+                    "--permits takes one lock name, not {}: a semaphore is taken on its own",
+                    self.names.len()
+                ));
+            }
+            if self.take > permits {
+                return usage(format!(
+                    "--take {} is more than the {permits} permits of the semaphore",
+                    self.take
+                ));
+            }
+        }
+        if self.names.len() > 1 {
+            if let Some(name) = self.names.iter().find(|name| name.contains('\n')) {
+                return usage(format!(
+                    "lock {name:?} has a line break in its name, so PKLOCK_NAMES could not list \
+                     it among others: take it on its own"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The locks, for messages: `lock "a"`, or `locks "a", "b"`.
+    pub fn what(&self) -> String {
+        let names: Vec<String> = self.names.iter().map(|name| format!("{name:?}")).collect();
+        match names.len() {
+            1 => format!("lock {}", names[0]),
+            _ => format!("locks {}", names.join(", ")),
+        }
+    }
+
+    /// Whether several locks are asked for.
+    pub fn several(&self) -> bool {
+        self.names.len() > 1
+    }
+
+    /// The names separated by blanks, for the client name `status` shows.
+    fn listed(&self) -> String {
+        self.names.join(" ")
+    }
+}
+
+/// The lock, or the locks, `run` and `lock` hold: one grant, one token.
+#[derive(Debug)]
+pub enum Held {
+    /// One name (or one semaphore's permits).
+    One(LockGuard),
+    /// Several names, taken together.
+    All(MultiGuard),
+}
+
+impl Held {
+    /// The grant's fencing token.
+    pub fn token(&self) -> u64 {
+        match self {
+            Held::One(guard) => guard.token(),
+            Held::All(guard) => guard.token(),
+        }
+    }
+
+    /// Releases the lock (every name) and waits for the server to confirm.
+    pub fn unlock(self) -> Result<(), Error> {
+        match self {
+            Held::One(guard) => guard.unlock(),
+            Held::All(guard) => guard.unlock(),
+        }
+    }
 }
 
 /// How long `run` may take to stop its command after a loss.
@@ -324,41 +417,65 @@ fn client_name(what: &str, host: &str) -> String {
 }
 
 /// Takes the lock as `acquire` says, or fails with the conflict code.
-pub fn take(client: &Client, acquire: &Acquire) -> Result<LockGuard, Failure> {
-    let options = LockOptions {
-        mode: if acquire.shared {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        },
-        wait: acquire.wait,
+pub fn take(client: &Client, acquire: &Acquire) -> Result<Held, Failure> {
+    acquire.check()?;
+    let mut options = match acquire.shared {
+        true => LockOptions::shared(),
+        false => LockOptions::exclusive(),
     };
-    client.lock(&acquire.name, &options).map_err(|e| match e {
+    options.wait = acquire.wait;
+    if let Some(permits) = acquire.permits {
+        options = options.permits(permits).take(acquire.take);
+    }
+    let taken = match acquire.names.as_slice() {
+        [name] => client.lock(name, &options).map(Held::One),
+        names => client.lock_all(names, &options).map(Held::All),
+    };
+    taken.map_err(|e| not_taken(acquire, e, client.grants_resume_in()))
+}
+
+/// The failure for a lock not taken; `grace`: how long until the server
+/// grants again after its restart.
+fn not_taken(acquire: &Acquire, e: Error, grace: Duration) -> Failure {
+    let what = acquire.what();
+    match e {
         Error::NotGranted => {
-            let grace = client.grants_resume_in();
             let how = match acquire.wait {
                 _ if !grace.is_zero() => "not granted: the server is still in its restart \
                                           grace (restart_grace_ms)"
                     .to_string(),
+                Some(wait) if wait.is_zero() && acquire.several() => {
+                    "not all free now: some are held elsewhere".to_string()
+                }
                 Some(wait) if wait.is_zero() => "it is held elsewhere".to_string(),
                 Some(wait) => format!("not granted within {}", human(wait)),
                 None => "not granted".to_string(),
             };
+            Failure::new(acquire.conflict_code, format!("{what}: {how}"))
+        }
+        Error::Deadlock { .. } => Failure::new(exit::DEADLOCK, e.to_string()),
+        // Said from what the server sent, in the flags' words.
+        Error::PermitsMismatch { lock, permits, .. } => {
+            let asked = match acquire.permits {
+                Some(asked) => format!(", not {asked}"),
+                None => String::new(),
+            };
             Failure::new(
-                acquire.conflict_code,
-                format!("lock {:?}: {how}", acquire.name),
+                exit::UNAVAILABLE,
+                format!(
+                    "lock {lock:?} is a semaphore of {permits} permits{asked}: use --permits \
+                     {permits}"
+                ),
             )
         }
-        Error::Lost(reason) => Failure::new(
-            exit::UNAVAILABLE,
-            format!("lock {:?}: {reason}", acquire.name),
-        ),
+        Error::Lost(reason) => Failure::new(exit::UNAVAILABLE, format!("{what}: {reason}")),
         Error::PermissionDenied { .. } => Failure::new(exit::NOPERM, e.to_string()),
         Error::Refused { .. } | Error::Denied(_) => {
-            Failure::new(exit::UNAVAILABLE, format!("lock {:?}: {e}", acquire.name))
+            Failure::new(exit::UNAVAILABLE, format!("{what}: {e}"))
         }
-        other => Failure::new(exit::SOFTWARE, format!("lock {:?}: {other}", acquire.name)),
-    })
+        Error::InvalidRequest(_) => Failure::new(exit::USAGE, format!("{what}: {e}")),
+        other => Failure::new(exit::SOFTWARE, format!("{what}: {other}")),
+    }
 }
 
 /// Writes `pklock: MESSAGE` on stderr and never fails: stderr may be a
@@ -498,6 +615,126 @@ mod tests {
         assert_eq!(
             resumed_message(&resumed),
             "the connection to the server at x:1 ended; reconnected to y:2 after 40 ms"
+        );
+    }
+
+    fn acquire(names: &[&str]) -> Acquire {
+        Acquire {
+            server: DEFAULT_SERVER.to_string(),
+            access: Access::default(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            wait: None,
+            shared: false,
+            permits: None,
+            take: 1,
+            conflict_code: exit::CONFLICT,
+            lost_code: exit::LOST,
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_asked_is_a_usage_error() {
+        let refused = |acquire: Acquire| {
+            let failure = acquire.check().unwrap_err();
+            assert_eq!(failure.code, exit::USAGE, "{failure}");
+            failure.message
+        };
+        assert!(acquire(&["a"]).check().is_ok());
+        assert!(acquire(&["a", "b", "c"]).check().is_ok());
+        let semaphore = Acquire {
+            permits: Some(3),
+            take: 3,
+            ..acquire(&["api"])
+        };
+        assert!(semaphore.check().is_ok());
+        assert_eq!(
+            refused(Acquire {
+                names: vec!["api".into(), "db".into()],
+                ..semaphore.clone()
+            }),
+            "--permits takes one lock name, not 2: a semaphore is taken on its own"
+        );
+        assert_eq!(
+            refused(Acquire {
+                take: 4,
+                ..semaphore
+            }),
+            "--take 4 is more than the 3 permits of the semaphore"
+        );
+        assert_eq!(
+            refused(acquire(&["a", "b", "a"])),
+            "lock \"a\" is named twice"
+        );
+        assert!(refused(acquire(&["a", "x\ny"])).contains("line break"));
+        // Alone, its name is PKLOCK_NAME as it is.
+        assert!(acquire(&["x\ny"]).check().is_ok());
+        assert_eq!(refused(acquire(&[])), "no lock name given");
+    }
+
+    #[test]
+    fn messages_name_the_lock_or_the_locks() {
+        assert_eq!(acquire(&["a"]).what(), "lock \"a\"");
+        assert_eq!(acquire(&["a", "b c"]).what(), "locks \"a\", \"b c\"");
+        let no_wait = |names: &[&str]| Acquire {
+            wait: Some(Duration::ZERO),
+            ..acquire(names)
+        };
+        let failure = not_taken(&no_wait(&["a"]), Error::NotGranted, Duration::ZERO);
+        assert_eq!(
+            (failure.code, failure.message.as_str()),
+            (exit::CONFLICT, "lock \"a\": it is held elsewhere")
+        );
+        let failure = not_taken(&no_wait(&["a", "b"]), Error::NotGranted, Duration::ZERO);
+        assert_eq!(
+            failure.message,
+            "locks \"a\", \"b\": not all free now: some are held elsewhere"
+        );
+    }
+
+    #[test]
+    fn a_deadlock_exits_35_with_the_cycle_on_one_line() {
+        let cycle = vec![
+            crate::client::CycleStep {
+                conn: 7,
+                client: "A".into(),
+                lock_name: "y".into(),
+            },
+            crate::client::CycleStep {
+                conn: 9,
+                client: "B".into(),
+                lock_name: "x".into(),
+            },
+        ];
+        let failure = not_taken(&acquire(&["y"]), Error::Deadlock { cycle }, Duration::ZERO);
+        assert_eq!(failure.code, 35);
+        assert_eq!(
+            failure.message,
+            "deadlock: this wait would close a cycle: conn 7 (A) waits for \"y\", held by conn \
+             9 (B), which waits for \"x\", held by conn 7"
+        );
+    }
+
+    #[test]
+    fn a_semaphore_of_other_permits_says_which_to_use() {
+        let error = || Error::PermitsMismatch {
+            lock: "api".into(),
+            permits: 5,
+            error: "lock \"api\" is a semaphore of 5 permits, not 3".into(),
+        };
+        let asked = Acquire {
+            permits: Some(3),
+            ..acquire(&["api"])
+        };
+        let failure = not_taken(&asked, error(), Duration::ZERO);
+        assert_eq!(failure.code, exit::UNAVAILABLE);
+        assert_eq!(
+            failure.message,
+            "lock \"api\" is a semaphore of 5 permits, not 3: use --permits 5"
+        );
+        let failure = not_taken(&acquire(&["api"]), error(), Duration::ZERO);
+        assert_eq!(
+            failure.message,
+            "lock \"api\" is a semaphore of 5 permits: use --permits 5"
         );
     }
 

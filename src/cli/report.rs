@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{Access, Failure, StopTime, exit, human};
-use crate::client::{Client, Error, StatsResult, StatusFilter, StatusResult};
+use crate::client::{Client, Error, Mode, StatsResult, StatusFilter, StatusResult};
 
 pub(crate) fn query_failed(what: &str, e: Error) -> Failure {
     let code = match e {
@@ -64,7 +64,10 @@ pub fn status(
     Ok(status_table(&status))
 }
 
-/// The status as aligned columns: one row per holder and per waiter.
+/// The status as aligned columns: one row per holder and per waiter. A
+/// semaphore has a row of its own above them, `api  semaphore  3/5 held`
+/// (the permits its holders take, of its permits), and each holder's and
+/// waiter's mode is its take: `take 2`.
 pub fn status_table(status: &StatusResult) -> String {
     let mut rows = vec![
         [
@@ -73,10 +76,26 @@ pub fn status_table(status: &StatusResult) -> String {
         .map(String::from),
     ];
     for lock in &status.locks {
+        let mode = |mode: Mode, take: Option<u32>| match (lock.permits, take) {
+            (Some(_), Some(take)) => format!("take {take}"),
+            _ => mode.as_str().to_string(),
+        };
+        if let Some(permits) = lock.permits {
+            let held: u64 = lock
+                .holders
+                .iter()
+                .map(|h| u64::from(h.take.unwrap_or(1)))
+                .sum();
+            let mut row: [String; 8] = Default::default();
+            row[0] = lock.lock_name.clone();
+            row[1] = "semaphore".to_string();
+            row[2] = format!("{held}/{permits} held");
+            rows.push(row);
+        }
         for h in &lock.holders {
             rows.push([
                 lock.lock_name.clone(),
-                h.mode.as_str().to_string(),
+                mode(h.mode, h.take),
                 "held".to_string(),
                 h.conn.to_string(),
                 h.client.clone(),
@@ -88,7 +107,7 @@ pub fn status_table(status: &StatusResult) -> String {
         for w in &lock.waiters {
             rows.push([
                 lock.lock_name.clone(),
-                w.mode.as_str().to_string(),
+                mode(w.mode, w.take),
                 "waiting".to_string(),
                 w.conn.to_string(),
                 w.client.clone(),
@@ -186,7 +205,6 @@ pub fn ping(server: &str, access: &Access) -> Result<String, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lock_table::Mode;
     use crate::protocol::{HolderStatus, LockStatus, WaiterStatus};
 
     #[test]
@@ -229,6 +247,93 @@ mod tests {
         );
         let token_column = lines[0].find("TOKEN").unwrap();
         assert_eq!(&lines[1][token_column..token_column + 2], "42");
+    }
+
+    #[test]
+    fn a_semaphore_shows_the_permits_held_and_each_take() {
+        let holder = |conn, take| HolderStatus {
+            conn,
+            client: format!("worker {conn}"),
+            peer: "127.0.0.1:5000".into(),
+            mode: Mode::Shared,
+            token: 100 + conn,
+            take: Some(take),
+            held_ms: 2000,
+        };
+        let status = StatusResult {
+            locks: vec![
+                LockStatus {
+                    lock_name: "api".into(),
+                    permits: Some(5),
+                    holders: vec![holder(3, 2), holder(4, 1)],
+                    waiters: vec![WaiterStatus {
+                        conn: 5,
+                        client: "worker 5".into(),
+                        peer: "127.0.0.1:5001".into(),
+                        mode: Mode::Shared,
+                        take: Some(3),
+                        waiting_ms: 100,
+                    }],
+                },
+                LockStatus {
+                    lock_name: "backup-of-everything".into(),
+                    permits: None,
+                    holders: vec![HolderStatus {
+                        take: None,
+                        mode: Mode::Exclusive,
+                        ..holder(6, 1)
+                    }],
+                    waiters: vec![],
+                },
+            ],
+            truncated: false,
+        };
+        let table = status_table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 6, "{table}");
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[1]),
+            ["api", "semaphore", "3/5", "held"],
+            "{table}"
+        );
+        assert_eq!(
+            cells(lines[2])[..5],
+            ["api", "take", "2", "held", "3"],
+            "{table}"
+        );
+        assert_eq!(
+            cells(lines[3])[..5],
+            ["api", "take", "1", "held", "4"],
+            "{table}"
+        );
+        assert_eq!(
+            cells(lines[4])[..5],
+            ["api", "take", "3", "waiting", "5"],
+            "{table}"
+        );
+        assert_eq!(
+            cells(lines[5])[..3],
+            ["backup-of-everything", "exclusive", "held"]
+        );
+        // Every column starts where its heading does.
+        for heading in ["MODE", "STATE", "CONN", "TOKEN"] {
+            let at = lines[0].find(heading).unwrap();
+            for line in &lines[2..] {
+                let before = line.as_bytes()[at - 1];
+                let here = line.as_bytes()[at];
+                assert!(
+                    before == b' ' && here != b' ',
+                    "{heading} in {line:?}\n{table}"
+                );
+            }
+        }
+        let state = lines[0].find("STATE").unwrap();
+        assert_eq!(&lines[1][state..], "3/5 held", "{table}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! `pklock run`: takes a lock, runs a command in its own process group with
-//! `PKLOCK_TOKEN` and `PKLOCK_NAME` set, releases the lock when it exits and
-//! passes its exit code on. If the lock is lost first, the command's group
-//! gets SIGTERM, then SIGKILL after the grace period, and the connection (so
-//! the lock) is kept until the whole group is dead, its leader reaped. INT,
-//! TERM and HUP sent to pklock are passed on to the command.
+//! `pklock run`: takes a lock (or several together, or a semaphore's
+//! permits), runs a command in its own process group with `PKLOCK_TOKEN`,
+//! `PKLOCK_NAMES` and, for one name, `PKLOCK_NAME` set, releases the lock
+//! when it exits and passes its exit code on. If the lock is lost first,
+//! the command's group gets SIGTERM, then SIGKILL after the grace period,
+//! and the connection (so the lock) is kept until the whole group is dead,
+//! its leader reaped. INT, TERM and HUP sent to pklock are passed on to the
+//! command.
 //!
 //! With a terminal on stdin, the command gets it (it becomes the terminal's
 //! foreground process group, as a shell does) and pklock takes it back after.
@@ -63,6 +65,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     let Some((program, args)) = options.command.split_first() else {
         return Err(Failure::new(exit::USAGE, "no command given"));
     };
+    acquire.check()?;
     // The lease leaves room for the grace period: the command is dead
     // before the server may release the lock (docs/SAFETY.md).
     let stop_time = match options.kill_grace {
@@ -72,7 +75,7 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     let client = super::connect(
         &acquire.server,
         &acquire.access,
-        &format!("pklock run {}", acquire.name),
+        &format!("pklock run {}", acquire.listed()),
         stop_time,
     )?;
     let kill_grace = client.stop_time();
@@ -103,10 +106,13 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
         .set_inheritable(true)
         .map_err(|e| Failure::new(exit::SOFTWARE, format!("cannot share the connection: {e}")))?;
     let mut command = Command::new(program);
-    command
-        .args(args)
-        .env("PKLOCK_TOKEN", guard.token().to_string())
-        .env("PKLOCK_NAME", &acquire.name);
+    command.args(args);
+    for (key, value) in command_env(&acquire.names, guard.token()) {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
     // The terminal goes to the command only if pklock's job has it now.
     let terminal_fd = terminal
         .as_ref()
@@ -161,7 +167,8 @@ pub fn run(options: &RunOptions) -> Result<u8, Failure> {
     let mut supervisor = Supervisor {
         events: &events,
         group,
-        name: &acquire.name,
+        what: &acquire.what(),
+        several: acquire.several(),
         kill_grace,
         client: &client,
         terminal: terminal.as_ref(),
@@ -216,7 +223,10 @@ enum Supervised {
 struct Supervisor<'a> {
     events: &'a Receiver<Event>,
     group: Pid,
-    name: &'a str,
+    /// `lock "a"`, or `locks "a", "b"`.
+    what: &'a str,
+    /// Whether several locks are held (for the verbs).
+    several: bool,
     kill_grace: Duration,
     client: &'a Client,
     terminal: Option<&'a Terminal>,
@@ -236,6 +246,27 @@ struct Stopping {
 }
 
 impl Supervisor<'_> {
+    fn noun(&self) -> &'static str {
+        match self.several {
+            true => "locks",
+            false => "lock",
+        }
+    }
+
+    fn is(&self) -> &'static str {
+        match self.several {
+            true => "are",
+            false => "is",
+        }
+    }
+
+    fn it(&self) -> &'static str {
+        match self.several {
+            true => "them",
+            false => "it",
+        }
+    }
+
     fn supervise(&mut self) -> Supervised {
         let mut stopping: Option<Stopping> = None;
         loop {
@@ -329,9 +360,10 @@ impl Supervisor<'_> {
                 match group_state(self.group) {
                     GroupState::Gone => {
                         say(format_args!(
-                            "the command ended ({}) after losing the lock {:?}; releasing it",
+                            "the command ended ({}) after losing the {}; releasing {}",
                             describe(status),
-                            self.name
+                            self.what,
+                            self.it(),
                         ));
                         return Supervised::Lost;
                     }
@@ -339,9 +371,9 @@ impl Supervisor<'_> {
                         st.told_unreachable = true;
                         say(format_args!(
                             "part of the command's process group cannot be signalled by \
-                             pklock (another user's process); the lock {:?} is kept until it \
-                             ends",
-                            self.name
+                             pklock (another user's process); the {} {} kept until it ends",
+                            self.what,
+                            self.is(),
                         ));
                     }
                     _ => {}
@@ -373,14 +405,19 @@ impl Supervisor<'_> {
     /// signals are sent, and never failing: stderr may be a closed pipe.
     fn report_loss(&self, reason: &LossReason, doing: &str) {
         let kept = match reason {
-            LossReason::Closed(_) | LossReason::Broken(_) => "",
+            LossReason::Closed(_) | LossReason::Broken(_) => String::new(),
             // The connection may be whole: nobody else gets the lock before
             // the command is gone, unless the server itself drops it.
-            _ => "; the lock is kept until the command is gone (or the server drops it)",
+            _ => format!(
+                "; the {} {} kept until the command is gone (or the server drops {})",
+                self.noun(),
+                self.is(),
+                self.it()
+            ),
         };
         say(format_args!(
-            "lost the lock {:?}: {reason}; {doing}{kept}",
-            self.name
+            "lost the {}: {reason}; {doing}{kept}",
+            self.what
         ));
     }
 
@@ -394,9 +431,9 @@ impl Supervisor<'_> {
             if matches!(signal, libc::SIGTTIN | libc::SIGTTOU) {
                 say(format_args!(
                     "the command was stopped by {} and pklock has no terminal to give it; \
-                     it holds the lock {:?} while stopped (a signal to pklock ends it)",
+                     it holds the {} while stopped (a signal to pklock ends it)",
                     signal_name(signal),
-                    self.name
+                    self.what
                 ));
             }
             return Ok(());
@@ -417,9 +454,13 @@ impl Supervisor<'_> {
             ));
         } else {
             say(format_args!(
-                "the command was stopped ({}); the lock {:?} stays held",
+                "the command was stopped ({}); the {} {} held",
                 signal_name(signal),
-                self.name
+                self.what,
+                match self.several {
+                    true => "stay",
+                    false => "stays",
+                }
             ));
             // Stops here (with the shell or script that started pklock)
             // until continued by fg, bg or SIGCONT.
@@ -572,6 +613,22 @@ fn signal_name(signal: i32) -> String {
     }
 }
 
+/// The environment the command gets: `PKLOCK_TOKEN`, the grant's token;
+/// `PKLOCK_NAMES`, the names one per line, in the order given; and
+/// `PKLOCK_NAME`, the name when there is one only, else removed (not
+/// inherited from an enclosing `pklock run`).
+fn command_env(names: &[String], token: u64) -> [(&'static str, Option<String>); 3] {
+    let only = match names {
+        [name] => Some(name.clone()),
+        _ => None,
+    };
+    [
+        ("PKLOCK_TOKEN", Some(token.to_string())),
+        ("PKLOCK_NAME", only),
+        ("PKLOCK_NAMES", Some(names.join("\n"))),
+    ]
+}
+
 /// The shell's convention: the exit code, or 128 + the signal that killed it.
 pub fn exit_code(status: ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
@@ -591,7 +648,31 @@ fn describe(status: ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Member, member_state};
+    use super::{Member, command_env, member_state};
+
+    #[test]
+    fn the_command_gets_the_token_and_the_names() {
+        let one = command_env(&["backup".to_string()], 42);
+        assert_eq!(
+            one,
+            [
+                ("PKLOCK_TOKEN", Some("42".to_string())),
+                ("PKLOCK_NAME", Some("backup".to_string())),
+                ("PKLOCK_NAMES", Some("backup".to_string())),
+            ]
+        );
+        let names = ["db".to_string(), "cache x".to_string()];
+        let several = command_env(&names, 7);
+        assert_eq!(
+            several,
+            [
+                ("PKLOCK_TOKEN", Some("7".to_string())),
+                // Not one of them, nor an enclosing run's.
+                ("PKLOCK_NAME", None),
+                ("PKLOCK_NAMES", Some("db\ncache x".to_string())),
+            ]
+        );
+    }
 
     #[test]
     fn stat_lines_are_read_past_odd_command_names() {

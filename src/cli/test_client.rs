@@ -33,6 +33,10 @@ pub struct TestClientArgs {
     /// Lock name.
     #[arg(long = "lock", default_value = "test")]
     lock: String,
+    /// Take the lock as a semaphore of N permits (one of them), so that up
+    /// to N test clients hold it at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    permits: Option<u32>,
     /// How long to hold the lock (30s, 500ms, or seconds).
     #[arg(long, default_value = "10", value_parser = duration::parse)]
     hold: Duration,
@@ -130,7 +134,11 @@ fn run(args: TestClientArgs) -> Result<(), (u8, String)> {
         | client::Error::TlsRequired { .. } => (UNAVAILABLE, e.to_string()),
         _ => (SOFTWARE, e.to_string()),
     })?;
-    let guard = match client.lock(&args.lock, &LockOptions::exclusive().wait(args.wait)) {
+    let mut options = LockOptions::exclusive().wait(args.wait);
+    if let Some(permits) = args.permits {
+        options = options.permits(permits);
+    }
+    let guard = match client.lock(&args.lock, &options) {
         Ok(guard) => guard,
         Err(client::Error::NotGranted) => {
             println!("Did not get lock");

@@ -4,6 +4,12 @@
 //! on one connection. A lease watchdog declares the locks lost before the
 //! server can release them (the timing argument is in docs/SAFETY.md).
 //!
+//! Beyond a mutex: [`LockOptions::permits`] takes some of a counting
+//! semaphore's permits, and [`Client::lock_all`] takes several locks at
+//! once, all or none, under one token ([`MultiGuard`]). A wait that would
+//! close a cycle of clients waiting for each other is refused at once as
+//! [`Error::Deadlock`], which names the cycle.
+//!
 //! A closed connection is not a loss: the client connects again and
 //! reclaims its locks from the restarted server ([`Client::on_resumed`]
 //! says when); only if the lease runs out first, or a reclaim is refused,
@@ -58,13 +64,13 @@ use serde_json::{Value, json};
 
 use self::leader::Finder;
 pub use self::leader::ServerList;
-use self::session::{Dialed, Session};
+use self::session::{Ask, Dialed, Session};
 pub use self::session::{LossReason, Resumed};
 pub use self::transport::{ClientCert, Roots, TLS_SCHEME, TlsOptions, TlsProblem};
 use self::transport::{DialError, Tls};
 use crate::frame;
 pub use crate::lock_table::Mode;
-pub use crate::protocol::{HelloResult, StatsResult, StatusFilter, StatusResult};
+pub use crate::protocol::{CycleStep, HelloResult, StatsResult, StatusFilter, StatusResult};
 
 /// The share (in percent) of the server's earliest release time that the
 /// lease plus the time to stop may use at most; the rest covers clock-rate
@@ -168,12 +174,32 @@ impl Default for ClientOptions {
 }
 
 /// How to ask for a lock.
+///
+/// A mutex by default ([`LockOptions::exclusive`], [`LockOptions::shared`]);
+/// with [`LockOptions::permits`], a counting semaphore: at most `permits`
+/// permits are held under the name at once, `take` of them by this grant.
+/// Everyone asking for one name must agree on `permits` while anyone holds
+/// or waits for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LockOptions {
-    /// Exclusive or shared.
+    /// Exclusive or shared; not sent for a semaphore, whose grants count
+    /// as shared.
     pub mode: Mode,
     /// Give up after this long (`None`: wait for ever; zero: try once).
     pub wait: Option<Duration>,
+    /// `Some(n)`: take the lock as a semaphore of `n` permits (1 to
+    /// 1,000,000), in place of `mode`.
+    pub permits: Option<u32>,
+    /// How many of the semaphore's permits to take: 1 to `permits`
+    /// (default 1). The server refuses anything but 1 without `permits`.
+    pub take: u32,
+}
+
+impl Default for LockOptions {
+    /// An exclusive lock, waiting for ever.
+    fn default() -> Self {
+        LockOptions::exclusive()
+    }
 }
 
 impl LockOptions {
@@ -182,6 +208,8 @@ impl LockOptions {
         LockOptions {
             mode: Mode::Exclusive,
             wait: None,
+            permits: None,
+            take: 1,
         }
     }
 
@@ -189,8 +217,13 @@ impl LockOptions {
     pub fn shared() -> LockOptions {
         LockOptions {
             mode: Mode::Shared,
-            wait: None,
+            ..LockOptions::exclusive()
         }
+    }
+
+    /// One permit of a semaphore of `permits`, waiting for ever.
+    pub fn semaphore(permits: u32) -> LockOptions {
+        LockOptions::shared().permits(permits)
     }
 
     /// Waits at most `wait`.
@@ -200,6 +233,170 @@ impl LockOptions {
             ..self
         }
     }
+
+    /// Takes the lock as a semaphore of `permits` permits (the mode is
+    /// then not sent: a semaphore's grants count as shared).
+    pub fn permits(self, permits: u32) -> LockOptions {
+        LockOptions {
+            mode: Mode::Shared,
+            permits: Some(permits),
+            ..self
+        }
+    }
+
+    /// Takes `take` of the semaphore's permits (with [`LockOptions::permits`]).
+    pub fn take(self, take: u32) -> LockOptions {
+        LockOptions { take, ..self }
+    }
+
+    /// `timeoutMs`, when there is a wait.
+    fn add_timeout(&self, parameters: &mut Value) {
+        if let Some(wait) = self.wait {
+            parameters["timeoutMs"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// The parameters of a `lock` request for `name`: `permits` and
+    /// `take` for a semaphore, else `mode`.
+    fn parameters(&self, name: &str) -> Value {
+        let mut parameters = json!({"lockName": name});
+        match self.permits {
+            Some(permits) => {
+                parameters["permits"] = json!(permits);
+                parameters["take"] = json!(self.take);
+            }
+            None => {
+                parameters["mode"] = json!(self.mode);
+                if self.take != 1 {
+                    // For the server to refuse: a take without permits.
+                    parameters["take"] = json!(self.take);
+                }
+            }
+        }
+        self.add_timeout(&mut parameters);
+        parameters
+    }
+
+    /// How the session reclaims a grant asked for this way.
+    fn ask(&self) -> Ask {
+        match self.permits {
+            Some(permits) => Ask::Permits {
+                permits,
+                take: self.take,
+            },
+            None => Ask::Mode(self.mode),
+        }
+    }
+}
+
+/// One lock of a [`Client::lock_all`] request: a name, in the request's
+/// mode (`mode: None`) or in a mode of its own. Made from a name
+/// (`"a"`, `&String`) or a pair (`("a", Mode::Shared)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockSpec<'a> {
+    /// The lock's name.
+    pub name: &'a str,
+    /// Its mode; `None`: the [`LockOptions::mode`] of the request.
+    pub mode: Option<Mode>,
+}
+
+impl<'a> From<&'a str> for LockSpec<'a> {
+    fn from(name: &'a str) -> Self {
+        LockSpec { name, mode: None }
+    }
+}
+
+impl<'a> From<&&'a str> for LockSpec<'a> {
+    fn from(name: &&'a str) -> Self {
+        LockSpec::from(*name)
+    }
+}
+
+impl<'a> From<&'a String> for LockSpec<'a> {
+    fn from(name: &'a String) -> Self {
+        LockSpec::from(name.as_str())
+    }
+}
+
+impl<'a> From<(&'a str, Mode)> for LockSpec<'a> {
+    fn from((name, mode): (&'a str, Mode)) -> Self {
+        LockSpec {
+            name,
+            mode: Some(mode),
+        }
+    }
+}
+
+impl<'a> From<&(&'a str, Mode)> for LockSpec<'a> {
+    fn from(pair: &(&'a str, Mode)) -> Self {
+        LockSpec::from(*pair)
+    }
+}
+
+/// The parameters of a `lock` request for several names at once: each name
+/// a string (the request's mode) or `{"lockName", "mode"}`; or why it
+/// cannot be sent.
+fn multi_parameters(locks: &[LockSpec<'_>], options: &LockOptions) -> Result<Value, Error> {
+    if options.permits.is_some() || options.take != 1 {
+        return Err(Error::InvalidRequest(
+            "a semaphore cannot be taken together with other locks: lock it on its own".to_string(),
+        ));
+    }
+    if locks.is_empty() {
+        return Err(Error::InvalidRequest(
+            "no lock names given: lock_all needs at least one".to_string(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = locks.iter().find(|spec| !seen.insert(spec.name)) {
+        return Err(Error::InvalidRequest(format!(
+            "lock {:?} is named twice in one request",
+            twice.name
+        )));
+    }
+    let names: Vec<Value> = locks
+        .iter()
+        .map(|spec| match spec.mode {
+            None => json!(spec.name),
+            Some(mode) => json!({"lockName": spec.name, "mode": mode}),
+        })
+        .collect();
+    let mut parameters = json!({"lockNames": names, "mode": options.mode});
+    options.add_timeout(&mut parameters);
+    Ok(parameters)
+}
+
+/// `conn 7 (A) waits for "y", held by conn 9 (B), which waits for "x",
+/// held by conn 7`: a deadlock's cycle on one line.
+fn cycle_text(cycle: &[CycleStep]) -> String {
+    // Client names are the peers' own words: no line breaks from them.
+    let who = |step: &CycleStep| {
+        let client: String = step
+            .client
+            .chars()
+            .flat_map(|c| match c.is_control() {
+                true => c.escape_default().collect::<Vec<_>>(),
+                false => vec![c],
+            })
+            .collect();
+        match client.is_empty() {
+            true => format!("conn {}", step.conn),
+            false => format!("conn {} ({client})", step.conn),
+        }
+    };
+    let mut text = String::new();
+    for (i, step) in cycle.iter().enumerate() {
+        if i == 0 {
+            text += &who(step);
+        } else {
+            text += &format!(", held by {}, which", who(step));
+        }
+        text += &format!(" waits for {:?}", step.lock_name);
+    }
+    if let Some(first) = cycle.first() {
+        text += &format!(", held by conn {}", first.conn);
+    }
+    text
 }
 
 /// What went wrong.
@@ -257,6 +454,29 @@ pub enum Error {
         /// Who the server took the client for (`anonymous` without a token).
         principal: String,
     },
+    /// Waiting would close a cycle of connections waiting for each other
+    /// for ever (`deadlock`): the request was answered at once and not
+    /// queued. Release something, or give up, rather than ask again.
+    Deadlock {
+        /// The cycle, starting with this request: each step's connection
+        /// waits for its lock, held (or awaited ahead of it) by the next
+        /// step's connection, the last step's by the first's.
+        cycle: Vec<CycleStep>,
+    },
+    /// The lock is a semaphore of another number of permits than asked
+    /// (or none were asked): everyone must agree on it while the name is
+    /// held or awaited.
+    PermitsMismatch {
+        /// The lock.
+        lock: String,
+        /// The number of permits in force.
+        permits: u32,
+        /// The server's explanation.
+        error: String,
+    },
+    /// The request cannot be made as asked (checked before sending): a
+    /// name given twice, none at all, a semaphore among several locks.
+    InvalidRequest(String),
     /// The server refused the request (`invalid` or `tooMany`).
     Refused {
         /// The status word.
@@ -319,6 +539,22 @@ impl fmt::Display for Error {
             Error::PermissionDenied { request, principal } => {
                 write!(f, "denied: {principal:?} may not {request}")
             }
+            Error::Deadlock { cycle } => {
+                f.write_str("deadlock: this wait would close a cycle")?;
+                match cycle.is_empty() {
+                    true => Ok(()),
+                    false => write!(f, ": {}", cycle_text(cycle)),
+                }
+            }
+            Error::PermitsMismatch {
+                lock,
+                permits,
+                error,
+            } => match error.is_empty() {
+                true => write!(f, "lock {lock:?} is a semaphore of {permits} permits"),
+                false => f.write_str(error),
+            },
+            Error::InvalidRequest(detail) => write!(f, "invalid request: {detail}"),
             Error::Refused { status, error } => write!(f, "refused ({status}): {error}"),
             Error::UnsafeLease {
                 lease,
@@ -530,32 +766,29 @@ impl Client {
         self.session.heartbeat()
     }
 
-    /// Takes a lock, waiting as `options` says.
+    /// Takes a lock, waiting as `options` says: a mutex, or with
+    /// [`LockOptions::permits`] some of a semaphore's permits.
+    ///
+    /// [`Error::Deadlock`] when waiting would close a cycle of connections
+    /// waiting for each other; [`Error::PermitsMismatch`] when the name is
+    /// a semaphore of another number of permits than asked.
     pub fn lock(&self, name: &str, options: &LockOptions) -> Result<LockGuard, Error> {
-        if !self.session.claim(name) {
-            return Err(Error::AlreadyHeld(name.to_string()));
+        if let Err(held) = self.session.claim(&[(name, options.ask())]) {
+            return Err(Error::AlreadyHeld(held));
         }
         self.tell_grace_once();
-        let mut parameters = json!({"lockName": name, "mode": options.mode});
-        if let Some(wait) = options.wait {
-            parameters["timeoutMs"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-        }
         let outcome = self
-            .call("lock", parameters)
-            .and_then(|result| match status(&result) {
-                "ok" => result
-                    .get("token")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| Error::Protocol(format!("grant without a token: {result}"))),
-                "timeout" => Err(Error::NotGranted),
-                "cancelled" => Err(Error::Cancelled),
-                _ => Err(self.refused(&result, || format!("lock {name:?}"))),
-            });
+            .call("lock", options.parameters(name))
+            .and_then(|result| self.granted(&result, Some(name), || format!("lock {name:?}")));
         match outcome {
             Ok(token) => Ok(LockGuard {
                 session: Arc::clone(&self.session),
                 name: name.to_string(),
-                mode: options.mode,
+                mode: match options.permits {
+                    Some(_) => Mode::Shared,
+                    None => options.mode,
+                },
+                semaphore: options.permits.map(|permits| (permits, options.take)),
                 token,
                 released: false,
                 principal: Arc::clone(&self.principal),
@@ -567,11 +800,112 @@ impl Client {
         }
     }
 
+    /// Takes several locks in one request, all at once or none: the
+    /// server grants them together, with one fencing token, once every one
+    /// of them is free for this request (it waits in each name's queue
+    /// meanwhile, holding none). Each lock is a name in `options.mode`, or
+    /// a name with its own mode:
+    ///
+    /// ```no_run
+    /// # use pklock::client::{Client, ClientOptions, LockOptions, Mode};
+    /// # let client = Client::connect("127.0.0.1:20934", &ClientOptions::named("x"))?;
+    /// let both = client.lock_all(["accounts", "ledger"], &LockOptions::exclusive())?;
+    /// let mixed = client.lock_all([("schema", Mode::Shared), ("table-7", Mode::Exclusive)],
+    ///                             &LockOptions::exclusive())?;
+    /// # Ok::<(), pklock::client::Error>(())
+    /// ```
+    ///
+    /// Names are distinct (1 to 64 of them), and none may be held or
+    /// awaited by this client already; a semaphore ([`LockOptions::permits`])
+    /// cannot be among them. After a server restart each name is reclaimed
+    /// on its own, with the common token.
+    pub fn lock_all<'a, I>(&self, locks: I, options: &LockOptions) -> Result<MultiGuard, Error>
+    where
+        I: IntoIterator,
+        I::Item: Into<LockSpec<'a>>,
+    {
+        let specs: Vec<LockSpec<'a>> = locks.into_iter().map(Into::into).collect();
+        let parameters = multi_parameters(&specs, options)?;
+        let locks: Vec<(String, Mode)> = specs
+            .iter()
+            .map(|spec| (spec.name.to_string(), spec.mode.unwrap_or(options.mode)))
+            .collect();
+        let asks: Vec<(&str, Ask)> = locks
+            .iter()
+            .map(|(name, mode)| (name.as_str(), Ask::Mode(*mode)))
+            .collect();
+        if let Err(held) = self.session.claim(&asks) {
+            return Err(Error::AlreadyHeld(held));
+        }
+        self.tell_grace_once();
+        let what = || {
+            let names: Vec<String> = locks.iter().map(|(n, _)| format!("{n:?}")).collect();
+            format!("lock {}", names.join(", "))
+        };
+        let outcome = self
+            .call("lock", parameters)
+            .and_then(|result| self.granted(&result, None, what));
+        match outcome {
+            Ok(token) => Ok(MultiGuard {
+                session: Arc::clone(&self.session),
+                locks,
+                token,
+                released: false,
+                principal: Arc::clone(&self.principal),
+            }),
+            Err(e) => {
+                for (name, _) in &locks {
+                    self.session.release(name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The token of a `lock` request's result, or the error it is. `name`:
+    /// the lock, for a single-name request.
+    fn granted(
+        &self,
+        result: &Value,
+        name: Option<&str>,
+        request: impl FnOnce() -> String,
+    ) -> Result<u64, Error> {
+        match status(result) {
+            "ok" => result
+                .get("token")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| Error::Protocol(format!("grant without a token: {result}"))),
+            "timeout" => Err(Error::NotGranted),
+            "cancelled" => Err(Error::Cancelled),
+            "deadlock" => {
+                let cycle = result.get("cycle").cloned().unwrap_or(Value::Null);
+                Err(match serde_json::from_value(cycle) {
+                    Ok(cycle) => Error::Deadlock { cycle },
+                    Err(e) => Error::Protocol(format!("deadlock: {e}: {result}")),
+                })
+            }
+            "invalid" => match (name, permits_in_force(result)) {
+                (Some(lock), Some(permits)) => Err(Error::PermitsMismatch {
+                    lock: lock.to_string(),
+                    permits,
+                    error: result
+                        .get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
+                }),
+                _ => Err(self.refused(result, request)),
+            },
+            _ => Err(self.refused(result, request)),
+        }
+    }
+
     /// Takes a lock if it is free now; `Ok(None)` if it is not.
     pub fn try_lock(&self, name: &str, mode: Mode) -> Result<Option<LockGuard>, Error> {
         let options = LockOptions {
             mode,
             wait: Some(Duration::ZERO),
+            ..LockOptions::default()
         };
         match self.lock(name, &options) {
             Ok(guard) => Ok(Some(guard)),
@@ -778,6 +1112,8 @@ pub struct LockGuard {
     session: Arc<Session>,
     name: String,
     mode: Mode,
+    /// For a semaphore: its permits, and how many this grant took.
+    semaphore: Option<(u32, u32)>,
     token: u64,
     released: bool,
     /// For a `denied` unlock's message.
@@ -790,9 +1126,19 @@ impl LockGuard {
         &self.name
     }
 
-    /// How it is held.
+    /// How it is held (a semaphore's grant counts as shared).
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// For a semaphore: how many permits it has.
+    pub fn permits(&self) -> Option<u32> {
+        self.semaphore.map(|(permits, _)| permits)
+    }
+
+    /// For a semaphore: how many of its permits this grant holds.
+    pub fn take(&self) -> Option<u32> {
+        self.semaphore.map(|(_, take)| take)
     }
 
     /// The fencing token of this grant.
@@ -853,6 +1199,104 @@ impl fmt::Debug for LockGuard {
         f.debug_struct("LockGuard")
             .field("name", &self.name)
             .field("mode", &self.mode)
+            .field("semaphore", &self.semaphore)
+            .field("token", &self.token)
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
+/// Locks taken together by [`Client::lock_all`], under one fencing token.
+/// Dropping it unlocks them all in one request (without waiting for the
+/// answer).
+pub struct MultiGuard {
+    session: Arc<Session>,
+    /// The names, in the order asked, with their modes.
+    locks: Vec<(String, Mode)>,
+    token: u64,
+    released: bool,
+    /// For a `denied` unlock's message.
+    principal: Arc<str>,
+}
+
+impl MultiGuard {
+    /// The locks, in the order asked, each with its mode.
+    pub fn locks(&self) -> &[(String, Mode)] {
+        &self.locks
+    }
+
+    /// The locks' names, in the order asked.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.locks.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// The fencing token of this grant, the same for every lock of it.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Whether the locks are still ours: not unlocked, and the connection
+    /// neither closed nor past its lease (see [`LockGuard::is_held`]).
+    pub fn is_held(&self) -> bool {
+        !self.released && self.session.loss().is_none()
+    }
+
+    /// Waits until the locks are lost or `timeout` passes (`None`: for
+    /// ever); returns the reason if they were lost.
+    pub fn wait_lost(&self, timeout: Option<Duration>) -> Option<LossReason> {
+        self.session.wait_lost(timeout)
+    }
+
+    /// The parameters of the unlock of every name.
+    fn unlock_parameters(&self) -> Value {
+        json!({"lockNames": self.names().collect::<Vec<_>>()})
+    }
+
+    fn forget(&mut self) {
+        self.released = true;
+        for (name, _) in &self.locks {
+            self.session.release(name);
+        }
+    }
+
+    /// Releases every lock and waits for the server to confirm.
+    pub fn unlock(mut self) -> Result<(), Error> {
+        self.forget();
+        let rx = self
+            .session
+            .send("unlock", self.unlock_parameters())
+            .map_err(Error::Lost)?;
+        let reply = self.session.wait_reply(&rx).map_err(Error::Lost)?;
+        match reply.get("result").map(status) {
+            Some("ok") => Ok(()),
+            Some("denied") => {
+                let names: Vec<String> = self.names().map(|n| format!("{n:?}")).collect();
+                Err(Error::PermissionDenied {
+                    request: format!("unlock {}", names.join(", ")),
+                    principal: shown_principal(&self.principal),
+                })
+            }
+            _ => Err(Error::Protocol(format!("unlock: {reply}"))),
+        }
+    }
+}
+
+impl Drop for MultiGuard {
+    fn drop(&mut self) {
+        if !self.released {
+            self.forget();
+            // If the connection is gone, so are the locks.
+            let _ = self
+                .session
+                .send_untracked("unlock", self.unlock_parameters());
+        }
+    }
+}
+
+impl fmt::Debug for MultiGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiGuard")
+            .field("locks", &self.locks)
             .field("token", &self.token)
             .field("held", &self.is_held())
             .finish()
@@ -1056,6 +1500,15 @@ fn refused(result: &Value) -> Error {
     }
 }
 
+/// The number of permits an `invalid` answer says is in force for a
+/// semaphore (`"permits":N` beside the error).
+fn permits_in_force(result: &Value) -> Option<u32> {
+    result
+        .get("permits")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+}
+
 fn parse<T: DeserializeOwned>(result: Value) -> Result<T, Error> {
     serde_json::from_value(result).map_err(|e| Error::Protocol(e.to_string()))
 }
@@ -1167,5 +1620,332 @@ mod tests {
         stop.shutdown();
         thread.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_semaphore_is_asked_with_permits_and_take_and_no_mode() {
+        let mutex = LockOptions::shared().wait(Duration::from_millis(1500));
+        assert_eq!(
+            mutex.parameters("db"),
+            json!({"lockName": "db", "mode": "shared", "timeoutMs": 1500})
+        );
+        let semaphore = LockOptions::exclusive().permits(5).take(2);
+        assert_eq!(
+            semaphore.parameters("api"),
+            json!({"lockName": "api", "permits": 5, "take": 2})
+        );
+        assert_eq!(
+            LockOptions::semaphore(3).parameters("api"),
+            json!({"lockName": "api", "permits": 3, "take": 1})
+        );
+        // Sent as asked, for the server to refuse: not dropped unseen.
+        assert_eq!(
+            LockOptions::exclusive().take(2).parameters("x"),
+            json!({"lockName": "x", "mode": "exclusive", "take": 2})
+        );
+        assert_eq!(LockOptions::default(), LockOptions::exclusive());
+    }
+
+    #[test]
+    fn several_locks_go_in_one_request_each_in_its_mode() {
+        let specs = [
+            LockSpec::from("a"),
+            LockSpec::from(("b", Mode::Shared)),
+            LockSpec::from(&"c"),
+        ];
+        let options = LockOptions::exclusive().wait(Duration::ZERO);
+        assert_eq!(
+            multi_parameters(&specs, &options).unwrap(),
+            json!({
+                "lockNames": ["a", {"lockName": "b", "mode": "shared"}, "c"],
+                "mode": "exclusive",
+                "timeoutMs": 0,
+            })
+        );
+        let refused = |specs: &[LockSpec<'_>], options: &LockOptions| match multi_parameters(
+            specs, options,
+        ) {
+            Err(Error::InvalidRequest(detail)) => detail,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(&["a".into(), "b".into(), "a".into()], &options),
+            "lock \"a\" is named twice in one request"
+        );
+        assert!(refused(&[], &options).starts_with("no lock names given"));
+        assert!(
+            refused(&["a".into(), "b".into()], &LockOptions::semaphore(2))
+                .starts_with("a semaphore cannot be taken together with other locks")
+        );
+    }
+
+    fn step(conn: u64, client: &str, lock: &str) -> CycleStep {
+        CycleStep {
+            conn,
+            client: client.to_string(),
+            lock_name: lock.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_deadlock_reads_as_one_line_around_the_cycle() {
+        let two = Error::Deadlock {
+            cycle: vec![step(7, "A", "y"), step(9, "B", "x")],
+        };
+        assert_eq!(
+            two.to_string(),
+            "deadlock: this wait would close a cycle: conn 7 (A) waits for \"y\", held by conn \
+             9 (B), which waits for \"x\", held by conn 7"
+        );
+        let three = Error::Deadlock {
+            cycle: vec![
+                step(1, "pklock run a (h pid 4)", "a"),
+                step(2, "", "b"),
+                step(3, "evil\nname", "c\nd"),
+            ],
+        };
+        let text = three.to_string();
+        assert_eq!(
+            text,
+            "deadlock: this wait would close a cycle: conn 1 (pklock run a (h pid 4)) waits for \
+             \"a\", held by conn 2, which waits for \"b\", held by conn 3 (evil\\nname), which \
+             waits for \"c\\nd\", held by conn 1"
+        );
+        assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn a_permits_mismatch_names_the_permits_in_force() {
+        let e = Error::PermitsMismatch {
+            lock: "api".into(),
+            permits: 5,
+            error: "lock \"api\" is a semaphore of 5 permits, not 3".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "lock \"api\" is a semaphore of 5 permits, not 3"
+        );
+        let e = Error::PermitsMismatch {
+            lock: "api".into(),
+            permits: 5,
+            error: String::new(),
+        };
+        assert_eq!(e.to_string(), "lock \"api\" is a semaphore of 5 permits");
+    }
+
+    /// What a scripted server was sent (hello and pings aside), and what it
+    /// does with a request: answer with a result, or close the connection.
+    type Script = Box<dyn FnMut(&Value) -> Option<Value> + Send>;
+
+    /// A server that answers hello and ping as pklock does and everything
+    /// else as `script` says, over as many connections as are made; returns
+    /// its address and the requests it was sent, in order.
+    fn scripted_server(script: Script) -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let script = Arc::new(std::sync::Mutex::new(script));
+        let log = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (script, log) = (Arc::clone(&script), Arc::clone(&log));
+                std::thread::spawn(move || {
+                    while let Ok(body) = frame::read_blocking(&mut stream, 1 << 20) {
+                        let request: Value = serde_json::from_slice(&body).unwrap();
+                        let result = match request["command"].as_str() {
+                            Some("hello") => Some(json!({
+                                "status": "ok",
+                                "server": {"name": "pklock", "version": "0.1.0"},
+                                "protocol": 2,
+                                "conn": 1,
+                                "keepalive": {"idleMs": 5000, "intervalMs": 1000,
+                                              "probes": 5, "userTimeoutMs": 10000},
+                                "releaseAfterMs": 10000,
+                                "earliestReleaseMs": 10000,
+                            })),
+                            Some("ping") => Some(json!({"status": "ok"})),
+                            _ => {
+                                log.lock().unwrap().push(request["parameters"].clone());
+                                (script.lock().unwrap())(&request)
+                            }
+                        };
+                        let Some(result) = result else {
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            return;
+                        };
+                        let reply = json!({"id": request["id"], "result": result});
+                        if frame::write_blocking(&mut stream, reply.to_string().as_bytes()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Waits until `seen` holds `n` requests; returns them.
+    fn sent(seen: &std::sync::Mutex<Vec<Value>>, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen = seen.lock().unwrap().clone();
+            if seen.len() >= n || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn multi_and_semaphore_grants_are_reclaimed_name_by_name_after_a_restart() {
+        let mut status_asked = 0;
+        let (addr, seen) = scripted_server(Box::new(move |request| {
+            let parameters = &request["parameters"];
+            match request["command"].as_str().unwrap() {
+                "lock" if parameters.get("reclaim").is_some() => Some(json!({
+                    "status": "ok",
+                    "token": parameters["reclaim"]["token"],
+                })),
+                "lock" if parameters.get("lockNames").is_some() => Some(json!({
+                    "status": "ok", "token": 5, "proofs": {"a": "pa", "b": "pb"},
+                })),
+                "lock" => Some(json!({"status": "ok", "token": 6, "proof": "ps"})),
+                // The first status closes the connection, as a restart does.
+                "status" => {
+                    status_asked += 1;
+                    (status_asked > 1)
+                        .then(|| json!({"status": "ok", "locks": [], "truncated": false}))
+                }
+                _ => Some(json!({"status": "ok"})),
+            }
+        }));
+        let client = Client::connect(&addr, &ClientOptions::named("t")).unwrap();
+        let (tx, resumed) = std::sync::mpsc::channel();
+        client.on_resumed(move |r| {
+            let _ = tx.send(r.reclaimed.clone());
+        });
+        let both = client
+            .lock_all(
+                ["a", "b"].map(|n| (n, Mode::Exclusive)),
+                &LockOptions::default(),
+            )
+            .unwrap();
+        let both = {
+            // Each in a mode of its own this time.
+            drop(both);
+            client
+                .lock_all(
+                    [("a", Mode::Exclusive), ("b", Mode::Shared)],
+                    &LockOptions::shared(),
+                )
+                .unwrap()
+        };
+        assert_eq!(both.token(), 5);
+        assert_eq!(both.names().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(matches!(
+            client.lock("b", &LockOptions::exclusive()),
+            Err(Error::AlreadyHeld(name)) if name == "b"
+        ));
+        let permits = client
+            .lock("s", &LockOptions::semaphore(5).take(2))
+            .unwrap();
+        assert_eq!((permits.token(), permits.mode()), (6, Mode::Shared));
+        assert_eq!((permits.permits(), permits.take()), (Some(5), Some(2)));
+
+        client.status(&StatusFilter::All, None).unwrap();
+        let mut reclaimed = resumed.recv_timeout(Duration::from_secs(5)).unwrap();
+        reclaimed.sort();
+        assert_eq!(reclaimed, ["a", "b", "s"]);
+        let requests = sent(&seen, 9);
+        assert_eq!(
+            requests[..4],
+            [
+                json!({"lockNames": [{"lockName": "a", "mode": "exclusive"},
+                                     {"lockName": "b", "mode": "exclusive"}],
+                       "mode": "exclusive"}),
+                json!({"lockNames": ["a", "b"]}),
+                json!({"lockNames": [{"lockName": "a", "mode": "exclusive"},
+                                     {"lockName": "b", "mode": "shared"}],
+                       "mode": "shared"}),
+                json!({"lockName": "s", "permits": 5, "take": 2}),
+            ]
+        );
+        assert_eq!(requests[4], json!({}), "the status that met the close");
+        let mut reclaims = requests[5..8].to_vec();
+        reclaims.sort_by_key(|r| r["lockName"].as_str().unwrap().to_string());
+        assert_eq!(
+            reclaims,
+            [
+                json!({"lockName": "a", "mode": "exclusive",
+                       "reclaim": {"token": 5, "proof": "pa"}}),
+                json!({"lockName": "b", "mode": "shared",
+                       "reclaim": {"token": 5, "proof": "pb"}}),
+                json!({"lockName": "s", "permits": 5, "take": 2,
+                       "reclaim": {"token": 6, "proof": "ps"}}),
+            ]
+        );
+        assert_eq!(requests[8], json!({}), "the status sent again");
+        drop(both);
+        permits.unlock().unwrap();
+        let requests = sent(&seen, 11);
+        assert_eq!(
+            requests[9..],
+            [json!({"lockNames": ["a", "b"]}), json!({"lockName": "s"})]
+        );
+        assert!(client.loss().is_none());
+    }
+
+    #[test]
+    fn deadlocks_and_permit_mismatches_come_back_as_their_own_errors() {
+        let (addr, _) = scripted_server(Box::new(|request| {
+            let parameters = &request["parameters"];
+            Some(match parameters["lockName"].as_str() {
+                Some("api") => json!({
+                    "status": "invalid",
+                    "error": "lock \"api\" is a semaphore of 5 permits, not 3",
+                    "permits": 5,
+                }),
+                Some("mutex") => json!({
+                    "status": "invalid",
+                    "error": "lock \"mutex\" is held as a mutex (exclusive or shared), not as \
+                              a semaphore",
+                }),
+                _ => json!({
+                    "status": "deadlock",
+                    "cycle": [{"conn": 7, "client": "A", "lockName": "y"},
+                              {"conn": 9, "client": "B", "lockName": "x"}],
+                }),
+            })
+        }));
+        let client = Client::connect(&addr, &ClientOptions::named("t")).unwrap();
+        match client.lock("y", &LockOptions::exclusive()) {
+            Err(Error::Deadlock { cycle }) => {
+                assert_eq!(cycle, [step(7, "A", "y"), step(9, "B", "x")]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match client.lock_all(["y", "z"], &LockOptions::exclusive()) {
+            Err(Error::Deadlock { cycle }) => assert_eq!(cycle.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        match client.lock("api", &LockOptions::semaphore(3)) {
+            Err(Error::PermitsMismatch { lock, permits, .. }) => {
+                assert_eq!((lock.as_str(), permits), ("api", 5));
+            }
+            other => panic!("{other:?}"),
+        }
+        match client.lock("mutex", &LockOptions::semaphore(3)) {
+            Err(e @ Error::Refused { .. }) => {
+                assert!(e.to_string().contains("held as a mutex"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // None of it is held: every name can be asked for again.
+        assert!(matches!(
+            client.lock_all(["y", "z"], &LockOptions::exclusive()),
+            Err(Error::Deadlock { .. })
+        ));
     }
 }

@@ -123,13 +123,64 @@ struct Resend {
     deadline: Option<Instant>,
 }
 
+/// How a lock was asked for, which its reclaim repeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// A mutex, in this mode (each name of a multi-lock in its own).
+    Mode(Mode),
+    /// `take` of a semaphore's `permits`.
+    Permits {
+        /// The semaphore's number of permits.
+        permits: u32,
+        /// How many of them.
+        take: u32,
+    },
+}
+
 /// A lock held through a guard, as needed to reclaim it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Held {
-    mode: Option<Mode>,
+    ask: Ask,
     /// `None` while the request is on its way (a reconnect sends it again).
     token: Option<u64>,
     proof: Option<String>,
+}
+
+/// The names a `lock` request asks for, each with the proof its grant
+/// (`result`) carries: `proof` for one `lockName`, `proofs[name]` for each
+/// of `lockNames` (a name, or `{"lockName": name, "mode": ...}`).
+fn granted_names<'a>(parameters: &'a Value, result: &'a Value) -> Vec<(&'a str, Option<&'a str>)> {
+    if let Some(name) = parameters.get("lockName").and_then(Value::as_str) {
+        return vec![(name, result.get("proof").and_then(Value::as_str))];
+    }
+    let Some(names) = parameters.get("lockNames").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    names
+        .iter()
+        .filter_map(|entry| entry.as_str().or_else(|| entry.get("lockName")?.as_str()))
+        .map(|name| {
+            let proof = result
+                .get("proofs")
+                .and_then(|proofs| proofs.get(name))
+                .and_then(Value::as_str);
+            (name, proof)
+        })
+        .collect()
+}
+
+/// The parameters that reclaim `name`, held as `ask` asked, with its
+/// grant's token and proof.
+fn reclaim_parameters(name: &str, ask: Ask, token: u64, proof: &str) -> Value {
+    let mut parameters = json!({"lockName": name, "reclaim": {"token": token, "proof": proof}});
+    match ask {
+        Ask::Mode(mode) => parameters["mode"] = json!(mode),
+        Ask::Permits { permits, take } => {
+            parameters["permits"] = json!(permits);
+            parameters["take"] = json!(take);
+        }
+    }
+    parameters
 }
 
 /// Dials a server to use again, within the time given and trying the
@@ -539,14 +590,26 @@ impl Session {
         }
     }
 
-    /// Records that a guard holds `name`; false if one already does.
-    pub(crate) fn claim(&self, name: &str) -> bool {
+    /// Records that a guard holds each of `locks`, asked for as said: all
+    /// of them, or none if a guard already holds one (its name is the
+    /// error). The names are distinct.
+    pub(crate) fn claim(&self, locks: &[(&str, Ask)]) -> Result<(), String> {
         let mut state = locked(&self.state);
-        if state.held.contains_key(name) {
-            return false;
+        if let Some((held, _)) = locks
+            .iter()
+            .find(|(name, _)| state.held.contains_key(*name))
+        {
+            return Err(held.to_string());
         }
-        state.held.insert(name.to_string(), Held::default());
-        true
+        for &(name, ask) in locks {
+            let held = Held {
+                ask,
+                token: None,
+                proof: None,
+            };
+            state.held.insert(name.to_string(), held);
+        }
+        Ok(())
     }
 
     /// Forgets that a guard holds `name`. After a loss, the last guard to go
@@ -799,13 +862,13 @@ impl Session {
         let mut bodies = Vec::new();
         let mut reclaims = Vec::new();
         for (name, held) in &state.held {
-            match (held.mode, held.token, &held.proof) {
-                (Some(mode), Some(token), Some(proof)) => {
-                    reclaims.push((name.clone(), mode, token, proof.clone()));
+            match (held.token, &held.proof) {
+                (Some(token), Some(proof)) => {
+                    reclaims.push((name.clone(), held.ask, token, proof.clone()));
                 }
                 // Still on its way: the request is sent again below.
-                (_, None, _) => {}
-                _ => {
+                (None, _) => {}
+                (Some(_), None) => {
                     let lock = name.clone();
                     drop(state);
                     drop(writer);
@@ -827,14 +890,12 @@ impl Session {
         };
         state.reclaims_left = reclaims.len();
         state.reclaims_sent_at = now;
-        for (name, mode, token, proof) in reclaims {
+        // One per name: a semaphore's with its permits and take, each
+        // name of a multi-lock on its own with the common token.
+        for (name, ask, token, proof) in reclaims {
             let id = state.next_id;
             state.next_id += 1;
-            let parameters = json!({
-                "lockName": name,
-                "mode": mode,
-                "reclaim": {"token": token, "proof": proof},
-            });
+            let parameters = reclaim_parameters(&name, ask, token, &proof);
             bodies.push(json!({"command": "lock", "id": id, "parameters": parameters}));
             state.pending.insert(
                 id,
@@ -965,20 +1026,15 @@ impl Session {
                 let done_by_the_close = resent_unlock && status == Some("notFound");
                 if let Some(resend) = pending.resend.as_ref().filter(|r| r.command == "lock") {
                     // Noted here, before the caller can see it, so that a
-                    // reconnect from now on reclaims it.
-                    let name = resend.parameters.get("lockName").and_then(Value::as_str);
-                    let mode = resend
-                        .parameters
-                        .get("mode")
-                        .and_then(|m| serde_json::from_value::<Mode>(m.clone()).ok());
-                    if let (true, Some(name), Some(result)) = (granted, name, result) {
-                        if let Some(held) = state.held.get_mut(name) {
-                            held.mode = mode;
-                            held.token = result.get("token").and_then(Value::as_u64);
-                            held.proof = result
-                                .get("proof")
-                                .and_then(Value::as_str)
-                                .map(str::to_string);
+                    // reconnect from now on reclaims it (every name of a
+                    // multi-lock with the one token and its own proof).
+                    if let (true, Some(result)) = (granted, result) {
+                        let token = result.get("token").and_then(Value::as_u64);
+                        for (name, proof) in granted_names(&resend.parameters, result) {
+                            if let Some(held) = state.held.get_mut(name) {
+                                held.token = token;
+                                held.proof = proof.map(str::to_string);
+                            }
                         }
                     }
                 }
