@@ -712,7 +712,7 @@ impl Core {
             }
         }
         if honoured {
-            self.recovery.honoured(token);
+            self.recovery.honoured(token, lock);
             if let Some(suppressed) = self.reclaim_log.admit(now) {
                 if suppressed > 0 {
                     info!("{suppressed} more reclaim lines were not logged");

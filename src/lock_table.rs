@@ -1407,8 +1407,10 @@ impl<T> LockTable<T> {
             departure.withdrawn = dead;
             self.clients.dead_waits += dead;
             self.clients.departed.insert(client);
-            for seq in waits.values() {
-                self.groups.remove(seq);
+            if !self.groups.is_empty() {
+                for seq in waits.values() {
+                    self.groups.remove(seq);
+                }
             }
         }
         // In name order, the order of the grants this may cause: the holds,

@@ -67,11 +67,12 @@ pub struct Recovery {
     first_token: u64,
     /// Reclaims are honoured before this; `None` when they never are, or no longer.
     until: Option<Instant>,
-    /// After a clean stop: the grants in force then, by token. `None`
-    /// after a crash, when any grant of an earlier run may be reclaimed.
-    listed: Option<HashMap<u64, (Box<str>, Mode)>>,
-    /// Grants reclaimed so far; each is given back once.
-    reclaimed: HashSet<u64>,
+    /// After a clean stop: the grants in force then, by token (a
+    /// multi-lock's one token covers several locks). `None` after a crash,
+    /// when any grant of an earlier run may be reclaimed.
+    listed: Option<HashMap<u64, Vec<(Box<str>, Mode)>>>,
+    /// Grants reclaimed so far, by token and lock; each is given back once.
+    reclaimed: HashSet<(u64, Box<str>)>,
 }
 
 impl Recovery {
@@ -124,20 +125,24 @@ impl Recovery {
             return Err(NotHonoured::BadProof);
         }
         if let Some(listed) = &self.listed {
-            match listed.get(&token) {
-                Some((name, listed_mode)) if **name == *lock && *listed_mode == mode => {}
-                _ => return Err(NotHonoured::NotHeldAtStop),
+            let held = listed.get(&token).is_some_and(|grants| {
+                grants
+                    .iter()
+                    .any(|(name, listed_mode)| **name == *lock && *listed_mode == mode)
+            });
+            if !held {
+                return Err(NotHonoured::NotHeldAtStop);
             }
         }
-        if self.reclaimed.contains(&token) {
+        if self.reclaimed.contains(&(token, Box::from(lock))) {
             return Err(NotHonoured::AlreadyReclaimed);
         }
         Ok(())
     }
 
-    /// Records that the grant with `token` was given back.
-    pub fn honoured(&mut self, token: u64) {
-        self.reclaimed.insert(token);
+    /// Records that the grant of `lock` with `token` was given back.
+    pub fn honoured(&mut self, token: u64, lock: &str) {
+        self.reclaimed.insert((token, Box::from(lock)));
     }
 
     /// How much longer reclaims are honoured, from `now`.
@@ -157,8 +162,9 @@ impl Recovery {
         let listed = self.listed.as_ref()?;
         Some(
             listed
-                .keys()
-                .filter(|token| !self.reclaimed.contains(token))
+                .iter()
+                .flat_map(|(token, grants)| grants.iter().map(move |(name, _)| (*token, name)))
+                .filter(|(token, name)| !self.reclaimed.contains(&(*token, (*name).clone())))
                 .count(),
         )
     }
@@ -175,14 +181,15 @@ impl Recovery {
         };
         let mut owed: Vec<HeldLock> = listed
             .iter()
-            .filter(|(token, _)| !self.reclaimed.contains(token))
-            .map(|(&token, (name, mode))| HeldLock {
+            .flat_map(|(&token, grants)| grants.iter().map(move |grant| (token, grant)))
+            .filter(|(token, (name, _))| !self.reclaimed.contains(&(*token, name.clone())))
+            .map(|(token, (name, mode))| HeldLock {
                 lock_name: name.to_string(),
                 mode: *mode,
                 token,
             })
             .collect();
-        owed.sort_unstable_by_key(|lock| lock.token);
+        owed.sort_unstable_by(|a, b| (a.token, &a.lock_name).cmp(&(b.token, &b.lock_name)));
         StillOwed::Listed(owed)
     }
 
@@ -199,10 +206,15 @@ impl Recovery {
     }
 }
 
-fn by_token(held: &[HeldLock]) -> HashMap<u64, (Box<str>, Mode)> {
-    held.iter()
-        .map(|lock| (lock.token, (Box::from(lock.lock_name.as_str()), lock.mode)))
-        .collect()
+fn by_token(held: &[HeldLock]) -> HashMap<u64, Vec<(Box<str>, Mode)>> {
+    let mut by_token: HashMap<u64, Vec<(Box<str>, Mode)>> = HashMap::new();
+    for lock in held {
+        by_token
+            .entry(lock.token)
+            .or_default()
+            .push((Box::from(lock.lock_name.as_str()), lock.mode));
+    }
+    by_token
 }
 
 #[cfg(test)]
@@ -241,7 +253,7 @@ mod tests {
             recovery.check("a", Mode::Exclusive, FIRST, &late, now),
             Err(NotHonoured::NotEarlier)
         );
-        recovery.honoured(5);
+        recovery.honoured(5, "a");
         assert_eq!(
             recovery.check("a", Mode::Exclusive, 5, &proof, now),
             Err(NotHonoured::AlreadyReclaimed)
@@ -253,6 +265,28 @@ mod tests {
         );
         assert!(recovery.close_if_due(now + WINDOW));
         assert_eq!(recovery.open_for(now), Duration::ZERO);
+    }
+
+    #[test]
+    fn each_lock_of_a_multi_lock_grant_is_reclaimed_once_with_the_one_token() {
+        let now = Instant::now();
+        let key = ProofKey::ephemeral();
+        let previous = PreviousRun::Stopped(vec![
+            held("a", Mode::Exclusive, 9),
+            held("b", Mode::Shared, 9),
+        ]);
+        let mut recovery = Recovery::new(key.clone(), FIRST, &previous, now, WINDOW);
+        assert_eq!(recovery.listed_left(), Some(2));
+        for (name, mode) in [("a", Mode::Exclusive), ("b", Mode::Shared)] {
+            let proof = key.sign(name, mode, 9);
+            assert_eq!(recovery.check(name, mode, 9, &proof, now), Ok(()), "{name}");
+            recovery.honoured(9, name);
+            assert_eq!(
+                recovery.check(name, mode, 9, &proof, now),
+                Err(NotHonoured::AlreadyReclaimed)
+            );
+        }
+        assert_eq!(recovery.listed_left(), Some(0));
     }
 
     #[test]
@@ -273,7 +307,7 @@ mod tests {
         );
         let proof = key.sign("s", Mode::Shared, 7);
         assert_eq!(recovery.check("s", Mode::Shared, 7, &proof, now), Ok(()));
-        recovery.honoured(7);
+        recovery.honoured(7, "s");
         assert_eq!(recovery.listed_left(), Some(1));
         assert_eq!(
             recovery.still_owed(now),
