@@ -59,6 +59,9 @@ pub enum StillOwed {
     Listed(Vec<HeldLock>),
 }
 
+/// Grants by token: the locks (with their modes) each token was granted for.
+type GrantsByToken = HashMap<u64, Vec<(Box<str>, Mode)>>;
+
 /// The rules for reclaims during one run.
 #[derive(Debug)]
 pub struct Recovery {
@@ -70,7 +73,7 @@ pub struct Recovery {
     /// After a clean stop: the grants in force then, by token (a
     /// multi-lock's one token covers several locks). `None` after a crash,
     /// when any grant of an earlier run may be reclaimed.
-    listed: Option<HashMap<u64, Vec<(Box<str>, Mode)>>>,
+    listed: Option<GrantsByToken>,
     /// Grants reclaimed so far, by token and lock; each is given back once.
     reclaimed: HashSet<(u64, Box<str>)>,
 }
@@ -206,8 +209,8 @@ impl Recovery {
     }
 }
 
-fn by_token(held: &[HeldLock]) -> HashMap<u64, Vec<(Box<str>, Mode)>> {
-    let mut by_token: HashMap<u64, Vec<(Box<str>, Mode)>> = HashMap::new();
+fn by_token(held: &[HeldLock]) -> GrantsByToken {
+    let mut by_token = GrantsByToken::new();
     for lock in held {
         by_token
             .entry(lock.token)
