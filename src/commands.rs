@@ -524,8 +524,16 @@ impl Core {
                 };
                 self.reply(from, id, result, out);
             }
-            Ok(Request::Hello { id, client, auth }) => {
+            Ok(Request::Hello {
+                id,
+                client,
+                auth,
+                within,
+            }) => {
                 self.command_hello(from, id, client, auth, now, out);
+                if let Some((lock, token)) = within {
+                    self.link_within(from, &lock, token);
+                }
             }
             Ok(Request::ForceRelease { id, lock }) => {
                 self.command_force_release(from, id, &lock, now, out);
@@ -857,6 +865,25 @@ impl Core {
             principal,
         };
         self.reply(from, id, Outcome::Hello(Box::new(result)), out);
+    }
+
+    /// Files `from` as run by the holder of `lock` with `token`, for the
+    /// deadlock check, if that grant is in force and its holder acts for
+    /// the same principal; otherwise nothing (the grant may be gone, as
+    /// when the lock was lost). A connection holding or waiting for nothing
+    /// yet can be nobody's parent, so the links never form a loop.
+    fn link_within(&mut self, from: ClientId, lock: &str, token: u64) {
+        let Some(parent) = self
+            .table
+            .get(lock)
+            .and_then(|view| view.holders().find(|h| h.token == token).map(|h| h.client))
+        else {
+            return;
+        };
+        let principal = |client: &ClientId| self.peers.get(client).map(|p| p.principal.clone());
+        if parent != from && principal(&parent) == principal(&from) {
+            self.table.link(from, parent);
+        }
     }
 
     /// Makes the connection act for the principal `token` names.

@@ -661,6 +661,11 @@ pub struct LockTable<T> {
     books: Books,
     /// Multi-locks still waiting, by arrival number.
     groups: FxHashMap<u64, Group<T>>,
+    /// Connections run by the holder of another's grant (a `pklock` inside
+    /// `pklock run`): child to parent, and parent to children. The parent
+    /// counts as waiting for whatever its children wait for.
+    parents: FxHashMap<ClientId, ClientId>,
+    children: FxHashMap<ClientId, Vec<ClientId>>,
     next_wait_seq: u64,
     max_per_client: usize,
     max_entries: usize,
@@ -685,10 +690,45 @@ impl<T> LockTable<T> {
                 totals: Totals::default(),
             },
             groups: FxHashMap::default(),
+            parents: FxHashMap::default(),
+            children: FxHashMap::default(),
             next_wait_seq: 0,
             max_per_client,
             max_entries,
             detect_deadlocks: true,
+        }
+    }
+
+    /// Files `child` as run by `parent` (the holder of a grant that started
+    /// it), for the deadlock check: `parent` releases nothing before
+    /// `child`'s waits are granted. Only a connection that holds and waits
+    /// for nothing yet, and is not filed already, can be filed: so nobody
+    /// is its parent yet, and the links never loop.
+    pub fn link(&mut self, child: ClientId, parent: ClientId) {
+        let idle = self
+            .clients
+            .holdings
+            .get(&child)
+            .is_none_or(|h| h.len() == 0);
+        if child == parent || !idle || self.parents.contains_key(&child) {
+            return;
+        }
+        self.parents.insert(child, parent);
+        self.children.entry(parent).or_default().push(child);
+    }
+
+    /// Forgets `client`'s links, both ways.
+    fn unlink(&mut self, client: ClientId) {
+        if let Some(parent) = self.parents.remove(&client) {
+            if let Some(siblings) = self.children.get_mut(&parent) {
+                siblings.retain(|c| *c != client);
+                if siblings.is_empty() {
+                    self.children.remove(&parent);
+                }
+            }
+        }
+        for child in self.children.remove(&client).unwrap_or_default() {
+            self.parents.remove(&child);
         }
     }
 
@@ -1389,6 +1429,9 @@ impl<T> LockTable<T> {
         out: &mut Vec<Effect<T>>,
     ) -> Departure {
         let mut departure = Departure::default();
+        if !self.parents.is_empty() || !self.children.is_empty() {
+            self.unlink(client);
+        }
         let Some(Holdings {
             held,
             mut waits,

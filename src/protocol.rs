@@ -98,6 +98,9 @@ pub enum Request<'a> {
         client: String,
         /// A secret token naming the principal the connection acts for.
         auth: Option<String>,
+        /// A grant (lock name, token) whose holder runs this connection's
+        /// client: the holder waits for whatever this connection waits for.
+        within: Option<(String, u64)>,
     },
     /// Close the connection of every holder of a lock (admin only).
     ForceRelease {
@@ -248,6 +251,7 @@ struct Parameters<'a> {
     reclaim: Option<&'a RawValue>,
     auth: Option<&'a RawValue>,
     lock_names: Option<&'a RawValue>,
+    within: Option<&'a RawValue>,
     permits: Option<&'a RawValue>,
     take: Option<&'a RawValue>,
     /// A key read here that came twice (the first value is kept).
@@ -283,6 +287,7 @@ impl<'de> Visitor<'de> for ParamsVisitor {
                 "reclaim" => (&mut params.reclaim, "reclaim"),
                 "auth" => (&mut params.auth, "auth"),
                 "lockNames" => (&mut params.lock_names, "lockNames"),
+                "within" => (&mut params.within, "within"),
                 "permits" => (&mut params.permits, "permits"),
                 "take" => (&mut params.take, "take"),
                 _ => {
@@ -457,10 +462,16 @@ pub fn parse(body: &[u8]) -> Result<Request<'_>, BadRequest> {
             form: UnlockForm::Rpc { id },
             lock,
         },
-        "hello" => match client_name(params.client)
-            .and_then(|client| auth_token(params.auth).map(|auth| (client, auth)))
-        {
-            Ok((client, auth)) => Request::Hello { id, client, auth },
+        "hello" => match client_name(params.client).and_then(|client| {
+            let auth = auth_token(params.auth)?;
+            Ok((client, auth, within(params.within)?))
+        }) {
+            Ok((client, auth, within)) => Request::Hello {
+                id,
+                client,
+                auth,
+                within,
+            },
             Err(error) => return Err(BadRequest::Invalid { id, error }),
         },
         "forceRelease" => Request::ForceRelease { id, lock },
@@ -742,6 +753,28 @@ fn auth_token(raw: Option<&RawValue>) -> Result<Option<String>, String> {
         ));
     }
     Ok(Some(token))
+}
+
+/// `within`: `{"lockName": NAME, "token": T}`, a grant in force.
+fn within(raw: Option<&RawValue>) -> Result<Option<(String, u64)>, String> {
+    let Some(raw) = raw.filter(|raw| !is_null(raw)) else {
+        return Ok(None);
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Within<'a> {
+        #[serde(borrow, rename = "lockName")]
+        lock_name: &'a RawValue,
+        token: u64,
+    }
+    let parsed: Within<'_> = serde_json::from_str(raw.get()).map_err(|_| {
+        format!(
+            "`within` must be {{\"lockName\": name, \"token\": integer}}, got {}",
+            quote(raw.get())
+        )
+    })?;
+    let lock = lock_name(Some(parsed.lock_name))?;
+    Ok(Some((lock.into_owned(), parsed.token)))
 }
 
 fn status_params(params: &Parameters<'_>) -> Result<(StatusFilter, usize, Option<String>), String> {

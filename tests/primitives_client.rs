@@ -198,3 +198,52 @@ fn semaphore_and_multi_lock_grants_are_reclaimed_across_a_restart() {
     );
     assert_eq!(result["status"], "timeout");
 }
+
+#[test]
+fn nested_pklock_runs_in_opposite_orders_end_in_a_deadlock_answer_not_a_hang() {
+    let server = TestServer::start();
+    let dir = temp_dir("primitives-nested");
+    let pklock_bin = env!("CARGO_BIN_EXE_pklock");
+    let (go_first, go_second) = (dir.join("go-first"), dir.join("go-second"));
+    // Each outer run holds its lock, then its command asks for the other.
+    let nested = |inner: &str, wait_for: &std::path::Path| {
+        format!(
+            "while [ ! -e {} ]; do sleep 0.02; done; {pklock_bin} run {inner} -- true",
+            wait_for.display()
+        )
+    };
+    let first_ready = dir.join("first");
+    let first_script = format!(
+        "touch {}; {}",
+        first_ready.display(),
+        nested("y", &go_first)
+    );
+    let second_script = nested("x", &go_second);
+    let mut first = pklock(&server)
+        .args(["run", "x", "--", "sh", "-c", &first_script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("first run");
+    eventually("first holds x", || first_ready.exists());
+    let mut second = pklock(&server)
+        .args(["run", "y", "--", "sh", "-c", &second_script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("second run");
+    eventually("both hold", || stats(server.addr)["locksHeld"] == 2);
+    // The first's inner run waits for y first; then the second's asks for x.
+    std::fs::write(&go_first, "").unwrap();
+    eventually("the first's inner run waits", || {
+        stats(server.addr)["waiters"] == 1
+    });
+    std::fs::write(&go_second, "").unwrap();
+    let second_status = common::wait_exit(&mut second, PATIENCE).expect("the second ends");
+    let mut said = String::new();
+    std::io::Read::read_to_string(second.stderr.as_mut().unwrap(), &mut said).unwrap();
+    assert_eq!(second_status.code(), Some(35), "{said}");
+    assert!(said.contains("deadlock"), "{said}");
+    // The second gave way: the first's inner run got y, and all ended well.
+    let first_status = common::wait_exit(&mut first, PATIENCE).expect("the first ends");
+    assert_eq!(first_status.code(), Some(0));
+    assert_eq!(stats(server.addr)["locks"], 0);
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::client::{
     AuthToken, Client, ClientCert, ClientOptions, Error, LockGuard, LockOptions, MultiGuard,
-    Resumed, Roots, TLS_SCHEME, TlsOptions, TlsProblem, longest_stop_time,
+    Resumed, Roots, TLS_SCHEME, TlsOptions, TlsProblem, Within, longest_stop_time,
 };
 use crate::protocol::MAX_CLIENT_NAME_BYTES;
 
@@ -338,6 +338,9 @@ pub fn connect(
     let mut options = ClientOptions {
         stop_time,
         fit_stop_time,
+        // Inside `pklock run`, the run's holder waits for what this waits
+        // for: the server sees deadlocks between nested runs.
+        within: Within::from_env(),
         ..ClientOptions::named(client_name(what, &host))
     };
     access.apply(server, &mut options)?;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::session::Dialed;
 use super::transport::{TLS_SCHEME, Tls, TlsProblem};
-use super::{AuthToken, Error, dial};
+use super::{Error, Greeting, dial};
 use crate::protocol::{ClusterRole, HelloResult, Role};
 
 /// One or more server addresses, for [`Client::connect`](super::Client::connect):
@@ -71,10 +71,9 @@ impl<T: ServerList + ?Sized> ServerList for &T {
 /// The addresses of one client, and where it found a server to use last.
 pub(crate) struct Finder {
     addresses: Vec<String>,
-    client_name: String,
+    greeting: Greeting,
     connect_timeout: Duration,
     tls: Option<Arc<Tls>>,
-    auth: Option<AuthToken>,
     /// The address that last answered as one to use; it may be outside the
     /// list (a leader a standby named), and is tried first next time.
     last: Mutex<Option<String>>,
@@ -94,10 +93,9 @@ impl Finder {
     /// messages and [`Client::server`](super::Client::server) show it.
     pub(crate) fn new(
         addresses: Vec<String>,
-        client_name: &str,
+        greeting: Greeting,
         connect_timeout: Duration,
         tls: Option<Arc<Tls>>,
-        auth: Option<AuthToken>,
     ) -> Finder {
         let every = tls.as_ref().is_some_and(|tls| tls.every_address());
         let addresses = addresses
@@ -109,10 +107,9 @@ impl Finder {
             .collect();
         Finder {
             addresses,
-            client_name: client_name.to_string(),
+            greeting,
             connect_timeout,
             tls,
-            auth,
             last: Mutex::new(None),
         }
     }
@@ -175,8 +172,7 @@ impl Finder {
             }
             match dial(
                 &address,
-                &self.client_name,
-                self.auth.as_ref(),
+                &self.greeting,
                 self.tls.as_deref(),
                 self.connect_timeout.min(left),
             ) {

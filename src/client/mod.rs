@@ -110,6 +110,42 @@ pub struct ClientOptions {
     pub tls: Option<TlsOptions>,
     /// The token `hello` presents; `None`: the server's anonymous rights.
     pub auth: Option<AuthToken>,
+    /// A grant whose holder runs this client (a `pklock` inside `pklock
+    /// run` takes it from `PKLOCK_NAMES` and `PKLOCK_TOKEN`): the server
+    /// then counts that holder as waiting for whatever this client waits
+    /// for, so that a deadlock between nested runs is seen.
+    pub within: Option<Within>,
+}
+
+/// A grant, named by its lock and token, whose holder runs this client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Within {
+    /// One of the grant's locks.
+    pub lock_name: String,
+    /// The grant's token.
+    pub token: u64,
+}
+
+impl Within {
+    /// From the environment `pklock run` gives its command: the first of
+    /// `PKLOCK_NAMES` (or `PKLOCK_NAME`) and `PKLOCK_TOKEN`; `None` outside
+    /// one.
+    pub fn from_env() -> Option<Within> {
+        let names = std::env::var("PKLOCK_NAMES")
+            .or_else(|_| std::env::var("PKLOCK_NAME"))
+            .ok()?;
+        let lock_name = names.lines().next().filter(|n| !n.is_empty())?.to_string();
+        let token = std::env::var("PKLOCK_TOKEN").ok()?.trim().parse().ok()?;
+        Some(Within { lock_name, token })
+    }
+}
+
+/// What `hello` says on every connection of one client.
+#[derive(Clone, Debug)]
+pub(crate) struct Greeting {
+    client_name: String,
+    auth: Option<AuthToken>,
+    within: Option<Within>,
 }
 
 /// A secret token for `hello` (its `auth` parameter). `Debug` never shows it.
@@ -169,6 +205,7 @@ impl Default for ClientOptions {
             fit_stop_time: false,
             tls: None,
             auth: None,
+            within: None,
         }
     }
 }
@@ -626,12 +663,16 @@ impl Client {
                 )));
             }
         }
+        let greeting = Greeting {
+            client_name: options.client_name.clone(),
+            auth: options.auth.clone(),
+            within: options.within.clone(),
+        };
         let finder = Arc::new(Finder::new(
             addresses,
-            &options.client_name,
+            greeting,
             options.connect_timeout,
             tls,
-            options.auth.clone(),
         ));
         let (dialed, hello) = find_first(&finder, options.connect_timeout)?;
         let principal: Arc<str> = Arc::from(dialed.principal.as_str());
@@ -1328,8 +1369,7 @@ fn find_first(finder: &Finder, timeout: Duration) -> Result<(Dialed, HelloResult
 /// the answer.
 fn dial(
     server: &str,
-    client_name: &str,
-    auth: Option<&AuthToken>,
+    greeting: &Greeting,
     tls: Option<&Tls>,
     timeout: Duration,
 ) -> Result<(Dialed, HelloResult), Error> {
@@ -1365,9 +1405,14 @@ fn dial(
 
     // hello, synchronously, before any thread uses the connection.
     let hello_sent_at = Instant::now();
-    let mut request = json!({"command": "hello", "id": 0, "parameters": {"client": client_name}});
-    if let Some(token) = auth {
+    let mut request =
+        json!({"command": "hello", "id": 0, "parameters": {"client": greeting.client_name}});
+    if let Some(token) = &greeting.auth {
         request["parameters"]["auth"] = json!(token.secret());
+    }
+    if let Some(within) = &greeting.within {
+        request["parameters"]["within"] =
+            json!({"lockName": within.lock_name, "token": within.token});
     }
     control
         .set_read_timeout(Some(timeout))

@@ -51,51 +51,89 @@ struct Wait<'a> {
     take: u32,
 }
 
+/// The request being checked: who asks, who runs it, and for what.
+struct Asking<'a> {
+    /// The asker, then the connection that runs it, and so on up.
+    askers: Vec<ClientId>,
+    /// The locks it would wait for: name, mode, permits.
+    new: &'a [(&'a str, Mode, u32)],
+}
+
+impl Asking<'_> {
+    /// Whether `x` waits for the new request: the asker, or one that runs it.
+    fn covers(&self, x: ClientId) -> bool {
+        self.askers.contains(&x)
+    }
+}
+
 impl<T> LockTable<T> {
     /// If `client` waiting for `new` (lock, mode, permits; locks it does not
     /// hold or wait for yet) would close a cycle of waits, the cycle: the
-    /// asker first, each connection with the lock it waits for, which the
-    /// next one holds or waits for ahead of it.
+    /// asker (or the connection that runs it) first, each connection with
+    /// the lock it waits for, which the next one holds or waits for ahead
+    /// of it.
     pub(super) fn find_deadlock(&self, client: ClientId, new: &[(&str, Mode, u32)]) -> Found {
+        let mut askers = vec![client];
+        while let Some(parent) = askers.last().and_then(|c| self.parents.get(c)) {
+            askers.push(*parent);
+        }
         // Nobody waits for a connection that holds nothing and has no wait
-        // queued behind its own, so no cycle can run through it.
-        let Some(holdings) = self.clients.holdings.get(&client) else {
-            return Found::Clear;
-        };
-        if holdings.held.is_empty() && holdings.behind == 0 {
+        // queued behind its own, so no cycle can run through it (unless it
+        // runs, or is run by, another).
+        let idle = self
+            .clients
+            .holdings
+            .get(&client)
+            .is_none_or(|h| h.held.is_empty() && h.behind == 0);
+        if idle && askers.len() == 1 && !self.children.contains_key(&client) {
             return Found::Clear;
         }
+        let asking = Asking { askers, new };
         let mut steps = CHECK_STEPS;
-        let reached = match self.reach(client, new, &mut steps) {
+        let reached = match self.reach(&asking, &mut steps) {
             Ok(Some(reached)) => reached,
             Ok(None) => return Found::Clear,
             Err(TooBig) => return Found::TooBig,
         };
-        let Ok(stuck) = self.stuck_among(client, new, reached, &mut steps) else {
+        let Ok(stuck) = self.stuck_among(&asking, reached, &mut steps) else {
             return Found::TooBig;
         };
-        if !stuck.contains(&client) {
+        if !asking.askers.iter().any(|a| stuck.contains(a)) {
             return Found::Clear;
         }
-        Found::Cycle(self.cycle_through(client, new, &stuck))
+        Found::Cycle(self.cycle_through(client, &asking, &stuck))
     }
 
-    /// The waits of `x` (with `new` for the asker).
-    fn waits_of<'a>(
-        &'a self,
-        x: ClientId,
-        asker: ClientId,
-        new: &'a [(&'a str, Mode, u32)],
-    ) -> Vec<Wait<'a>> {
+    /// Whether `x`, or a connection it runs, waits for anything.
+    fn has_waits(&self, x: ClientId) -> bool {
+        self.clients
+            .holdings
+            .get(&x)
+            .is_some_and(|h| !h.waits.is_empty())
+            || self
+                .children
+                .get(&x)
+                .is_some_and(|children| children.iter().any(|c| self.has_waits(*c)))
+    }
+
+    /// The waits of `x`, of the connections it runs, and the new ones if it
+    /// is the asker or runs it.
+    fn waits_of<'a>(&'a self, x: ClientId, asking: &Asking<'a>) -> Vec<Wait<'a>> {
         let mut waits = Vec::new();
-        if x == asker {
-            waits.extend(new.iter().map(|&(lock, mode, take)| Wait {
+        if asking.covers(x) {
+            waits.extend(asking.new.iter().map(|&(lock, mode, take)| Wait {
                 lock,
                 below: u64::MAX,
                 mode,
                 take,
             }));
         }
+        self.own_waits(x, &mut waits);
+        waits
+    }
+
+    /// Adds the queued waits of `x` and of the connections it runs.
+    fn own_waits<'a>(&'a self, x: ClientId, waits: &mut Vec<Wait<'a>>) {
         if let Some(holdings) = self.clients.holdings.get(&x) {
             for (lock, &seq) in &holdings.waits {
                 let Some(waiter) = self.queues.get(lock).and_then(|q| q.waiters.get(seq)) else {
@@ -109,7 +147,9 @@ impl<T> LockTable<T> {
                 });
             }
         }
-        waits
+        for child in self.children.get(&x).into_iter().flatten() {
+            self.own_waits(*child, waits);
+        }
     }
 
     /// Step 1: every connection with waits that the asker's waits lead to,
@@ -118,32 +158,25 @@ impl<T> LockTable<T> {
     /// stand behind them.
     fn reach(
         &self,
-        asker: ClientId,
-        new: &[(&str, Mode, u32)],
+        asking: &Asking<'_>,
         steps: &mut usize,
     ) -> Result<Option<FxHashSet<ClientId>>, TooBig> {
         let mut seen = FxHashSet::default();
         // For each queue looked at: waiters below this arrival number are seen.
         let mut scanned: FxHashMap<&str, u64> = FxHashMap::default();
-        let mut to_visit = vec![asker];
+        let mut to_visit = asking.askers.clone();
         let mut back = false;
         while let Some(x) = to_visit.pop() {
-            let waits = self.waits_of(x, asker, new);
+            let waits = self.waits_of(x, asking);
             spend(steps, waits.len())?;
             for wait in waits {
                 let Some(queue) = self.queues.get(wait.lock) else {
                     continue;
                 };
                 let mut meet = |y: ClientId| {
-                    if y == asker {
+                    if asking.covers(y) {
                         back = true;
-                    } else if seen.insert(y)
-                        && self
-                            .clients
-                            .holdings
-                            .get(&y)
-                            .is_some_and(|h| !h.waits.is_empty())
-                    {
+                    } else if seen.insert(y) && self.has_waits(y) {
                         to_visit.push(y);
                     }
                 };
@@ -168,13 +201,8 @@ impl<T> LockTable<T> {
             }
         }
         Ok(back.then(|| {
-            seen.retain(|y| {
-                self.clients
-                    .holdings
-                    .get(y)
-                    .is_some_and(|h| !h.waits.is_empty())
-            });
-            seen.insert(asker);
+            seen.retain(|y| self.has_waits(*y));
+            seen.extend(asking.askers.iter().copied());
             seen
         }))
     }
@@ -184,8 +212,7 @@ impl<T> LockTable<T> {
     /// granted, even if everyone else released everything.
     fn stuck_among(
         &self,
-        asker: ClientId,
-        new: &[(&str, Mode, u32)],
+        asking: &Asking<'_>,
         mut stuck: FxHashSet<ClientId>,
         steps: &mut usize,
     ) -> Result<FxHashSet<ClientId>, TooBig> {
@@ -193,7 +220,7 @@ impl<T> LockTable<T> {
             let mut free = Vec::new();
             for &x in &stuck {
                 let mut could = true;
-                for wait in self.waits_of(x, asker, new) {
+                for wait in self.waits_of(x, asking) {
                     let queue = self.queues.get(wait.lock);
                     spend(
                         steps,
@@ -252,7 +279,7 @@ impl<T> LockTable<T> {
     fn cycle_through(
         &self,
         asker: ClientId,
-        new: &[(&str, Mode, u32)],
+        asking: &Asking<'_>,
         stuck: &FxHashSet<ClientId>,
     ) -> Vec<(ClientId, Arc<str>)> {
         // For each connection reached: the one before it and the lock by which.
@@ -260,9 +287,9 @@ impl<T> LockTable<T> {
         let mut frontier = VecDeque::from([asker]);
         let mut closing = None;
         'search: while let Some(x) = frontier.pop_front() {
-            for (y, lock) in self.stuck_in_the_way(x, asker, new, stuck) {
-                if y == asker {
-                    closing = Some((x, lock));
+            for (y, lock) in self.stuck_in_the_way(x, asking, stuck) {
+                if asking.covers(y) {
+                    closing = Some((x, lock, y));
                     break 'search;
                 }
                 if y != x && !came_from.contains_key(&y) {
@@ -271,8 +298,8 @@ impl<T> LockTable<T> {
                 }
             }
         }
-        let Some((last, lock)) = closing else {
-            return self.path_into_a_cycle(asker, new, stuck);
+        let Some((last, lock, closed_on)) = closing else {
+            return self.path_into_a_cycle(asker, asking, stuck);
         };
         let mut cycle = vec![(last, lock)];
         let mut at = last;
@@ -284,6 +311,11 @@ impl<T> LockTable<T> {
             at = *before;
         }
         cycle.reverse();
+        // Closed on the connection that runs the asker: it is the one that
+        // waits, through the asker, and so starts the cycle.
+        if let Some(first) = cycle.first_mut() {
+            first.0 = closed_on;
+        }
         cycle
     }
 
@@ -294,16 +326,13 @@ impl<T> LockTable<T> {
     fn path_into_a_cycle(
         &self,
         asker: ClientId,
-        new: &[(&str, Mode, u32)],
+        asking: &Asking<'_>,
         stuck: &FxHashSet<ClientId>,
     ) -> Vec<(ClientId, Arc<str>)> {
         let mut path: Vec<(ClientId, Arc<str>)> = Vec::new();
         let mut at = asker;
         while !path.iter().any(|(x, _)| *x == at) {
-            let Some((next, lock)) = self
-                .stuck_in_the_way(at, asker, new, stuck)
-                .into_iter()
-                .next()
+            let Some((next, lock)) = self.stuck_in_the_way(at, asking, stuck).into_iter().next()
             else {
                 break;
             };
@@ -318,12 +347,11 @@ impl<T> LockTable<T> {
     fn stuck_in_the_way(
         &self,
         x: ClientId,
-        asker: ClientId,
-        new: &[(&str, Mode, u32)],
+        asking: &Asking<'_>,
         stuck: &FxHashSet<ClientId>,
     ) -> Vec<(ClientId, Arc<str>)> {
         let mut in_the_way = Vec::new();
-        for wait in self.waits_of(x, asker, new) {
+        for wait in self.waits_of(x, asking) {
             let Some((name, queue)) = self.queues.get_key_value(wait.lock) else {
                 continue;
             };

@@ -354,3 +354,51 @@ fn with_the_check_off_a_cycle_is_queued() {
     assert_eq!(t.lock(B, "x", X, None, 4), []);
     assert_eq!(t.table.totals().waiting, 2);
 }
+
+#[test]
+fn a_connection_run_by_a_holder_makes_the_holder_wait_for_its_waits() {
+    // `pklock run x -- pklock run y -- ...` (A holds x, its child C waits
+    // for y) against `pklock run y -- pklock run x -- ...` (B holds y, its
+    // child D asks for x): D's wait closes A -> C -> B -> D -> A.
+    let mut t = Fixture::new();
+    t.lock(A, "x", X, None, 1);
+    t.table.link(C, A);
+    t.lock(B, "y", X, None, 2);
+    t.table.link(D, B);
+    assert_eq!(
+        t.lock(C, "y", X, None, 3),
+        [],
+        "C waits for B: no cycle yet"
+    );
+    let effects = t.lock(D, "x", X, None, 4);
+    // B waits for x through D; A, holding x, waits for y through C.
+    assert_eq!(cycle_of(&effects), [(B, "x"), (A, "y")]);
+    // Without the links the server cannot tell: D's wait is queued.
+    let mut t = Fixture::new();
+    t.lock(A, "x", X, None, 1);
+    t.lock(B, "y", X, None, 2);
+    t.lock(C, "y", X, None, 3);
+    assert_eq!(t.lock(D, "x", X, None, 4), []);
+}
+
+#[test]
+fn only_a_connection_that_holds_nothing_can_be_linked_once_and_links_go_with_it() {
+    let mut t = Fixture::new();
+    t.lock(A, "x", X, None, 1);
+    t.lock(C, "z", X, None, 2);
+    t.table.link(C, A);
+    t.table.link(A, C);
+    t.lock(B, "y", X, None, 3);
+    t.table.link(D, B);
+    t.table.disconnect(B, t.now, &mut t.out);
+    t.check();
+    // D is no longer run by anyone: B's departure took the link with it.
+    t.lock(B, "w", X, None, 4);
+    t.lock(D, "w", X, None, 5);
+    assert_eq!(t.lock(B, "w2", X, None, 6).len(), 1);
+    // C held z when asked to be linked: not linked. So A asking for z,
+    // held by C, while C waits for x, held by A, is the only cycle.
+    assert_eq!(t.lock(C, "x", X, None, 7), []);
+    let effects = t.lock(A, "z", X, None, 8);
+    assert_eq!(cycle_of(&effects), [(A, "z"), (C, "x")]);
+}

@@ -335,7 +335,9 @@ pub fn check_parse(body: &[u8]) -> Result<(), String> {
                 },
             }
         }
-        Request::Hello { id, client, auth } => {
+        Request::Hello {
+            id, client, auth, ..
+        } => {
             ensure!(
                 client.len() <= protocol::MAX_CLIENT_NAME_BYTES,
                 "client name {client:?}"
