@@ -234,6 +234,8 @@ struct Envelope<'a> {
 
 /// `parameters` as it came: an object read in the envelope's pass (its
 /// values kept raw), or something else, named for the error.
+// Lives on the stack for one parse; a box would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 enum ParamsField<'a> {
     Object(Parameters<'a>),
     Other(&'static str),
