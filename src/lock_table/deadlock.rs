@@ -7,9 +7,10 @@
 //! lock's holders and for every wait ahead of it in the queue. The check
 //! runs in three steps, each only if the one before found something:
 //! 1. the connections the new wait leads to, following holders and waits
-//!    ahead; unless that leads back to the asker, there is no cycle (this is
-//!    all the cost for nearly every wait, and none at all for a connection
-//!    that holds and waits for nothing);
+//!    ahead; unless that leads back to the asker, there is no cycle. Before
+//!    any of it: if nobody waits for what the asker holds, and no wait is
+//!    queued behind one of its own, nobody waits for it and no cycle can run
+//!    through it; that is all the cost for nearly every wait;
 //! 2. among those, the ones stuck for good: what is left once everyone who
 //!    could be granted all its waits (were the others stuck) is taken out,
 //!    over and over. This is exact for semaphores too, where a wait needs
@@ -28,7 +29,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::{ClientId, LockTable, Mode};
 
 /// The most holders and waiters one check looks at.
-pub const CHECK_STEPS: usize = 200_000;
+pub const CHECK_STEPS: usize = 20_000;
 
 /// What the check found.
 pub(super) enum Found {
@@ -77,15 +78,19 @@ impl<T> LockTable<T> {
         while let Some(parent) = askers.last().and_then(|c| self.parents.get(c)) {
             askers.push(*parent);
         }
-        // Nobody waits for a connection that holds nothing and has no wait
-        // queued behind its own, so no cycle can run through it (unless it
-        // runs, or is run by, another).
-        let idle = self
-            .clients
-            .holdings
-            .get(&client)
-            .is_none_or(|h| h.held.is_empty() && h.behind == 0);
-        if idle && askers.len() == 1 && !self.children.contains_key(&client) {
+        // Nobody waits for a connection when nobody waits for what it holds
+        // and no wait is queued behind one of its own, so no cycle can run
+        // through it (unless it runs, or is run by, another).
+        let waited_for = self.clients.holdings.get(&client).is_some_and(|h| {
+            h.behind > 0
+                || h.held.len() > CHECK_STEPS
+                || h.held.keys().any(|name| {
+                    self.queues
+                        .get(name)
+                        .is_some_and(|queue| !queue.waiters.is_empty())
+                })
+        });
+        if !waited_for && askers.len() == 1 && !self.children.contains_key(&client) {
             return Found::Clear;
         }
         let asking = Asking { askers, new };

@@ -402,3 +402,52 @@ fn only_a_connection_that_holds_nothing_can_be_linked_once_and_links_go_with_it(
     let effects = t.lock(A, "z", X, None, 8);
     assert_eq!(cycle_of(&effects), [(A, "z"), (C, "x")]);
 }
+
+#[test]
+fn a_check_too_big_to_finish_queues_the_wait_unchecked_and_counts_it() {
+    let mut table: LockTable<u32> = LockTable::new(1, 10, 100_000);
+    let now = Instant::now();
+    let mut out = Vec::new();
+    let mut ask = |table: &mut LockTable<u32>, client: u64, lock: &str| {
+        let request = LockRequest {
+            client: ClientId(client),
+            lock,
+            mode: X,
+            semaphore: None,
+            timeout: None,
+            tag: 0,
+        };
+        table.lock(request, now, &mut out);
+    };
+    ask(&mut table, 1, "big");
+    let crowd = super::deadlock::CHECK_STEPS as u64 + 10;
+    for client in 10..10 + crowd {
+        ask(&mut table, client, "big");
+    }
+    assert_eq!(
+        table.totals().deadlock_checks_cut,
+        0,
+        "waiters holding nothing: passed at once"
+    );
+    ask(&mut table, 2, "mine");
+    ask(&mut table, 2, "big");
+    assert_eq!(
+        table.totals().deadlock_checks_cut,
+        0,
+        "nobody waits for 2: passed at once"
+    );
+    ask(&mut table, 3, "theirs");
+    ask(&mut table, 4, "theirs");
+    ask(&mut table, 3, "big");
+    assert_eq!(
+        table.totals().deadlock_checks_cut,
+        1,
+        "4 waits for 3: the walk ran out"
+    );
+    assert_eq!(
+        table.totals().waiting,
+        crowd as usize + 3,
+        "queued all the same"
+    );
+    table.check_invariants().unwrap();
+}
