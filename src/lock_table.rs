@@ -402,6 +402,11 @@ struct Holdings {
     /// zero and nothing held, nobody waits for the connection, so no cycle
     /// of waits can run through it: the deadlock check is skipped at once.
     behind: usize,
+    /// Lock requests waiting: a multi-lock counts once. The deadlock check
+    /// takes a connection with several as able to go on (they may come from
+    /// threads that do not wait for each other); once one is left, it is
+    /// checked again.
+    requests: usize,
 }
 
 impl Holdings {
@@ -480,6 +485,21 @@ struct Clients {
     dead_waits: usize,
     /// Since when clearing is due, while `to_clear` is not empty.
     clear_due: Option<Instant>,
+    /// Connections left with one request waiting, to check for deadlock.
+    recheck: Vec<ClientId>,
+}
+
+impl Clients {
+    /// One of `client`'s waiting requests has been answered; with one left,
+    /// it is due for a deadlock check.
+    fn request_ended(&mut self, client: ClientId) {
+        if let Some(holdings) = self.holdings.get_mut(&client) {
+            holdings.requests = holdings.requests.saturating_sub(1);
+            if holdings.requests == 1 {
+                self.recheck.push(client);
+            }
+        }
+    }
 }
 
 /// Running totals, for `stats`.
@@ -612,6 +632,7 @@ fn settle<T>(
             holdings.waits.remove(&**name);
             holdings.held.insert(Arc::clone(name), (token, mode));
         }
+        clients.request_ended(client);
         books.totals.waiting -= 1;
         books.totals.held += 1;
         books.totals.grants += 1;
@@ -907,6 +928,7 @@ impl<T> LockTable<T> {
         push_wait(queue, seq, waiter, &mut self.clients);
         let holdings = self.clients.holdings.entry(client).or_default();
         holdings.waits.insert(Arc::clone(&name), seq);
+        holdings.requests += 1;
         self.books.totals.waiting += 1;
         if let Some(at) = deadline {
             self.books.deadlines.insert((at, seq), Arc::clone(&name));
@@ -1063,6 +1085,9 @@ impl<T> LockTable<T> {
             }
         }
         self.books.totals.waiting += named.len();
+        if let Some(holdings) = self.clients.holdings.get_mut(&client) {
+            holdings.requests += 1;
+        }
         if let (Some(at), Some((first, _))) = (deadline, named.first()) {
             self.books.deadlines.insert((at, seq), Arc::clone(first));
         }
@@ -1201,6 +1226,7 @@ impl<T> LockTable<T> {
             }
         }
         self.settle_name(&name, now, out);
+        self.recheck_deadlocks(now, out);
     }
 
     /// Reserves the locks the previous run held when it stopped, one entry
@@ -1272,6 +1298,7 @@ impl<T> LockTable<T> {
                     self.books.totals.waiting -= 1;
                     self.books.totals.cancels += 1;
                     self.books.forget_deadline(seq, &waiter);
+                    self.clients.request_ended(client);
                     match waiter.tag {
                         Some(tag) => out.push(Effect::Cancelled { client, tag }),
                         None => group = Some(seq),
@@ -1291,6 +1318,7 @@ impl<T> LockTable<T> {
         for other in others {
             self.settle_name(&other, now, out);
         }
+        self.recheck_deadlocks(now, out);
         outcome
     }
 
@@ -1397,6 +1425,7 @@ impl<T> LockTable<T> {
             }
         }
         let count = group.locks.len();
+        self.clients.request_ended(group.client);
         self.books.totals.waiting -= count;
         self.books.totals.held += count;
         self.books.totals.grants += 1;
@@ -1521,6 +1550,7 @@ impl<T> LockTable<T> {
             }
         }
         self.give_back_memory();
+        self.recheck_deadlocks(now, out);
         departure
     }
 
@@ -1570,6 +1600,7 @@ impl<T> LockTable<T> {
             if let Some(holdings) = self.clients.holdings.get_mut(&waiter.client) {
                 holdings.waits.remove(&name);
             }
+            self.clients.request_ended(waiter.client);
             let (tag, others) = match waiter.tag {
                 Some(tag) => (tag, Vec::new()),
                 None => match self.withdraw_group(seq, &name) {
@@ -1608,6 +1639,7 @@ impl<T> LockTable<T> {
             }
         }
         self.clear_departed(budget);
+        self.recheck_deadlocks(now, out);
     }
 
     /// The earliest instant [`LockTable::expire`] has work: a wait's
@@ -1662,6 +1694,7 @@ impl<T> LockTable<T> {
         if was_exhausted && !self.tokens_exhausted() {
             self.settle_all(now, out);
         }
+        self.recheck_deadlocks(now, out);
     }
 
     /// Settles every queue, in name order, when grants resume.
@@ -1936,6 +1969,14 @@ impl<T> LockTable<T> {
                         .is_some_and(|(last, _)| last != **seq)
                 })
                 .count();
+            let requests: FxHashSet<u64> = holdings.waits.values().copied().collect();
+            if requests.len() != holdings.requests {
+                return Err(format!(
+                    "client {client} has {} requests waiting, {} counted",
+                    requests.len(),
+                    holdings.requests
+                ));
+            }
             if behind != holdings.behind {
                 return Err(format!(
                     "client {client} has {behind} waits with one behind, {} counted",
@@ -1996,6 +2037,59 @@ impl<T> LockTable<T> {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the connections left with one request waiting (several had
+    /// been, taken as able to go on): a request whose wait now closes a cycle
+    /// is answered [`Effect::Deadlock`] and leaves its queues.
+    fn recheck_deadlocks(&mut self, now: Instant, out: &mut Vec<Effect<T>>) {
+        while !self.clients.recheck.is_empty() {
+            let due = std::mem::take(&mut self.clients.recheck);
+            if !self.detect_deadlocks {
+                continue;
+            }
+            for client in due {
+                let Some(holdings) = self.clients.holdings.get(&client) else {
+                    continue;
+                };
+                let Some((name, &seq)) = holdings.waits.iter().next() else {
+                    continue;
+                };
+                if holdings.requests != 1 {
+                    continue;
+                }
+                let name = Arc::clone(name);
+                let Some(cycle) = self.check_wait(client, &[]) else {
+                    continue;
+                };
+                let Some(waiter) = self
+                    .queues
+                    .get_mut(&name)
+                    .and_then(|queue| take_wait(queue, seq, &mut self.clients))
+                else {
+                    continue;
+                };
+                self.books.totals.waiting -= 1;
+                self.books.forget_deadline(seq, &waiter);
+                if let Some(holdings) = self.clients.holdings.get_mut(&client) {
+                    holdings.waits.remove(&name);
+                    holdings.heads.remove(&name);
+                    holdings.requests = 0;
+                }
+                let (tag, others) = match waiter.tag {
+                    Some(tag) => (tag, Vec::new()),
+                    None => match self.withdraw_group(seq, &name) {
+                        Some(group) => group,
+                        None => continue,
+                    },
+                };
+                out.push(Effect::Deadlock { client, tag, cycle });
+                self.settle_name(&name, now, out);
+                for other in others {
+                    self.settle_name(&other, now, out);
+                }
+            }
+        }
     }
 
     /// The cycle that `client` waiting for `new` would close, if any; counts

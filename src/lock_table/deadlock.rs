@@ -78,6 +78,12 @@ impl<T> LockTable<T> {
         while let Some(parent) = askers.last().and_then(|c| self.parents.get(c)) {
             askers.push(*parent);
         }
+        // A connection with another request waiting (the new one aside) is
+        // taken as able to go on: it is checked once one is left.
+        let others = if new.is_empty() { 1 } else { 0 };
+        if askers.iter().any(|a| self.requests_of(*a) != others) {
+            return Found::Clear;
+        }
         // Nobody waits for a connection when nobody waits for what it holds
         // and no wait is queued behind one of its own, so no cycle can run
         // through it (unless it runs, or is run by, another).
@@ -109,16 +115,19 @@ impl<T> LockTable<T> {
         Found::Cycle(self.cycle_through(client, &asking, &stuck))
     }
 
-    /// Whether `x`, or a connection it runs, waits for anything.
-    fn has_waits(&self, x: ClientId) -> bool {
-        self.clients
-            .holdings
-            .get(&x)
-            .is_some_and(|h| !h.waits.is_empty())
-            || self
-                .children
-                .get(&x)
-                .is_some_and(|children| children.iter().any(|c| self.has_waits(*c)))
+    /// The requests waiting of `x` and of the connections it runs.
+    fn requests_of(&self, x: ClientId) -> usize {
+        let own = self.clients.holdings.get(&x).map_or(0, |h| h.requests);
+        let children = self.children.get(&x).map_or(0, |children| {
+            children.iter().map(|c| self.requests_of(*c)).sum()
+        });
+        own + children
+    }
+
+    /// Whether `x` can be stuck: it (or what it runs) has exactly one
+    /// request waiting. With several, it is taken as able to go on.
+    fn may_be_stuck(&self, x: ClientId) -> bool {
+        self.requests_of(x) == 1
     }
 
     /// The waits of `x`, of the connections it runs, and the new ones if it
@@ -181,7 +190,7 @@ impl<T> LockTable<T> {
                 let mut meet = |y: ClientId| {
                     if asking.covers(y) {
                         back = true;
-                    } else if seen.insert(y) && self.has_waits(y) {
+                    } else if seen.insert(y) && self.may_be_stuck(y) {
                         to_visit.push(y);
                     }
                 };
@@ -206,7 +215,7 @@ impl<T> LockTable<T> {
             }
         }
         Ok(back.then(|| {
-            seen.retain(|y| self.has_waits(*y));
+            seen.retain(|y| self.may_be_stuck(*y));
             seen.extend(asking.askers.iter().copied());
             seen
         }))

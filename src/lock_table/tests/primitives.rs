@@ -451,3 +451,37 @@ fn a_check_too_big_to_finish_queues_the_wait_unchecked_and_counts_it() {
     );
     table.check_invariants().unwrap();
 }
+
+#[test]
+fn a_connection_with_several_requests_waiting_is_checked_once_one_is_left() {
+    let mut t = Fixture::new();
+    t.lock(A, "x", X, None, 1);
+    t.lock(B, "y", X, None, 2);
+    t.lock(C, "z", X, None, 3);
+    assert_eq!(t.lock(B, "z", X, None, 4), []);
+    // B's second request: it may come from another thread, not waiting for
+    // the first; B is taken as able to go on.
+    assert_eq!(t.lock(B, "x", X, None, 5), []);
+    assert_eq!(
+        t.lock(A, "y", X, None, 6),
+        [],
+        "B is not stuck while it has two"
+    );
+    // z goes to B: its one request left, for x, now closes B -> A -> B.
+    let (_, effects) = t.unlock(C, "z");
+    assert_eq!(effects[0], granted(B, 4, "z", 103));
+    match &effects[1..] {
+        [Effect::Deadlock { client, tag, cycle }] => {
+            assert_eq!((*client, *tag), (B, 5));
+            let cycle: Vec<(ClientId, &str)> = cycle.iter().map(|(c, n)| (*c, &**n)).collect();
+            assert_eq!(cycle, [(B, "x"), (A, "y")]);
+        }
+        other => panic!("expected B's wait for x answered deadlock, got {other:?}"),
+    }
+    assert!(
+        t.table.get("x").is_some_and(|v| v.waiters().count() == 0),
+        "and out of the queue"
+    );
+    let (_, effects) = t.unlock(B, "y");
+    assert_eq!(effects, [granted(A, 6, "y", 104)]);
+}
