@@ -822,42 +822,29 @@ impl<T> LockTable<T> {
                 });
                 return;
             }
-            if holdings.waits.contains_key(lock) {
-                out.push(Effect::Refused {
-                    client,
-                    tag,
-                    reason: Refusal::AlreadyWaiting,
-                });
-                return;
-            }
         }
-        if let Some((_, queue)) = queue.filter(|(_, q)| q.permits != permits) {
+        let refusal = if holdings.is_some_and(|h| h.waits.contains_key(lock)) {
+            Some(Refusal::AlreadyWaiting)
+        } else if let Some((_, queue)) = queue.filter(|(_, q)| q.permits != permits) {
+            Some(Refusal::KindDiffers {
+                permits: queue.permits,
+            })
+        } else if holdings.map_or(0, Holdings::len) >= self.max_per_client {
+            Some(Refusal::TooMany {
+                limit: self.max_per_client,
+            })
+        } else if !self.make_room(1) {
+            Some(Refusal::TableFull {
+                limit: self.max_entries,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
             out.push(Effect::Refused {
                 client,
                 tag,
-                reason: Refusal::KindDiffers {
-                    permits: queue.permits,
-                },
-            });
-            return;
-        }
-        if holdings.map_or(0, Holdings::len) >= self.max_per_client {
-            out.push(Effect::Refused {
-                client,
-                tag,
-                reason: Refusal::TooMany {
-                    limit: self.max_per_client,
-                },
-            });
-            return;
-        }
-        if !self.make_room(1) {
-            out.push(Effect::Refused {
-                client,
-                tag,
-                reason: Refusal::TableFull {
-                    limit: self.max_entries,
-                },
+                reason,
             });
             return;
         }
