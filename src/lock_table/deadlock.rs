@@ -246,9 +246,9 @@ impl<T> LockTable<T> {
         }
     }
 
-    /// Step 3: a cycle through the asker, among the `stuck` (every one of
-    /// them leads back to it: none was stuck before its new wait). Breadth
-    /// first, so the shortest.
+    /// Step 3: a cycle through the asker, out of it by a lock it asks for,
+    /// among the `stuck` (every one of them leads back to it: none was stuck
+    /// before its new wait). Breadth first, so the shortest.
     fn cycle_through(
         &self,
         asker: ClientId,
@@ -260,7 +260,15 @@ impl<T> LockTable<T> {
         let mut frontier = VecDeque::from([asker]);
         let mut closing = None;
         'search: while let Some(x) = frontier.pop_front() {
-            for wait in self.waits_of(x, asker, new) {
+            let mut waits = self.waits_of(x, asker, new);
+            if x == asker {
+                // Out of the asker by a lock it asks for (they come first):
+                // only those made it stuck. A shorter cycle through one of
+                // its older waits may run through a semaphore with room,
+                // which keeps nobody waiting.
+                waits.truncate(new.len());
+            }
+            for wait in waits {
                 let Some((name, queue)) = self.queues.get_key_value(wait.lock) else {
                     continue;
                 };

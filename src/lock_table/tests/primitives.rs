@@ -354,3 +354,25 @@ fn with_the_check_off_a_cycle_is_queued() {
     assert_eq!(t.lock(B, "x", X, None, 4), []);
     assert_eq!(t.table.totals().waiting, 2);
 }
+
+#[test]
+fn a_cycle_starts_with_the_lock_asked_for_even_when_an_older_wait_closes_a_shorter_one() {
+    // A waits for a permit of s, where B (and E, who waits for nothing)
+    // hold one each: not stuck, as E's permit will come back. B waits for m,
+    // which A holds: A -s-> B -m-> A is a cycle of edges, but no deadlock.
+    let mut t = Fixture::new();
+    t.take(B, "s", 2, 1, 1);
+    t.take(E, "s", 2, 1, 2);
+    t.lock(A, "m", X, None, 3);
+    assert_eq!(t.take(A, "s", 2, 1, 4), []);
+    assert_eq!(t.lock(B, "m", X, None, 5), []);
+    t.lock(C, "n", X, None, 6);
+    t.lock(D, "o", X, None, 7);
+    assert_eq!(t.lock(C, "o", X, None, 8), []);
+    assert_eq!(t.lock(D, "m", X, None, 9), []);
+    // A asking for n closes A -n-> C -o-> D -m-> A, the cycle to report.
+    // A -s-> B -m-> A is shorter, but A's wait on s is not what would keep A
+    // waiting: E's permit comes back.
+    let effects = t.lock(A, "n", X, None, 10);
+    assert_eq!(cycle_of(&effects), [(A, "n"), (C, "o"), (D, "m")]);
+}
