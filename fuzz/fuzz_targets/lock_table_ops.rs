@@ -1,9 +1,12 @@
 //! The lock table against the naive reference model
 //! (`pklock_testkit::lock_model::Model`): operation sequences decoded from
-//! the input must give exactly the model's effects, step by step, and keep
-//! the table's invariants; every request is answered once, to the client
-//! that asked; a token is never granted to two clients, and new grants get
-//! strictly increasing tokens; no unanswered request is forgotten. The checks are
+//! the input (locks, semaphore permits, multi-locks, unlocks, departures and
+//! the clock) must give exactly the model's effects, step by step, and keep
+//! the table's invariants; a deadlock is answered exactly when the model
+//! finds the asker would be stuck for good, with a cycle that is really
+//! there; every request is answered once, to the client that asked; a token
+//! is never granted to two clients, and new grants get strictly increasing
+//! tokens; no unanswered request is forgotten. The checks are
 //! `pklock_testkit::harness::check_against_model`.
 
 #![no_main]
@@ -16,6 +19,10 @@ use pklock::lock_table::{ClientId, Mode};
 use pklock_testkit::harness::{TableOp, check_against_model};
 
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// Clients 0 to 4: enough for cycles of several connections.
+const CLIENTS: u8 = 5;
+/// The most locks one multi-lock or multi-unlock names.
+const MAX_NAMED: usize = 4;
 
 #[derive(Arbitrary, Debug)]
 enum Timeout {
@@ -23,6 +30,16 @@ enum Timeout {
     Ms(u8),
     /// Too far for `Instant` to represent: waits for ever.
     Huge,
+}
+
+impl Timeout {
+    fn duration(&self) -> Option<Duration> {
+        match *self {
+            Timeout::Forever => None,
+            Timeout::Ms(ms) => Some(Duration::from_millis(u64::from(ms))),
+            Timeout::Huge => Some(Duration::from_millis(u64::MAX)),
+        }
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -33,9 +50,30 @@ enum Op {
         shared: bool,
         timeout: Timeout,
     },
+    /// A semaphore of 1 to 4 permits, a take of 1 to that.
+    Take {
+        client: u8,
+        name: u8,
+        of: u8,
+        take: u8,
+        timeout: Timeout,
+    },
+    /// A multi-lock of the first lock and up to three more (a name twice
+    /// is refused).
+    LockAll {
+        client: u8,
+        first: (u8, bool),
+        more: Vec<(u8, bool)>,
+        timeout: Timeout,
+    },
     Unlock {
         client: u8,
         name: u8,
+    },
+    UnlockAll {
+        client: u8,
+        first: u8,
+        more: Vec<u8>,
     },
     Disconnect {
         client: u8,
@@ -45,13 +83,27 @@ enum Op {
     },
 }
 
+fn client(c: u8) -> ClientId {
+    ClientId(u64::from(c % CLIENTS))
+}
+
+fn name(n: u8) -> usize {
+    usize::from(n) % NAMES.len()
+}
+
+fn mode(shared: bool) -> Mode {
+    if shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    }
+}
+
 impl Op {
-    /// The operation on clients 0 to 3 and the locks in `NAMES`.
+    /// The operation on clients 0 to 4 and the locks in `NAMES`.
     fn table_op(&self) -> TableOp {
-        let client = |c: u8| ClientId(u64::from(c % 4));
-        let name = |n: u8| usize::from(n) % NAMES.len();
-        match *self {
-            Op::Lock {
+        match self {
+            &Op::Lock {
                 client: c,
                 name: n,
                 shared,
@@ -59,23 +111,57 @@ impl Op {
             } => TableOp::Lock {
                 client: client(c),
                 name: name(n),
-                mode: if shared {
-                    Mode::Shared
-                } else {
-                    Mode::Exclusive
-                },
-                timeout: match timeout {
-                    Timeout::Forever => None,
-                    Timeout::Ms(ms) => Some(Duration::from_millis(u64::from(*ms))),
-                    Timeout::Huge => Some(Duration::from_millis(u64::MAX)),
-                },
+                mode: mode(shared),
+                timeout: timeout.duration(),
             },
-            Op::Unlock { client: c, name: n } => TableOp::Unlock {
+            &Op::Take {
+                client: c,
+                name: n,
+                of,
+                take,
+                ref timeout,
+            } => {
+                let of = u32::from(of % 4) + 1;
+                TableOp::Take {
+                    client: client(c),
+                    name: name(n),
+                    of,
+                    take: u32::from(take) % of + 1,
+                    timeout: timeout.duration(),
+                }
+            }
+            Op::LockAll {
+                client: c,
+                first,
+                more,
+                timeout,
+            } => TableOp::LockAll {
+                client: client(*c),
+                locks: std::iter::once(first)
+                    .chain(more)
+                    .take(MAX_NAMED)
+                    .map(|&(n, shared)| (name(n), mode(shared)))
+                    .collect(),
+                timeout: timeout.duration(),
+            },
+            &Op::Unlock { client: c, name: n } => TableOp::Unlock {
                 client: client(c),
                 name: name(n),
             },
-            Op::Disconnect { client: c } => TableOp::Disconnect { client: client(c) },
-            Op::Advance { ms } => TableOp::Advance {
+            Op::UnlockAll {
+                client: c,
+                first,
+                more,
+            } => TableOp::UnlockAll {
+                client: client(*c),
+                names: std::iter::once(first)
+                    .chain(more)
+                    .take(MAX_NAMED)
+                    .map(|&n| name(n))
+                    .collect(),
+            },
+            &Op::Disconnect { client: c } => TableOp::Disconnect { client: client(c) },
+            &Op::Advance { ms } => TableOp::Advance {
                 by: Duration::from_millis(u64::from(ms)),
             },
         }
@@ -87,7 +173,7 @@ struct Input {
     first_token: u32,
     /// Per-client limit, 1 to 4.
     limit: u8,
-    /// Limit over all clients, 1 to 8; none if absent.
+    /// Limit over all clients, 1 to 12; none if absent.
     max_entries: Option<u8>,
     hold_ms: Option<u8>,
     ops: Vec<Op>,
@@ -99,7 +185,7 @@ fuzz_target!(|input: Input| {
     let limit = usize::from(input.limit % 4) + 1;
     let max_entries = input
         .max_entries
-        .map_or(usize::MAX, |n| usize::from(n % 8) + 1);
+        .map_or(usize::MAX, |n| usize::from(n % 12) + 1);
     let hold_ms = input.hold_ms.map(u64::from);
     check_against_model(first_token, limit, max_entries, hold_ms, &NAMES, &ops)
         .unwrap_or_else(|broken| panic!("{broken}"));

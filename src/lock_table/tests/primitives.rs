@@ -485,3 +485,28 @@ fn a_connection_with_several_requests_waiting_is_checked_once_one_is_left() {
     let (_, effects) = t.unlock(B, "y");
     assert_eq!(effects, [granted(A, 6, "y", 104)]);
 }
+
+#[test]
+fn a_cycle_starts_with_the_lock_asked_for_even_when_an_older_wait_closes_a_shorter_one() {
+    // A waits for a permit of s, where B (and E, who waits for nothing)
+    // hold one each: not stuck, as E's permit will come back. B waits for m,
+    // which A holds: A -s-> B -m-> A is a cycle of edges, but no deadlock.
+    let mut t = Fixture::new();
+    t.take(B, "s", 2, 1, 1);
+    t.take(E, "s", 2, 1, 2);
+    t.lock(A, "m", X, None, 3);
+    assert_eq!(t.take(A, "s", 2, 1, 4), []);
+    assert_eq!(t.lock(B, "m", X, None, 5), []);
+    t.lock(C, "n", X, None, 6);
+    t.lock(D, "o", X, None, 7);
+    assert_eq!(t.lock(C, "o", X, None, 8), []);
+    assert_eq!(t.lock(D, "m", X, None, 9), []);
+    // A asking for n would close A -n-> C -o-> D -m-> A; but A has another
+    // request waiting, so it is taken as able to go on, until E's permit
+    // comes back and its request for s is granted. Then n closes the cycle
+    // to report: A -s-> B -m-> A was shorter, but s kept nobody waiting.
+    assert_eq!(t.lock(A, "n", X, None, 10), []);
+    let (_, effects) = t.unlock(E, "s");
+    assert_eq!(effects[0], shared(A, 4, "s", 105));
+    assert_eq!(cycle_of(&effects[1..]), [(A, "n"), (C, "o"), (D, "m")]);
+}

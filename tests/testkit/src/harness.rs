@@ -2,18 +2,21 @@
 //! `tests/lock_table_model.rs`) and the fuzz targets (`fuzz/`), each written
 //! once.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::lock_model::Model;
+use crate::lock_model::{LockState, Model};
 use pklock::commands::{Core, Outgoing, Settings};
 use pklock::frame::{self, PREFIX_LEN, TooLarge};
 use pklock::keepalive::Keepalive;
-use pklock::lock_table::{ClientId, Effect, LockRequest, LockTable, Mode};
+use pklock::lock_table::{
+    ClientId, Effect, LockRequest, LockTable, Mode, MultiLockRequest, Permits,
+};
 use pklock::protocol::{self, Outcome, Reply, Request, UnlockForm, UnlockResult};
 
 // A broken promise comes back as `Err` with a message: the property tests
@@ -751,7 +754,7 @@ pub fn run_core(hold_ms: Option<u64>, limit: usize, steps: &[Step]) -> Result<()
 
 /// An operation on the lock table and the model. Locks are named by their
 /// index in the list given to [`check_against_model`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableOp {
     /// A lock request.
     Lock {
@@ -764,12 +767,43 @@ pub enum TableOp {
         /// How long to wait, `None` for ever.
         timeout: Option<Duration>,
     },
+    /// A semaphore request: `take` of the semaphore's `of` permits.
+    Take {
+        /// Who asks.
+        client: ClientId,
+        /// The lock's index.
+        name: usize,
+        /// The semaphore's permits.
+        of: u32,
+        /// How many the request takes.
+        take: u32,
+        /// How long to wait, `None` for ever.
+        timeout: Option<Duration>,
+    },
+    /// A multi-lock request.
+    LockAll {
+        /// Who asks.
+        client: ClientId,
+        /// The locks' indexes, each with its mode, in the request's order
+        /// (a name twice is refused).
+        locks: Vec<(usize, Mode)>,
+        /// How long to wait for all of them, `None` for ever.
+        timeout: Option<Duration>,
+    },
     /// An unlock.
     Unlock {
         /// Who unlocks.
         client: ClientId,
         /// The lock's index.
         name: usize,
+    },
+    /// An unlock of several locks, one after the other (as the server does
+    /// for `lockNames`).
+    UnlockAll {
+        /// Who unlocks.
+        client: ClientId,
+        /// The locks' indexes.
+        names: Vec<usize>,
     },
     /// The client's connection closes.
     Disconnect {
@@ -783,14 +817,120 @@ pub enum TableOp {
     },
 }
 
+/// Each of `names` with a holder or a waiter, as the table shows it.
+fn table_snapshot(table: &LockTable<u32>, names: &[&str]) -> BTreeMap<String, LockState> {
+    names
+        .iter()
+        .filter_map(|&name| {
+            let view = table.get(name)?;
+            let state = LockState {
+                permits: view.permits(),
+                holders: view
+                    .holders()
+                    .map(|h| (h.client, h.mode, h.token, h.take))
+                    .collect(),
+                waiters: view.waiters().map(|w| (w.client, w.mode, w.take)).collect(),
+            };
+            Some((name.to_string(), state))
+        })
+        .collect()
+}
+
+/// Every lock of every [`Effect::GrantedAll`] in `effects` shows the client
+/// as a holder, in the lock's mode, with the grant's token.
+fn check_granted_all(table: &LockTable<u32>, effects: &[Effect<u32>]) -> Result<(), String> {
+    for effect in effects {
+        let Effect::GrantedAll {
+            client,
+            locks,
+            token,
+            ..
+        } = effect
+        else {
+            continue;
+        };
+        for (name, mode) in locks {
+            let held = table.get(name).is_some_and(|view| {
+                view.holders()
+                    .any(|h| h.client == *client && h.token == *token && h.mode == *mode)
+            });
+            ensure!(held, "{effect:?}: {name:?} is not held so");
+        }
+    }
+    Ok(())
+}
+
+/// A wait the asker of a deadlocked request asked for: the lock, its mode,
+/// its permits (`None` for a mutex) and its take.
+type Asked<'a> = (&'a str, Mode, Option<u32>, u32);
+
+/// Checks the cycle of a deadlock answered to `asker`, who asked to wait for
+/// `asked`, against `before`, the table just before the request: it starts
+/// with the asker and a lock it asked for; no connection is in it twice, and
+/// each is stuck (`stuck`, the model's); each entry's connection waits for
+/// the entry's lock (the asker: asks for it), and the next entry's
+/// connection (after the last, the first's) holds that lock in a way that
+/// excludes the wait, or waits for it ahead.
+fn check_cycle(
+    cycle: &[(ClientId, Arc<str>)],
+    asker: ClientId,
+    asked: &[Asked<'_>],
+    before: &BTreeMap<String, LockState>,
+    stuck: &BTreeSet<ClientId>,
+) -> Result<(), String> {
+    ensure!(
+        cycle.first().is_some_and(|(c, _)| *c == asker),
+        "{cycle:?} does not start with the asker {asker}"
+    );
+    let conns: BTreeSet<ClientId> = cycle.iter().map(|(c, _)| *c).collect();
+    ensure_eq!(conns.len(), cycle.len(), "a connection twice in {cycle:?}");
+    ensure!(
+        conns.is_subset(stuck),
+        "{cycle:?} has connections not stuck (stuck: {stuck:?})"
+    );
+    for (i, (conn, lock)) in cycle.iter().enumerate() {
+        let next = cycle[(i + 1) % cycle.len()].0;
+        let state = before.get(&**lock);
+        let holders = state.map_or(&[][..], |s| &s.holders[..]);
+        let waiters = state.map_or(&[][..], |s| &s.waiters[..]);
+        let (mode, ahead) = if i == 0 {
+            let Some(&(_, mode, _, _)) = asked.iter().find(|(name, ..)| *name == &**lock) else {
+                return Err(format!("{cycle:?} starts with a lock not asked for"));
+            };
+            (mode, waiters)
+        } else {
+            let Some(place) = waiters.iter().position(|w| w.0 == *conn) else {
+                return Err(format!("{cycle:?}: {conn} does not wait for {lock:?}"));
+            };
+            (waiters[place].1, &waiters[..place])
+        };
+        let semaphore = state.is_some_and(|s| s.permits.is_some());
+        let in_the_way = holders.iter().any(|&(holder, held, _, _)| {
+            holder == next && (semaphore || held == Mode::Exclusive || mode == Mode::Exclusive)
+        }) || ahead.iter().any(|w| w.0 == next);
+        ensure!(
+            in_the_way,
+            "{cycle:?}: {next} neither holds {lock:?} against {conn} nor waits ahead of it"
+        );
+    }
+    Ok(())
+}
+
 /// Runs `ops` on a `LockTable` and on the naive [`Model`], both with
 /// `first_token`, `limit` locks per client, `max_entries` over all clients,
-/// and no grant for `hold_ms` milliseconds if given. After every step: the table emitted exactly the
-/// model's effects and has the same next token; every request is answered
-/// once, to the client that asked; a token is never granted to two clients,
-/// and new grants get strictly increasing tokens, from `first_token` on;
-/// the table's invariants hold; every unanswered request is still waiting
-/// in the table. The error names the step.
+/// and no grant for `hold_ms` milliseconds if given. After every step: the
+/// table emitted exactly the model's effects (a deadlock's cycle aside) and
+/// has the same next token; so a request is answered deadlock exactly when
+/// the model finds that it would leave its asker stuck for good; the cycle
+/// of a deadlock is one in the table as it was (see [`check_cycle`]); every
+/// request is answered once, to the client that asked; a token is never
+/// granted to two clients, and new grants get strictly increasing tokens,
+/// from `first_token` on; every lock of a multi-lock grant is held by its
+/// client with its token right after; the table's invariants hold; each
+/// lock's holders and waiters are the model's; no semaphore has more
+/// permits held than it has; no connection is stuck for good; every
+/// unanswered request is still waiting in the table. The error names the
+/// step.
 ///
 /// # Panics
 ///
@@ -818,8 +958,11 @@ pub fn check_against_model(
     let mut highest: Option<u64> = None;
     for (step, op) in ops.iter().enumerate() {
         let tag = step as u32;
-        let expected = match *op {
-            TableOp::Lock {
+        let before = table_snapshot(&table, names);
+        // The asker and what it asks to wait for, for a lock request.
+        let mut asked: Option<(ClientId, Vec<Asked<'_>>)> = None;
+        let expected = match op {
+            &TableOp::Lock {
                 client,
                 name,
                 mode,
@@ -835,34 +978,123 @@ pub fn check_against_model(
                 };
                 table.lock(request, now, &mut out);
                 pending.insert(tag, client);
+                asked = Some((client, vec![(names[name], mode, None, 1)]));
                 model.lock(client, names[name], mode, timeout, tag, now)
             }
-            TableOp::Unlock { client, name } => {
+            &TableOp::Take {
+                client,
+                name,
+                of,
+                take,
+                timeout,
+            } => {
+                let permits = Permits { of, take };
+                let request = LockRequest {
+                    client,
+                    lock: names[name],
+                    mode: Mode::Shared,
+                    semaphore: Some(permits),
+                    timeout,
+                    tag,
+                };
+                table.lock(request, now, &mut out);
+                pending.insert(tag, client);
+                asked = Some((client, vec![(names[name], Mode::Shared, Some(of), take)]));
+                model.take(client, names[name], permits, timeout, tag, now)
+            }
+            TableOp::LockAll {
+                client,
+                locks,
+                timeout,
+            } => {
+                let (client, timeout) = (*client, *timeout);
+                let locks: Vec<(&str, Mode)> = locks
+                    .iter()
+                    .map(|&(name, mode)| (names[name], mode))
+                    .collect();
+                let request = MultiLockRequest {
+                    client,
+                    locks: &locks,
+                    timeout,
+                    tag,
+                };
+                table.lock_all(request, now, &mut out);
+                pending.insert(tag, client);
+                let waits = locks.iter().map(|&(name, mode)| (name, mode, None, 1));
+                asked = Some((client, waits.collect()));
+                model.lock_all(client, &locks, timeout, tag, now)
+            }
+            &TableOp::Unlock { client, name } => {
                 let got = table.unlock(client, names[name], now, &mut out);
                 let (want, effects) = model.unlock(client, names[name], now);
                 ensure_eq!(got, want, "unlock result at step {step}");
                 effects
             }
-            TableOp::Disconnect { client } => {
+            TableOp::UnlockAll { client, names: all } => {
+                let mut effects = Vec::new();
+                for &name in all {
+                    let from = out.len();
+                    let got = table.unlock(*client, names[name], now, &mut out);
+                    // A multi-lock granted here may lose a lock to the next
+                    // unlock: its grant is checked at once.
+                    check_granted_all(&table, &out[from..])
+                        .map_err(|e| format!("at step {step} ({op:?}): {e}"))?;
+                    let (want, more) = model.unlock(*client, names[name], now);
+                    ensure_eq!(got, want, "unlock {name} result at step {step}");
+                    effects.extend(more);
+                }
+                effects
+            }
+            &TableOp::Disconnect { client } => {
                 table.disconnect(client, now, &mut out);
                 pending.retain(|_, c| *c != client);
                 model.disconnect(client, now)
             }
-            TableOp::Advance { by } => {
+            &TableOp::Advance { by } => {
                 now += by;
                 table.expire(now, &mut out);
                 model.expire(now)
             }
         };
+        // A deadlock's cycle is checked apart, not against the model's.
+        let mut cycles = Vec::new();
+        let got: Vec<Effect<u32>> = out
+            .drain(..)
+            .map(|effect| match effect {
+                Effect::Deadlock { client, tag, cycle } => {
+                    cycles.push(cycle);
+                    Effect::Deadlock {
+                        client,
+                        tag,
+                        cycle: Vec::new(),
+                    }
+                }
+                other => other,
+            })
+            .collect();
         // `left` is the table, `right` the model.
-        ensure_eq!(out, expected, "effects at step {step} ({op:?})");
+        ensure_eq!(got, expected, "effects at step {step} ({op:?})");
         ensure_eq!(
             table.next_token(),
             model.next_token(),
             "next token at step {step}"
         );
-        for effect in out.drain(..) {
-            let (tag, client, token) = match effect {
+        if !cycles.is_empty() {
+            let Some((asker, asked)) = &asked else {
+                return Err(format!("a deadlock at step {step} ({op:?}), no request"));
+            };
+            // The model's effects were the table's: the model has not moved.
+            let stuck = model.stuck_if_waiting(*asker, asked);
+            for cycle in &cycles {
+                check_cycle(cycle, *asker, asked, &before, &stuck)
+                    .map_err(|e| format!("deadlock at step {step} ({op:?}): {e}"))?;
+            }
+        }
+        if !matches!(op, TableOp::UnlockAll { .. }) {
+            check_granted_all(&table, &got).map_err(|e| format!("at step {step} ({op:?}): {e}"))?;
+        }
+        for effect in &got {
+            let (tag, client, token) = match *effect {
                 Effect::Granted {
                     tag, client, token, ..
                 }
@@ -896,6 +1128,22 @@ pub fn check_against_model(
         if let Err(broken) = table.check_invariants() {
             return Err(format!("after step {step} ({op:?}): {broken}"));
         }
+        let after = table_snapshot(&table, names);
+        ensure_eq!(after, model.snapshot(), "locks after step {step} ({op:?})");
+        for (name, state) in &after {
+            if let Some(permits) = state.permits {
+                let held: u64 = state.holders.iter().map(|h| u64::from(h.3)).sum();
+                ensure!(
+                    held <= u64::from(permits),
+                    "{held} of {permits} permits of {name:?} held after step {step}"
+                );
+            }
+        }
+        let stuck = model.stuck();
+        ensure!(
+            stuck.is_empty(),
+            "{stuck:?} stuck for good after step {step} ({op:?})"
+        );
         // Whoever is still unanswered is really waiting in the table.
         for (&tag, &client) in &pending {
             let waiting = names.iter().any(|n| {
