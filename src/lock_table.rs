@@ -1310,7 +1310,8 @@ impl<T> LockTable<T> {
     }
 
     /// Takes what is left of a waiting multi-lock (all but `taken`, already
-    /// out) out of its queues, handing back its tag and the locks to settle.
+    /// out; `""` for none) out of its queues, handing back its tag and the
+    /// locks to settle.
     fn withdraw_group(&mut self, seq: u64, taken: &str) -> Option<(T, Vec<Arc<str>>)> {
         let group = self.groups.remove(&seq)?;
         let mut others = Vec::with_capacity(group.locks.len());
@@ -2049,31 +2050,37 @@ impl<T> LockTable<T> {
                 let Some(cycle) = self.check_wait(client, &[]) else {
                     continue;
                 };
-                let Some(waiter) = self
-                    .queues
-                    .get_mut(&name)
-                    .and_then(|queue| take_wait(queue, seq, &mut self.clients))
-                else {
-                    continue;
-                };
-                self.books.totals.waiting -= 1;
-                self.books.forget_deadline(seq, &waiter);
                 if let Some(holdings) = self.clients.holdings.get_mut(&client) {
-                    holdings.waits.remove(&name);
-                    holdings.heads.remove(&name);
                     holdings.requests = 0;
                 }
-                let (tag, others) = match waiter.tag {
-                    Some(tag) => (tag, Vec::new()),
-                    None => match self.withdraw_group(seq, &name) {
+                // A multi-lock leaves all its queues, settled in its order.
+                let (tag, names) = if self.groups.contains_key(&seq) {
+                    match self.withdraw_group(seq, "") {
                         Some(group) => group,
                         None => continue,
-                    },
+                    }
+                } else {
+                    let Some(waiter) = self
+                        .queues
+                        .get_mut(&name)
+                        .and_then(|queue| take_wait(queue, seq, &mut self.clients))
+                    else {
+                        continue;
+                    };
+                    self.books.totals.waiting -= 1;
+                    self.books.forget_deadline(seq, &waiter);
+                    if let Some(holdings) = self.clients.holdings.get_mut(&client) {
+                        holdings.waits.remove(&name);
+                        holdings.heads.remove(&name);
+                    }
+                    let Some(tag) = waiter.tag else {
+                        continue;
+                    };
+                    (tag, vec![name])
                 };
                 out.push(Effect::Deadlock { client, tag, cycle });
-                self.settle_name(&name, now, out);
-                for other in others {
-                    self.settle_name(&other, now, out);
+                for name in names {
+                    self.settle_name(&name, now, out);
                 }
             }
         }

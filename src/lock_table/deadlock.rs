@@ -112,7 +112,14 @@ impl<T> LockTable<T> {
         if !asking.askers.iter().any(|a| stuck.contains(a)) {
             return Found::Clear;
         }
-        Found::Cycle(self.cycle_through(client, &asking, &stuck))
+        // Stuck only behind a cycle it is not part of (made while several
+        // connections were left with one request each, or by a reclaim): that
+        // cycle is told to one of its own, and this wait is not the one to
+        // blame.
+        match self.cycle_through(client, &asking, &stuck) {
+            Some(cycle) => Found::Cycle(cycle),
+            None => Found::Clear,
+        }
     }
 
     /// The requests waiting of `x` and of the connections it runs.
@@ -287,15 +294,15 @@ impl<T> LockTable<T> {
         }
     }
 
-    /// Step 3: a cycle through the asker, among the `stuck` (every one of
-    /// them leads back to it: none was stuck before its new wait). Breadth
-    /// first, so the shortest.
+    /// Step 3: a cycle through the asker, among the `stuck`, if there is
+    /// one (there is when none was stuck before its new wait: every one of
+    /// them then leads back to it). Breadth first, so the shortest.
     fn cycle_through(
         &self,
         asker: ClientId,
         asking: &Asking<'_>,
         stuck: &FxHashSet<ClientId>,
-    ) -> Vec<(ClientId, Arc<str>)> {
+    ) -> Option<Vec<(ClientId, Arc<str>)>> {
         // For each connection reached: the one before it and the lock by which.
         let mut came_from: FxHashMap<ClientId, (ClientId, Arc<str>)> = FxHashMap::default();
         let mut frontier = VecDeque::from([asker]);
@@ -312,9 +319,7 @@ impl<T> LockTable<T> {
                 }
             }
         }
-        let Some((last, lock, closed_on)) = closing else {
-            return self.path_into_a_cycle(asker, asking, stuck);
-        };
+        let (last, lock, closed_on) = closing?;
         let mut cycle = vec![(last, lock)];
         let mut at = last;
         while at != asker {
@@ -330,30 +335,7 @@ impl<T> LockTable<T> {
         if let Some(first) = cycle.first_mut() {
             first.0 = closed_on;
         }
-        cycle
-    }
-
-    /// Only a cycle already in the table (a reclaim after a restart can
-    /// make one: it is never refused) can leave the asker stuck without a
-    /// cycle through it. Then the path from the asker into that cycle,
-    /// ending where it closes on an earlier step.
-    fn path_into_a_cycle(
-        &self,
-        asker: ClientId,
-        asking: &Asking<'_>,
-        stuck: &FxHashSet<ClientId>,
-    ) -> Vec<(ClientId, Arc<str>)> {
-        let mut path: Vec<(ClientId, Arc<str>)> = Vec::new();
-        let mut at = asker;
-        while !path.iter().any(|(x, _)| *x == at) {
-            let Some((next, lock)) = self.stuck_in_the_way(at, asking, stuck).into_iter().next()
-            else {
-                break;
-            };
-            path.push((at, lock));
-            at = next;
-        }
-        path
+        Some(cycle)
     }
 
     /// The stuck connections in the way of `x`'s waits, each with the lock:

@@ -1062,7 +1062,7 @@ pub fn check_against_model(
             .drain(..)
             .map(|effect| match effect {
                 Effect::Deadlock { client, tag, cycle } => {
-                    cycles.push(cycle);
+                    cycles.push((client, cycle));
                     Effect::Deadlock {
                         client,
                         tag,
@@ -1079,15 +1079,26 @@ pub fn check_against_model(
             model.next_token(),
             "next token at step {step}"
         );
-        if !cycles.is_empty() {
-            let Some((asker, asked)) = &asked else {
-                return Err(format!("a deadlock at step {step} ({op:?}), no request"));
-            };
-            // The model's effects were the table's: the model has not moved.
-            let stuck = model.stuck_if_waiting(*asker, asked);
-            for cycle in &cycles {
-                check_cycle(cycle, *asker, asked, &before, &stuck)
-                    .map_err(|e| format!("deadlock at step {step} ({op:?}): {e}"))?;
+        match &asked {
+            Some((asker, asked)) if !cycles.is_empty() => {
+                // The model's effects were the table's: the model has not moved.
+                let stuck = model.stuck_if_waiting(*asker, asked);
+                for (_, cycle) in &cycles {
+                    check_cycle(cycle, *asker, asked, &before, &stuck)
+                        .map_err(|e| format!("deadlock at step {step} ({op:?}): {e}"))?;
+                }
+            }
+            _ => {
+                // Found on a recheck, in the middle of the step: the state it
+                // was found in is gone; the model agreed that there was one.
+                for (client, cycle) in &cycles {
+                    let conns: BTreeSet<ClientId> = cycle.iter().map(|(c, _)| *c).collect();
+                    ensure!(
+                        cycle.first().is_some_and(|(c, _)| c == client)
+                            && conns.len() == cycle.len(),
+                        "deadlock at step {step} ({op:?}): {cycle:?} for {client}"
+                    );
+                }
             }
         }
         if !matches!(op, TableOp::UnlockAll { .. }) {

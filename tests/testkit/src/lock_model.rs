@@ -68,9 +68,15 @@ pub struct LockState {
 /// after, first met first.
 ///
 /// Deadlocks follow their definition, by brute force: the connections stuck
-/// for good are what is left of all the connections with waits once every
-/// one whose waits could all be granted (were the ones left stuck) is taken
-/// out, over and over; a wait is refused iff its asker would be among them.
+/// for good are what is left of all the connections with exactly one
+/// request waiting (a multi-lock counts once; one with several is taken as
+/// able to go on) once every one whose waits could all be granted (were the
+/// ones left stuck) is taken out, over and over. A new request from a
+/// connection with none waiting is refused iff its asker would be among
+/// them, on a cycle of them. A connection left with one request waiting,
+/// after another was answered, is checked at the end of the step, first
+/// left first: if stuck on a cycle, that request is answered deadlock and
+/// leaves its lists (settled in its order).
 #[derive(Clone, Debug)]
 pub struct Model<T> {
     queues: BTreeMap<String, Vec<Entry<T>>>,
@@ -82,6 +88,8 @@ pub struct Model<T> {
     next_seq: u64,
     limit: usize,
     max_entries: usize,
+    /// Connections left with one request waiting during this step.
+    recheck: VecDeque<ClientId>,
 }
 
 /// Whether the request at `i` in `list` may hold: everyone before it holds
@@ -105,11 +113,15 @@ fn may_hold<T>(list: &[Entry<T>], i: usize) -> bool {
 
 /// The connections stuck for good in `queues` (see [`Model`]).
 fn stuck_in<T>(queues: &BTreeMap<String, Vec<Entry<T>>>) -> BTreeSet<ClientId> {
-    let mut stuck: BTreeSet<ClientId> = queues
+    let waiting: BTreeSet<ClientId> = queues
         .values()
         .flatten()
         .filter(|e| e.token.is_none())
         .map(|e| e.client)
+        .collect();
+    let mut stuck: BTreeSet<ClientId> = waiting
+        .into_iter()
+        .filter(|&x| requests_in(queues, x) == 1)
         .collect();
     loop {
         let free: Vec<ClientId> = stuck
@@ -131,6 +143,65 @@ fn stuck_in<T>(queues: &BTreeMap<String, Vec<Entry<T>>>) -> BTreeSet<ClientId> {
             stuck.remove(&x);
         }
     }
+}
+
+/// Whether `x`, stuck, lies on a cycle of stuck connections each in the way
+/// of the one before: a holder that excludes its wait (any holder, for a
+/// semaphore) or a wait ahead of it.
+fn on_a_stuck_cycle<T>(
+    queues: &BTreeMap<String, Vec<Entry<T>>>,
+    stuck: &BTreeSet<ClientId>,
+    x: ClientId,
+) -> bool {
+    let in_the_way = |y: ClientId| -> BTreeSet<ClientId> {
+        let mut found = BTreeSet::new();
+        for list in queues.values() {
+            for (i, me) in list.iter().enumerate() {
+                if me.client != y || me.token.is_some() {
+                    continue;
+                }
+                for (j, other) in list.iter().enumerate() {
+                    let blocks = match other.token {
+                        Some(_) => {
+                            me.permits.is_some()
+                                || me.mode == Mode::Exclusive
+                                || other.mode == Mode::Exclusive
+                        }
+                        None => j < i,
+                    };
+                    if blocks && other.client != y && stuck.contains(&other.client) {
+                        found.insert(other.client);
+                    }
+                }
+            }
+        }
+        found
+    };
+    let mut seen = BTreeSet::new();
+    let mut frontier = vec![x];
+    while let Some(y) = frontier.pop() {
+        for z in in_the_way(y) {
+            if z == x {
+                return true;
+            }
+            if seen.insert(z) {
+                frontier.push(z);
+            }
+        }
+    }
+    false
+}
+
+/// How many requests `client` has waiting (a multi-lock's parts share one
+/// arrival number).
+fn requests_in<T>(queues: &BTreeMap<String, Vec<Entry<T>>>, client: ClientId) -> usize {
+    queues
+        .values()
+        .flatten()
+        .filter(|e| e.client == client && e.token.is_none())
+        .map(|e| e.seq)
+        .collect::<BTreeSet<u64>>()
+        .len()
 }
 
 /// Whether the wait at `i` in `list` could be granted some day if everyone
@@ -168,6 +239,7 @@ impl<T: Clone> Model<T> {
             next_seq: 0,
             limit: limit_per_client,
             max_entries,
+            recheck: VecDeque::new(),
         }
     }
 
@@ -242,6 +314,62 @@ impl<T: Clone> Model<T> {
         stuck_in(&self.queues)
     }
 
+    /// One of `client`'s requests was answered: with one left, it is to be
+    /// checked at the end of the step.
+    fn ended(&mut self, client: ClientId) {
+        if requests_in(&self.queues, client) == 1 {
+            self.recheck.push_back(client);
+        }
+    }
+
+    /// Checks, first left first, the connections left with one request
+    /// waiting: a stuck one's request is answered deadlock and leaves its
+    /// lists, settled in its order.
+    fn recheck_deadlocks(&mut self, now: Instant, out: &mut Vec<Effect<T>>) {
+        while let Some(client) = self.recheck.pop_front() {
+            let stuck = self.stuck();
+            if requests_in(&self.queues, client) != 1
+                || !stuck.contains(&client)
+                || !on_a_stuck_cycle(&self.queues, &stuck, client)
+            {
+                continue;
+            }
+            let Some(entry) = self
+                .queues
+                .values()
+                .flatten()
+                .find(|e| e.client == client && e.token.is_none())
+                .cloned()
+            else {
+                continue;
+            };
+            let (tag, names) = match self.withdraw_group(entry.seq) {
+                Some(group) => (group.tag, group.locks.into_iter().map(|(n, _)| n).collect()),
+                None => {
+                    let Some((tag, _)) = entry.single else {
+                        continue;
+                    };
+                    let mut names = Vec::new();
+                    for (name, list) in self.queues.iter_mut() {
+                        if list.iter().any(|e| e.seq == entry.seq) {
+                            list.retain(|e| e.seq != entry.seq);
+                            names.push(name.clone());
+                        }
+                    }
+                    (tag, names)
+                }
+            };
+            out.push(Effect::Deadlock {
+                client,
+                tag,
+                cycle: Vec::new(),
+            });
+            for name in names {
+                self.settle_name(&name, now, out);
+            }
+        }
+    }
+
     /// The connections that would be stuck for good if `client` waited,
     /// besides its waits, for each of `waits` (name, mode, permits, take),
     /// at the end of its list.
@@ -250,6 +378,27 @@ impl<T: Clone> Model<T> {
         client: ClientId,
         waits: &[(&str, Mode, Option<u32>, u32)],
     ) -> BTreeSet<ClientId> {
+        stuck_in(&self.queues_if_waiting(client, waits))
+    }
+
+    /// Whether `client` waiting for `waits` would be stuck on a cycle: the
+    /// request is then answered deadlock.
+    fn deadlocked_if_waiting(
+        &self,
+        client: ClientId,
+        waits: &[(&str, Mode, Option<u32>, u32)],
+    ) -> bool {
+        let queues = self.queues_if_waiting(client, waits);
+        let stuck = stuck_in(&queues);
+        stuck.contains(&client) && on_a_stuck_cycle(&queues, &stuck, client)
+    }
+
+    /// The lists as they would be if `client` waited for `waits`.
+    fn queues_if_waiting(
+        &self,
+        client: ClientId,
+        waits: &[(&str, Mode, Option<u32>, u32)],
+    ) -> BTreeMap<String, Vec<Entry<T>>> {
         let mut queues = self.queues.clone();
         for &(name, mode, permits, take) in waits {
             queues.entry(name.to_string()).or_default().push(Entry {
@@ -262,7 +411,7 @@ impl<T: Clone> Model<T> {
                 single: None,
             });
         }
-        stuck_in(&queues)
+        queues
     }
 
     /// Each lock with a holder or a waiter, as a table's `LockView` shows it.
@@ -310,13 +459,15 @@ impl<T: Clone> Model<T> {
             let token = self.issue_token();
             let entry = self.queues.get_mut(name).map(|list| &mut list[i])?;
             entry.token = Some(token);
+            let client = entry.client;
             out.push(Effect::Granted {
-                client: entry.client,
+                client,
                 tag,
                 lock: Arc::from(name),
                 mode: entry.mode,
                 token,
             });
+            self.ended(client);
         }
     }
 
@@ -370,6 +521,7 @@ impl<T: Clone> Model<T> {
                     .collect(),
                 token,
             });
+            self.ended(group.client);
             for (name, _) in &group.locks {
                 pending.extend(self.settle(name, now, out));
             }
@@ -507,9 +659,8 @@ impl<T: Clone> Model<T> {
             return out;
         }
         if !free
-            && self
-                .stuck_if_waiting(client, &[(name, mode, permits, take)])
-                .contains(&client)
+            && requests_in(&self.queues, client) == 0
+            && self.deadlocked_if_waiting(client, &[(name, mode, permits, take)])
         {
             out.push(Effect::Deadlock {
                 client,
@@ -603,7 +754,10 @@ impl<T: Clone> Model<T> {
             .iter()
             .map(|&(name, mode)| (name, mode, None, 1))
             .collect();
-        if !free && self.stuck_if_waiting(client, &waits).contains(&client) {
+        if !free
+            && requests_in(&self.queues, client) == 0
+            && self.deadlocked_if_waiting(client, &waits)
+        {
             out.push(Effect::Deadlock {
                 client,
                 tag,
@@ -674,11 +828,13 @@ impl<T: Clone> Model<T> {
         let entry = list.remove(pos);
         if entry.token.is_some() {
             self.settle_name(name, now, &mut out);
+            self.recheck_deadlocks(now, &mut out);
             return (Unlocked::Released, out);
         }
         match entry.single {
             Some((tag, _)) => {
                 out.push(Effect::Cancelled { client, tag });
+                self.ended(client);
                 self.settle_name(name, now, &mut out);
             }
             None => {
@@ -687,6 +843,7 @@ impl<T: Clone> Model<T> {
                         client,
                         tag: group.tag,
                     });
+                    self.ended(client);
                     self.settle_name(name, now, &mut out);
                     for (other, _) in &group.locks {
                         if other != name {
@@ -696,6 +853,7 @@ impl<T: Clone> Model<T> {
                 }
             }
         }
+        self.recheck_deadlocks(now, &mut out);
         (Unlocked::Withdrawn, out)
     }
 
@@ -721,6 +879,8 @@ impl<T: Clone> Model<T> {
             self.settle_name(&name, now, &mut out);
         }
         self.drop_empty();
+        self.recheck.retain(|c| *c != client);
+        self.recheck_deadlocks(now, &mut out);
         out
     }
 
@@ -748,6 +908,7 @@ impl<T: Clone> Model<T> {
                     client: group.client,
                     tag: group.tag,
                 });
+                self.ended(group.client);
                 for (name, _) in &group.locks {
                     self.settle_name(name, now, &mut out);
                 }
@@ -768,12 +929,14 @@ impl<T: Clone> Model<T> {
                     tag,
                 });
             }
+            self.ended(entry.client);
             self.settle_name(&name, now, &mut out);
         }
         if self.grants_from.is_some_and(|from| from <= now) {
             self.grants_from = None;
             self.settle_all(now, &mut out);
         }
+        self.recheck_deadlocks(now, &mut out);
         out
     }
 }
