@@ -341,8 +341,9 @@ fn force_release_makes_the_holders_pklock_run_stop_its_command() {
         .args([
             "run",
             "nightly",
+            // Room for a loaded machine to run the trap before SIGKILL.
             "--kill-grace",
-            "500ms",
+            "3s",
             "--",
             "sh",
             "-c",
