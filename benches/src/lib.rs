@@ -48,17 +48,22 @@ pub enum Workload {
     /// connect (and the TLS handshake, over TLS), one ping, close (pklock
     /// only: what a flood of new clients costs the event loop).
     Handshakes,
+    /// `contended`, with each connection also holding a lock of its own the
+    /// whole time, so that each of its waits has the server's deadlock check
+    /// walk the queue it joins (pklock only).
+    HoldAndWait,
 }
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Uncontended,
         Workload::Contended,
         Workload::IdleHolders,
         Workload::DeadHolder,
         Workload::ManyLocks,
         Workload::Handshakes,
+        Workload::HoldAndWait,
     ];
 
     /// The command-line name.
@@ -70,6 +75,7 @@ impl Workload {
             Workload::DeadHolder => "dead-holder",
             Workload::ManyLocks => "many-locks",
             Workload::Handshakes => "handshakes",
+            Workload::HoldAndWait => "hold-and-wait",
         }
     }
 }
@@ -79,7 +85,7 @@ impl Workload {
 pub struct BenchOptions {
     /// How long each timed workload runs.
     pub duration: Duration,
-    /// Connections for `uncontended` and `contended`.
+    /// Connections for `uncontended`, `contended` and `hold-and-wait`.
     pub connections: usize,
     /// Holders for `idle-holders`.
     pub holders: usize,
@@ -173,6 +179,8 @@ pub struct Contended {
     pub ping: Latency,
     /// The share of grants that went to the connection that had just released.
     pub regrant_share: f64,
+    /// Server CPU per grant, where measured (pklock).
+    pub server_cpu: Option<ServerCpu>,
 }
 
 impl Uncontended {
@@ -217,6 +225,7 @@ impl Contended {
             fairness: min as f64 / max.max(1) as f64,
             ping,
             regrant_share: regrants as f64 / total.max(1) as f64,
+            server_cpu: None,
         }
     }
 }
@@ -290,6 +299,8 @@ pub struct Results {
     pub many_locks: Option<ManyLocks>,
     /// `handshakes`.
     pub handshakes: Option<Handshakes>,
+    /// `hold-and-wait`: as `contended`.
+    pub hold_and_wait: Option<Contended>,
     /// Workloads that could not run, and why.
     pub errors: Vec<String>,
 }
@@ -308,10 +319,13 @@ pub trait Backend {
     fn idle_holders(&mut self, options: &BenchOptions) -> Result<IdleHolders, BenchError>;
     /// A holder process SIGKILLed while a waiter waits, `options.rounds` times.
     fn dead_holder(&mut self, options: &BenchOptions) -> Result<DeadHolder, BenchError>;
-    /// Whether this backend runs `workload` (`many-locks` and `handshakes`
-    /// are pklock's own).
+    /// Whether this backend runs `workload` (`many-locks`, `handshakes`
+    /// and `hold-and-wait` are pklock's own).
     fn supports(&self, workload: Workload) -> bool {
-        !matches!(workload, Workload::ManyLocks | Workload::Handshakes)
+        !matches!(
+            workload,
+            Workload::ManyLocks | Workload::Handshakes | Workload::HoldAndWait
+        )
     }
     /// Lock/unlock beside 10 held locks, then beside `options.many_locks`.
     fn many_locks(&mut self, _options: &BenchOptions) -> Result<ManyLocks, BenchError> {
@@ -319,6 +333,10 @@ pub trait Backend {
     }
     /// New connections on `options.connections` slots for the duration.
     fn handshakes(&mut self, _options: &BenchOptions) -> Result<Handshakes, BenchError> {
+        Err("not measured for this backend".to_string())
+    }
+    /// As `contended`, each connection holding a lock of its own throughout.
+    fn hold_and_wait(&mut self, _options: &BenchOptions) -> Result<Contended, BenchError> {
         Err("not measured for this backend".to_string())
     }
 }
@@ -356,6 +374,9 @@ pub fn run(backend: &mut dyn Backend, workloads: &[Workload], options: &BenchOpt
             Workload::Handshakes => backend
                 .handshakes(options)
                 .map(|r| results.handshakes = Some(r)),
+            Workload::HoldAndWait => backend
+                .hold_and_wait(options)
+                .map(|r| results.hold_and_wait = Some(r)),
         };
         if let Err(e) = outcome {
             eprintln!("{}: {}: {e}", backend.name(), workload.name());
@@ -374,6 +395,11 @@ pub fn report(all: &[Results]) -> String {
         r if !r.is_finite() => "-".to_string(),
         r if r >= 100.0 => format!("{r:.0}x"),
         r => format!("{r:.2}x"),
+    };
+    let per_grant = |c: &Contended| {
+        c.server_cpu.as_ref().map_or(String::new(), |cpu| {
+            format!("  server CPU/grant {:.1} us", cpu.us_per_op)
+        })
     };
     let _ = writeln!(
         out,
@@ -419,7 +445,7 @@ pub fn report(all: &[Results]) -> String {
                 });
             let _ = writeln!(
                 out,
-                "  {:<9} {:>9.0} grants/s  handover p50 {:>7.1} us  p99 {:>7.1} us  (ping p50 {:.1} us)  grants per client min/max {}/{} ({:.2})  regrants {:.0}%{vs}",
+                "  {:<9} {:>9.0} grants/s  handover p50 {:>7.1} us  p99 {:>7.1} us  (ping p50 {:.1} us)  grants per client min/max {}/{} ({:.2})  regrants {:.0}%{}{vs}",
                 r.backend,
                 c.grants_per_sec,
                 c.handover.p50_us,
@@ -428,7 +454,8 @@ pub fn report(all: &[Results]) -> String {
                 c.min_grants,
                 c.max_grants,
                 c.fairness,
-                c.regrant_share * 100.0
+                c.regrant_share * 100.0,
+                per_grant(c)
             );
         }
     }
@@ -506,6 +533,26 @@ pub fn report(all: &[Results]) -> String {
                 out,
                 "  {:<9} {:>9.0} connections/s  connect to reply p50 {:.1} us  p99 {:.1} us  server CPU/connection {cpu}",
                 r.backend, h.per_sec, h.latency.p50_us, h.latency.p99_us
+            );
+        }
+    }
+    for r in all {
+        if let Some(c) = &r.hold_and_wait {
+            let _ = writeln!(
+                out,
+                "hold-and-wait (one lock, each connection also holding one of its own: every wait is checked for deadlock)"
+            );
+            let _ = writeln!(
+                out,
+                "  {:<9} {:>9.0} grants/s  handover p50 {:>7.1} us  p99 {:>7.1} us  grants per client min/max {}/{} ({:.2}){}",
+                r.backend,
+                c.grants_per_sec,
+                c.handover.p50_us,
+                c.handover.p99_us,
+                c.min_grants,
+                c.max_grants,
+                c.fairness,
+                per_grant(c)
             );
         }
     }

@@ -47,7 +47,7 @@ struct Args {
     /// How long each timed workload runs (seconds, or 10s, 500ms).
     #[arg(long, default_value = "5", value_parser = duration::parse)]
     seconds: Duration,
-    /// Connections for uncontended and contended.
+    /// Connections for uncontended, contended and hold-and-wait.
     #[arg(long, default_value_t = 50)]
     connections: usize,
     /// Holders for idle-holders.
@@ -80,6 +80,7 @@ enum WorkloadArg {
     DeadHolder,
     ManyLocks,
     Handshakes,
+    HoldAndWait,
 }
 
 /// The holder processes dead-holder starts and kills.
@@ -150,6 +151,7 @@ fn main() -> ExitCode {
                 WorkloadArg::DeadHolder => Workload::DeadHolder,
                 WorkloadArg::ManyLocks => Workload::ManyLocks,
                 WorkloadArg::Handshakes => Workload::Handshakes,
+                WorkloadArg::HoldAndWait => Workload::HoldAndWait,
             })
             .collect()
     };

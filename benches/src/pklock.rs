@@ -60,6 +60,83 @@ impl Pklock {
     fn tls(&self) -> Option<&TlsClient> {
         self.tls.as_ref().map(|t| &t.client)
     }
+
+    /// `contended` on the lock `name`; with `hold_own`, each connection
+    /// first takes a lock of its own (`name/i`) and holds it throughout, so
+    /// that every one of its waits for `name` is a hold-and-wait, which the
+    /// server's deadlock check follows through the queue.
+    fn one_lock(
+        &mut self,
+        options: &BenchOptions,
+        name: &str,
+        hold_own: bool,
+    ) -> Result<Contended, BenchError> {
+        let ping = ping_latency(self.addr, self.tls(), Duration::from_secs(1))?;
+        let mut poll = Poll::new().map_err(|e| e.to_string())?;
+        let mut conns = connect_all_over(self.addr, options.connections, self.tls(), &mut poll)?;
+        let lock = request("lock", LOCK_ID, name);
+        let mut unlock_then_lock = request("unlock", UNLOCK_ID, name);
+        unlock_then_lock.extend_from_slice(&lock);
+        for (i, conn) in conns.iter_mut().enumerate() {
+            let mut first = Vec::new();
+            if hold_own {
+                // Its grant's id is neither LOCK_ID nor UNLOCK_ID, and is
+                // passed over below.
+                first = request("lock", OWN_LOCK_ID, &format!("{name}/{i}"));
+            }
+            first.extend_from_slice(&lock);
+            conn.send(&first, &poll, Token(i)).map_err(io_err)?;
+        }
+        // Let every request queue before timing starts.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut grants = vec![0u64; conns.len()];
+        let mut handover = histogram();
+        let mut released_at: Option<(usize, Instant)> = None;
+        let mut regrants = 0u64;
+        let cpu_before = self.pid.and_then(proc::cpu_ms);
+        let start = Instant::now();
+        let deadline = start + options.duration;
+        let mut events = Events::with_capacity(1024);
+        while Instant::now() < deadline {
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            let now = Instant::now();
+            for event in &events {
+                let i = event.token().0;
+                let conn = &mut conns[i];
+                if event.is_writable() {
+                    conn.flush(&poll, Token(i)).map_err(io_err)?;
+                }
+                if !event.is_readable() {
+                    continue;
+                }
+                for id in replies(conn, &poll, Token(i)).map_err(io_err)? {
+                    if id != LOCK_ID || now >= deadline {
+                        continue;
+                    }
+                    grants[i] += 1;
+                    if let Some((previous, at)) = released_at {
+                        record(&mut handover, now - at);
+                        regrants += u64::from(previous == i);
+                    }
+                    released_at = Some((i, Instant::now()));
+                    conn.send(&unlock_then_lock, &poll, Token(i))
+                        .map_err(io_err)?;
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        let cpu_after = self.pid.and_then(proc::cpu_ms);
+        drop(conns);
+        let total: u64 = grants.iter().sum();
+        Ok(Contended {
+            server_cpu: cpu_before.zip(cpu_after).map(|(b, a)| ServerCpu {
+                cpu_ms: a - b,
+                us_per_op: (a - b) * 1000.0 / total.max(1) as f64,
+            }),
+            ..Contended::from_counts(&grants, regrants, &handover, ping, elapsed)
+        })
+    }
 }
 
 fn request(command: &str, id: u64, lock: &str) -> Vec<u8> {
@@ -80,6 +157,7 @@ struct ReplyId {
 }
 
 const PING_ID: u64 = 3;
+const OWN_LOCK_ID: u64 = 5;
 
 /// Reads what `conn` has and returns the ids of the whole replies in it
 /// (over TLS, first writing what the session has to send back).
@@ -175,57 +253,7 @@ impl super::Backend for Pklock {
     }
 
     fn contended(&mut self, options: &BenchOptions) -> Result<Contended, BenchError> {
-        let ping = ping_latency(self.addr, self.tls(), Duration::from_secs(1))?;
-        let mut poll = Poll::new().map_err(|e| e.to_string())?;
-        let mut conns = connect_all_over(self.addr, options.connections, self.tls(), &mut poll)?;
-        let lock = request("lock", LOCK_ID, "bench/contended");
-        let mut unlock_then_lock = request("unlock", UNLOCK_ID, "bench/contended");
-        unlock_then_lock.extend_from_slice(&lock);
-        for (i, conn) in conns.iter_mut().enumerate() {
-            conn.send(&lock, &poll, Token(i)).map_err(io_err)?;
-        }
-        // Let every request queue before timing starts.
-        std::thread::sleep(Duration::from_millis(100));
-        let mut grants = vec![0u64; conns.len()];
-        let mut handover = histogram();
-        let mut released_at: Option<(usize, Instant)> = None;
-        let mut regrants = 0u64;
-        let start = Instant::now();
-        let deadline = start + options.duration;
-        let mut events = Events::with_capacity(1024);
-        while Instant::now() < deadline {
-            poll.poll(&mut events, Some(Duration::from_millis(100)))
-                .map_err(|e| e.to_string())?;
-            let now = Instant::now();
-            for event in &events {
-                let i = event.token().0;
-                let conn = &mut conns[i];
-                if event.is_writable() {
-                    conn.flush(&poll, Token(i)).map_err(io_err)?;
-                }
-                if !event.is_readable() {
-                    continue;
-                }
-                for id in replies(conn, &poll, Token(i)).map_err(io_err)? {
-                    if id != LOCK_ID || now >= deadline {
-                        continue;
-                    }
-                    grants[i] += 1;
-                    if let Some((previous, at)) = released_at {
-                        record(&mut handover, now - at);
-                        regrants += u64::from(previous == i);
-                    }
-                    released_at = Some((i, Instant::now()));
-                    conn.send(&unlock_then_lock, &poll, Token(i))
-                        .map_err(io_err)?;
-                }
-            }
-        }
-        let elapsed = start.elapsed();
-        drop(conns);
-        Ok(Contended::from_counts(
-            &grants, regrants, &handover, ping, elapsed,
-        ))
+        self.one_lock(options, "bench/contended", false)
     }
 
     fn idle_holders(&mut self, options: &BenchOptions) -> Result<IdleHolders, BenchError> {
@@ -365,6 +393,10 @@ impl super::Backend for Pklock {
                 us_per_op: (a - b) * 1000.0 / all.max(1) as f64,
             }),
         })
+    }
+
+    fn hold_and_wait(&mut self, options: &BenchOptions) -> Result<Contended, BenchError> {
+        self.one_lock(options, "bench/hold-and-wait", true)
     }
 
     fn supports(&self, _workload: super::Workload) -> bool {
