@@ -194,10 +194,22 @@ impl<T> LockTable<T> {
                 let Some(queue) = self.queues.get(wait.lock) else {
                     continue;
                 };
-                let mut meet = |y: ClientId| {
+                // A waiter ahead whose one wait is in this queue leads only
+                // where this scan already looks: noted, not visited.
+                let leads_elsewhere =
+                    |y: ClientId| {
+                        self.children.contains_key(&y)
+                            || self.clients.holdings.get(&y).is_some_and(|h| {
+                                h.waits.len() > 1 || !h.waits.contains_key(wait.lock)
+                            })
+                    };
+                let mut meet = |y: ClientId, ahead: bool| {
                     if asking.covers(y) {
                         back = true;
-                    } else if seen.insert(y) && self.may_be_stuck(y) {
+                    } else if seen.insert(y)
+                        && self.may_be_stuck(y)
+                        && (!ahead || leads_elsewhere(y))
+                    {
                         to_visit.push(y);
                     }
                 };
@@ -207,7 +219,7 @@ impl<T> LockTable<T> {
                     None => {
                         spend(steps, queue.holders.len())?;
                         for (_, holder) in queue.holders.iter() {
-                            meet(holder.client);
+                            meet(holder.client, false);
                         }
                         0
                     }
@@ -215,7 +227,7 @@ impl<T> LockTable<T> {
                 for (_, waiter) in queue.waiters.range(from, wait.below) {
                     spend(steps, 1)?;
                     if !self.clients.departed.contains(&waiter.client) {
-                        meet(waiter.client);
+                        meet(waiter.client, true);
                     }
                 }
                 scanned.insert(wait.lock, wait.below);
