@@ -313,6 +313,14 @@ impl Config {
                 self.max_locks_per_connection,
                 self.max_lock_entries
             ),
+            format!(
+                "deadlocks: {}",
+                if self.detect_deadlocks {
+                    "a wait that would close a cycle is answered deadlock"
+                } else {
+                    "not checked (detect_deadlocks = false)"
+                }
+            ),
         ];
         let asked = &self.keepalive;
         if asked.idle_ms % 1000 != 0 || asked.interval_ms % 1000 != 0 {

@@ -158,7 +158,7 @@ pub fn stats(server: &str, access: &Access, as_json: bool) -> Result<String, Fai
 }
 
 fn stats_lines(s: &StatsResult) -> String {
-    let rows: [(&str, String); 15] = [
+    let rows: [(&str, String); 17] = [
         ("uptime", human(Duration::from_millis(s.uptime_ms))),
         ("connections", s.connections.to_string()),
         ("locks", s.locks.to_string()),
@@ -177,6 +177,8 @@ fn stats_lines(s: &StatsResult) -> String {
         ("reclaims refused", s.reclaims_refused.to_string()),
         ("reclaim conflicts", s.reclaim_conflicts.to_string()),
         ("awaiting reclaim", s.awaiting_reclaim.to_string()),
+        ("deadlocks", s.deadlocks.to_string()),
+        ("deadlock checks cut", s.deadlock_checks_cut.to_string()),
     ];
     rows.iter()
         .map(|(key, value)| format!("{key:<24}{value}\n"))
