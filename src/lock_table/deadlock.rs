@@ -74,29 +74,33 @@ impl<T> LockTable<T> {
     /// the lock it waits for, which the next one holds or waits for ahead
     /// of it.
     pub(super) fn find_deadlock(&self, client: ClientId, new: &[(&str, Mode, u32)]) -> Found {
+        // A connection with another request waiting (the new one aside) is
+        // taken as able to go on: it is checked once one is left.
+        let others = if new.is_empty() { 1 } else { 0 };
+        let linked = self.parents.contains_key(&client) || self.children.contains_key(&client);
+        if !linked {
+            // Nobody waits for a connection when nobody waits for what it
+            // holds and no wait is queued behind one of its own, so no cycle
+            // can run through it. (The common case: checked first, cheaply.)
+            let Some(holdings) = self.clients.holdings.get(&client) else {
+                return Found::Clear;
+            };
+            let waited_for = holdings.behind > 0
+                || holdings.held.len() > CHECK_STEPS
+                || holdings.held.keys().any(|name| {
+                    self.queues
+                        .get(name)
+                        .is_some_and(|queue| !queue.waiters.is_empty())
+                });
+            if holdings.requests != others || !waited_for {
+                return Found::Clear;
+            }
+        }
         let mut askers = vec![client];
         while let Some(parent) = askers.last().and_then(|c| self.parents.get(c)) {
             askers.push(*parent);
         }
-        // A connection with another request waiting (the new one aside) is
-        // taken as able to go on: it is checked once one is left.
-        let others = if new.is_empty() { 1 } else { 0 };
         if askers.iter().any(|a| self.requests_of(*a) != others) {
-            return Found::Clear;
-        }
-        // Nobody waits for a connection when nobody waits for what it holds
-        // and no wait is queued behind one of its own, so no cycle can run
-        // through it (unless it runs, or is run by, another).
-        let waited_for = self.clients.holdings.get(&client).is_some_and(|h| {
-            h.behind > 0
-                || h.held.len() > CHECK_STEPS
-                || h.held.keys().any(|name| {
-                    self.queues
-                        .get(name)
-                        .is_some_and(|queue| !queue.waiters.is_empty())
-                })
-        });
-        if !waited_for && askers.len() == 1 && !self.children.contains_key(&client) {
             return Found::Clear;
         }
         let asking = Asking { askers, new };
