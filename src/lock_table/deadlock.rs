@@ -29,7 +29,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use super::{ClientId, LockTable, Mode};
 
 /// The most holders and waiters one check looks at.
-pub const CHECK_STEPS: usize = 20_000;
+pub const CHECK_STEPS: usize = 5_000;
 
 /// What the check found.
 pub(super) enum Found {
