@@ -332,9 +332,11 @@ fn force_release_makes_the_holders_pklock_run_stop_its_command() {
     let dir = temp_dir("force-run");
     let server = TestServer::start();
     let marker = dir.join("got-term");
+    let started = dir.join("started");
     let script = format!(
-        "trap 'echo TERM > {}; exit 0' TERM; while true; do sleep 0.05; done",
-        marker.display()
+        "trap 'echo TERM > {}; exit 0' TERM; touch {}; while true; do sleep 0.05; done",
+        marker.display(),
+        started.display()
     );
     let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_pklock"))
         .env("PKLOCK_SERVER", server.addr.to_string())
@@ -358,6 +360,8 @@ fn force_release_makes_the_holders_pklock_run_stop_its_command() {
             .as_array()
             .is_some_and(|h| h.len() == 1)
     });
+    // The command has its trap in place before the lock is taken away.
+    common::eventually("the command runs", || started.exists());
     let mut next = Peer::connect(server.addr);
     next.ask("nightly", 1);
     let forced = admin.rpc("forceRelease", json!(2), json!({"lockName": "nightly"}));
