@@ -410,6 +410,12 @@ struct Holdings {
 }
 
 impl Holdings {
+    /// Counts one waiting request answered; true when one is left.
+    fn request_answered(&mut self) -> bool {
+        self.requests = self.requests.saturating_sub(1);
+        self.requests == 1
+    }
+
     fn len(&self) -> usize {
         self.held.len() + self.waits.len()
     }
@@ -493,11 +499,12 @@ impl Clients {
     /// One of `client`'s waiting requests has been answered; with one left,
     /// it is due for a deadlock check.
     fn request_ended(&mut self, client: ClientId) {
-        if let Some(holdings) = self.holdings.get_mut(&client) {
-            holdings.requests = holdings.requests.saturating_sub(1);
-            if holdings.requests == 1 {
-                self.recheck.push(client);
-            }
+        if self
+            .holdings
+            .get_mut(&client)
+            .is_some_and(Holdings::request_answered)
+        {
+            self.recheck.push(client);
         }
     }
 }
@@ -628,11 +635,14 @@ fn settle<T>(
             take,
             since: now,
         });
+        // One lookup on this path, the busiest of the table.
         if let Some(holdings) = clients.holdings.get_mut(&client) {
             holdings.waits.remove(&**name);
             holdings.held.insert(Arc::clone(name), (token, mode));
+            if holdings.request_answered() {
+                clients.recheck.push(client);
+            }
         }
-        clients.request_ended(client);
         books.totals.waiting -= 1;
         books.totals.held += 1;
         books.totals.grants += 1;

@@ -77,7 +77,8 @@ impl<T> LockTable<T> {
         // A connection with another request waiting (the new one aside) is
         // taken as able to go on: it is checked once one is left.
         let others = if new.is_empty() { 1 } else { 0 };
-        let linked = self.parents.contains_key(&client) || self.children.contains_key(&client);
+        let linked = (!self.parents.is_empty() && self.parents.contains_key(&client))
+            || (!self.children.is_empty() && self.children.contains_key(&client));
         if !linked {
             // Nobody waits for a connection when nobody waits for what it
             // holds and no wait is queued behind one of its own, so no cycle
