@@ -25,7 +25,12 @@ pub fn merge(running: &Config, read: Config) -> Reloaded {
     let mut needs_restart = Vec::new();
     if read.listen != running.listen {
         let listen: Vec<String> = running.listen.iter().map(ToString::to_string).collect();
-        needs_restart.push(format!("`listen` (still {})", listen.join(", ")));
+        let listen = if listen.is_empty() {
+            "none".to_string()
+        } else {
+            listen.join(", ")
+        };
+        needs_restart.push(format!("`listen` (still {listen})"));
     }
     if read.state_file != running.state_file {
         needs_restart.push(format!(
@@ -129,5 +134,15 @@ mod tests {
                 "`restart_grace_ms` (still the default)"
             ]
         );
+    }
+
+    #[test]
+    fn a_plain_port_added_to_a_tls_only_server_names_none_as_still_in_effect() {
+        let tls = "[tls]\nlisten = [\"127.0.0.1:3\"]\ncert_file = \"c\"\nkey_file = \"k\"\n";
+        let running = parse(&format!("listen = []\n{tls}"));
+        let read = parse(&format!("listen = [\"127.0.0.1:4\"]\n{tls}"));
+        let reloaded = merge(&running, read);
+        assert!(reloaded.config.listen.is_empty());
+        assert_eq!(reloaded.needs_restart, ["`listen` (still none)"]);
     }
 }
