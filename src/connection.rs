@@ -28,6 +28,15 @@ const COMPACT_AFTER_BYTES: usize = 64 * 1024;
 const TLS_CHUNK_BYTES: usize = 16 * 1024;
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// One read of a TLS connection takes at most about this much off the
+/// socket while no plain text comes of it, so that a stream of records
+/// carrying nothing cannot keep the loop decrypting.
+const TLS_WIRE_PER_READ: usize = 64 * 1024;
+/// What a byte of TLS framing (record headers and tags) costs against the
+/// read budget, in bytes of plain text: a record costs about as much to open
+/// whatever it carries, so a peer sending one byte per record must not get
+/// twenty times the work of one sending full records.
+const TLS_FRAMING_COST: usize = 16;
 
 /// A TLS session over a connection's socket.
 #[derive(Debug)]
@@ -40,6 +49,28 @@ struct Tls {
     /// The last read of the socket returned less than it asked for: the
     /// socket was empty then.
     socket_drained: bool,
+    /// Bytes taken off the socket since [`Connection::read_cost`] last
+    /// counted them.
+    wire_taken: usize,
+}
+
+/// What a TLS read says when it took its share of the socket without a byte
+/// of plain text: read again later (the socket may hold more).
+#[derive(Debug)]
+pub struct ReadAgainLater;
+
+impl std::fmt::Display for ReadAgainLater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a share of TLS records read, no plain text yet")
+    }
+}
+
+impl std::error::Error for ReadAgainLater {}
+
+/// Whether `e` is a [`ReadAgainLater`].
+pub fn is_read_again_later(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<ReadAgainLater>())
 }
 
 /// What a TLS listener got instead of TLS.
@@ -155,6 +186,7 @@ impl Connection {
             first_checked: false,
             told_done: false,
             socket_drained: false,
+            wire_taken: 0,
         }));
         Ok(())
     }
@@ -230,6 +262,24 @@ impl Connection {
         if let Some(tls) = self.tls.as_mut() {
             return tls.read(&self.stream, buf);
         }
+        recv(&self.stream, buf)
+    }
+
+    /// What a read that gave `plain` bytes cost, to count against a read
+    /// budget: the bytes themselves, and on TLS the framing taken off the
+    /// socket for them (weighed by [`TLS_FRAMING_COST`]).
+    pub fn read_cost(&mut self, plain: usize) -> usize {
+        let Some(tls) = self.tls.as_mut() else {
+            return plain;
+        };
+        let framing = std::mem::take(&mut tls.wire_taken).saturating_sub(plain);
+        plain.saturating_add(framing.saturating_mul(TLS_FRAMING_COST))
+    }
+
+    /// Reads the socket's bytes and drops them, TLS or not: for a closing
+    /// connection, whose input is no longer looked at, so nothing is
+    /// decrypted. `Ok(0)` is the peer's close.
+    pub fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         recv(&self.stream, buf)
     }
 
@@ -407,8 +457,10 @@ impl Read for CountedRead<'_> {
 impl Tls {
     /// Plain text into `buf`, reading and decrypting records as needed.
     /// `Ok(0)` is the peer's close; an error of kind `InvalidData` wrapping
-    /// [`PlainTextOnTls`] says the peer did not speak TLS at all.
+    /// [`PlainTextOnTls`] says the peer did not speak TLS at all; a
+    /// [`ReadAgainLater`] that this read took its share of the socket.
     fn read(&mut self, stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+        let mut taken_here = 0usize;
         loop {
             match self.session.reader().read(buf) {
                 Ok(n) => return Ok(n),
@@ -433,11 +485,16 @@ impl Tls {
                 stream,
                 short: false,
             };
+            if taken_here >= TLS_WIRE_PER_READ {
+                return Err(io::Error::other(ReadAgainLater));
+            }
             let read = self.session.read_tls(&mut socket)?;
             self.socket_drained = socket.short;
             if read == 0 {
                 return Ok(0);
             }
+            taken_here += read;
+            self.wire_taken = self.wire_taken.saturating_add(read);
             if let Err(e) = self.session.process_new_packets() {
                 // The alert saying why goes out if the socket takes it at
                 // once: the peer learns what was wrong, not just a reset.

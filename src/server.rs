@@ -25,7 +25,7 @@ use crate::auth::Tokens;
 use crate::cluster::election::{Ask, Election, News};
 use crate::commands::{Access, CloseAsked, Core, Handled, Outgoing, Settings};
 use crate::config::{ClusterConfig, Config};
-use crate::connection::{Connection, PlainTextOnTls, State};
+use crate::connection::{self, Connection, PlainTextOnTls, State};
 use crate::frame;
 use crate::keepalive::Keepalive;
 use crate::lock_table::ClientId;
@@ -1450,7 +1450,7 @@ impl Server {
                     break;
                 }
                 Ok(n) => {
-                    budget = budget.saturating_sub(n);
+                    budget = budget.saturating_sub(conn.read_cost(n));
                     conn.input.extend_from_slice(&scratch[..n]);
                     if let Some(certificate) = conn.handshake_done() {
                         let client = conn.client;
@@ -1484,6 +1484,11 @@ impl Server {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     conn.unread = false;
+                    break;
+                }
+                Err(e) if connection::is_read_again_later(&e) => {
+                    conn.unread = true;
+                    self.backlog.push(key);
                     break;
                 }
                 Err(e) if is_plain_text_on_tls(&e) => {
@@ -1582,13 +1587,21 @@ impl Server {
         }
     }
 
-    /// A closing connection's input is read and dropped; its close ends it.
+    /// A closing connection's input is read and dropped, undecrypted and a
+    /// budget at a time; its close ends it.
     fn discard_input(&mut self, key: usize, scratch: &mut [u8]) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        let mut budget = READ_BUDGET;
         loop {
-            match conn.read(scratch) {
+            if budget == 0 {
+                // Others get a go; come back next turn.
+                conn.unread = true;
+                self.backlog.push(key);
+                return;
+            }
+            match conn.discard(scratch) {
                 Ok(0) => {
                     if !conn.wants_write() {
                         self.to_reap.push(key);
@@ -1607,8 +1620,11 @@ impl Server {
                     }
                     return;
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.unread = false;
+                    return;
+                }
                 Err(_) => {
                     self.to_reap.push(key);
                     return;

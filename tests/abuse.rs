@@ -836,3 +836,114 @@ fn a_flood_of_tls_handshakes_neither_stalls_the_server_nor_holds_memory() {
     // Each half-done handshake costs its rustls state, well under 64 KiB.
     assert_bounded(rss_during, rss_before + (FLOOD as u64) * (64 << 10), stall);
 }
+
+/// TLS records carrying one byte of plain text each, after the handshake of
+/// `peer`: what a peer that makes the server open a record per byte sends.
+fn one_byte_records(peer: &mut common::tls_peer::TlsPeer, plain: &[u8]) -> Vec<u8> {
+    let session = &mut peer.stream.conn;
+    session.set_buffer_limit(None);
+    let mut wire = Vec::with_capacity(plain.len() * 24);
+    for chunk in plain.chunks(4096) {
+        for byte in chunk {
+            let written = session.writer().write(std::slice::from_ref(byte)).unwrap();
+            assert_eq!(written, 1);
+        }
+        while session.wants_write() {
+            session.write_tls(&mut wire).unwrap();
+        }
+    }
+    wire
+}
+
+/// A TLS server for the attacks below, with its plain and TLS addresses,
+/// and a client configuration that trusts it.
+fn tls_server(dir: &std::path::Path) -> (ServerProcess, SocketAddr, Arc<rustls::ClientConfig>) {
+    let ca = common::pki::Ca::new(dir, "records");
+    let pair = ca.server("server");
+    let mut server = server_with(
+        dir,
+        &format!(
+            "[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            pair.cert_file.display(),
+            pair.key_file.display()
+        ),
+    );
+    let tls_addr = server.wait_for_address("listening for TLS on ");
+    let config = common::tls_peer::client_config(&ca.cert_file, None);
+    (server, tls_addr, config)
+}
+
+#[test]
+fn tls_peers_sending_a_byte_per_record_do_not_hold_everyone_else_up() {
+    const PEERS: usize = 64;
+    const PINGS: usize = 3;
+    let dir = temp_dir("tls-tiny-records");
+    let (server, tls_addr, config) = tls_server(&dir);
+    // Each peer pipelines three pings of 60 KiB, one byte per record: some
+    // 185,000 records (4.2 MiB) each, twelve million in all for the server
+    // to open. Made before the bystander starts, on every CPU.
+    let pad = "x".repeat(60 * 1024);
+    let mut frames = Vec::new();
+    for id in 0..PINGS {
+        let body = json!({"command": "ping", "id": id, "parameters": {"pad": pad}}).to_string();
+        frame::encode(body.as_bytes(), &mut frames).unwrap();
+    }
+    let frames = Arc::new(frames);
+    let senders: Vec<_> = (0..PEERS)
+        .map(|_| {
+            let (config, frames) = (config.clone(), Arc::clone(&frames));
+            std::thread::spawn(move || {
+                let mut peer = common::tls_peer::TlsPeer::connect(tls_addr, config).unwrap();
+                let wire = one_byte_records(&mut peer, &frames);
+                (peer, wire)
+            })
+        })
+        .collect();
+    let senders: Vec<_> = senders
+        .into_iter()
+        .map(|made| made.join().unwrap())
+        .collect();
+    let bystander = Bystander::start(server.addr);
+    std::thread::sleep(Duration::from_millis(200));
+    let senders: Vec<_> = senders
+        .into_iter()
+        .map(|(mut peer, wire)| {
+            std::thread::spawn(move || {
+                peer.stream.sock.write_all(&wire).unwrap();
+                // Every ping answered: every record was read.
+                for _ in 0..PINGS {
+                    assert_eq!(peer.recv().unwrap()["result"]["status"], "ok");
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    let stall = bystander.finish();
+    println!(
+        "{PEERS} TLS peers x {PINGS} pings of 60 KiB at a byte per record: bystander's longest ping {stall:?}"
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+}
+
+#[test]
+fn a_closing_tls_peer_that_streams_records_does_not_hold_everyone_else_up() {
+    let dir = temp_dir("tls-closing-stream");
+    let (server, tls_addr, config) = tls_server(&dir);
+    let mut peer = common::tls_peer::TlsPeer::connect(tls_addr, config).unwrap();
+    // A frame over max_message_bytes: the server answers messageTooLarge and
+    // starts closing; after it, 6 MiB of plain text at a byte per record
+    // (140 MiB of records) for the server to drop.
+    let mut attack = one_byte_records(&mut peer, &[0xff; 4]);
+    attack.extend(one_byte_records(&mut peer, &vec![b' '; 6 << 20]));
+    let bystander = Bystander::start(server.addr);
+    std::thread::sleep(Duration::from_millis(200));
+    // The server may close before all of it is sent.
+    let _ = peer.stream.sock.write_all(&attack);
+    let stall = bystander.finish();
+    println!(
+        "a closing TLS peer streaming 6 Mi one-byte records: bystander's longest ping {stall:?}"
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+}
