@@ -1317,16 +1317,31 @@ impl Core {
                     (client, tag, Outcome::GrantedAll { token, proofs })
                 }
                 Effect::Deadlock { client, tag, cycle } => {
+                    // What the asker may not see with `status` stays unnamed
+                    // (the step is there, its lock and client are not),
+                    // except its own wait.
+                    let grants = self
+                        .peers
+                        .get(&client)
+                        .map_or_else(|| Arc::new(Grants::default()), |peer| peer.grants.clone());
                     let cycle = cycle
                         .into_iter()
-                        .map(|(conn, lock)| CycleStep {
-                            conn: conn.0,
-                            client: self
-                                .peers
-                                .get(&conn)
-                                .map(|peer| peer.name.clone())
-                                .unwrap_or_default(),
-                            lock_name: lock.to_string(),
+                        .map(|(conn, lock)| {
+                            let visible = conn == client || grants.allows(Right::Status, &lock);
+                            CycleStep {
+                                conn: conn.0,
+                                client: self
+                                    .peers
+                                    .get(&conn)
+                                    .filter(|_| visible)
+                                    .map(|peer| peer.name.clone())
+                                    .unwrap_or_default(),
+                                lock_name: if visible {
+                                    lock.to_string()
+                                } else {
+                                    String::new()
+                                },
+                            }
                         })
                         .collect();
                     (client, tag, Outcome::Deadlock(cycle))

@@ -490,3 +490,71 @@ fn a_certificate_reload_under_load_loses_no_lock_and_new_connections_get_the_new
         );
     }
 }
+
+/// A deadlock answer names only what its asker may see with `status`: a
+/// cycle through another tenant's locks is reported, their names are not.
+/// (Anonymous gets `admin` only for the test's `stats`.)
+#[test]
+fn a_deadlock_answer_hides_the_locks_and_clients_the_asker_may_not_see() {
+    let dir = temp_dir("deadlock-acl");
+    let tokens_file = tokens_file(&dir, &[("alice", "a-token"), ("bob", "b-token")]);
+    let server = TestServer::with(|c| {
+        c.acl = Config::parse(
+            "[[acl]]\nprincipal = \"alice\"\nprefixes = [\"a/\"]\nrights = [\"lock\"]\n\
+             [[acl]]\nprincipal = \"bob\"\nprefixes = [\"a/\", \"b/\"]\nrights = [\"lock\", \"status\"]\n\
+             [[acl]]\nprincipal = \"anonymous\"\nprefixes = [\"\"]\nrights = [\"admin\"]\n",
+        )
+        .unwrap()
+        .acl;
+        c.auth.tokens_file = Some(tokens_file.clone());
+    });
+    let named = |client: &str, token: &str| {
+        let mut peer = Peer::connect(server.addr);
+        let hello = peer.rpc("hello", json!(0), json!({"client": client, "auth": token}));
+        assert_eq!(hello["status"], "ok", "{hello}");
+        peer
+    };
+    let waiters = |n: u64| {
+        common::eventually("the waits to be queued", || {
+            common::stats(server.addr)["waiters"] == json!(n)
+        })
+    };
+
+    // alice (lock on a/ only) closes a cycle through bob's b/ lock.
+    let mut alice = named("alice-1", "a-token");
+    let mut bob1 = named("bob-payroll-1", "b-token");
+    let mut bob2 = named("bob-payroll-2", "b-token");
+    assert_eq!(alice.lock("a/1", 1)["status"], "ok");
+    assert_eq!(bob1.lock("a/2", 1)["status"], "ok");
+    assert_eq!(bob2.lock("b/secret-merger", 1)["status"], "ok");
+    bob1.send(json!({"command": "lock", "id": 2, "parameters": {"lockName": "b/secret-merger"}}));
+    bob2.send(json!({"command": "lock", "id": 2, "parameters": {"lockName": "a/1"}}));
+    waiters(2);
+    let told = alice.lock("a/2", 2);
+    assert_eq!(told["status"], "deadlock", "{told}");
+    let cycle = told["cycle"].as_array().unwrap();
+    assert_eq!(cycle.len(), 3, "{told}");
+    assert!(
+        !told.to_string().contains("secret-merger") && !told.to_string().contains("bob-payroll"),
+        "another tenant's names leaked: {told}"
+    );
+    assert_eq!(cycle[0]["lockName"], "a/2", "its own wait: {told}");
+    assert_eq!(cycle[0]["client"], "alice-1", "{told}");
+    assert!(
+        cycle[1..]
+            .iter()
+            .all(|step| step["lockName"] == "" && step["client"] == ""),
+        "alice may see no other lock with status: {told}"
+    );
+
+    // bob (status on a/ and b/) closing a cycle through alice sees it all.
+    let mut bob3 = named("bob-3", "b-token");
+    assert_eq!(bob3.lock("a/3", 1)["status"], "ok");
+    assert_eq!(alice.lock("a/4", 3)["status"], "ok");
+    alice.send(json!({"command": "lock", "id": 4, "parameters": {"lockName": "a/3"}}));
+    waiters(3);
+    let told = bob3.lock("a/4", 2);
+    assert_eq!(told["status"], "deadlock", "{told}");
+    assert_eq!(told["cycle"][1]["lockName"], "a/3", "{told}");
+    assert_eq!(told["cycle"][1]["client"], "alice-1", "{told}");
+}

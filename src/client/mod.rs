@@ -428,7 +428,11 @@ fn cycle_text(cycle: &[CycleStep]) -> String {
         } else {
             text += &format!(", held by {}, which", who(step));
         }
-        text += &format!(" waits for {:?}", step.lock_name);
+        // The server leaves out the names of locks the asker may not see.
+        match step.lock_name.is_empty() {
+            true => text += " waits for a lock you may not see",
+            false => text += &format!(" waits for {:?}", step.lock_name),
+        }
     }
     if let Some(first) = cycle.first() {
         text += &format!(", held by conn {}", first.conn);
@@ -1757,6 +1761,14 @@ mod tests {
              waits for \"c\\nd\", held by conn 1"
         );
         assert!(!text.contains('\n'));
+        let hidden = Error::Deadlock {
+            cycle: vec![step(4, "me", "a/2"), step(5, "", "")],
+        };
+        assert_eq!(
+            hidden.to_string(),
+            "deadlock: this wait would close a cycle: conn 4 (me) waits for \"a/2\", held by \
+             conn 5, which waits for a lock you may not see, held by conn 4"
+        );
     }
 
     #[test]
