@@ -619,8 +619,11 @@ fn frame_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     in_range(d, 100, 3_600_000, "a frame timeout in ms")
 }
 
+/// The longest `restart_grace_ms` a configuration may set.
+pub const MAX_RESTART_GRACE_MS: u64 = 3_600_000;
+
 fn grace_ms<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    in_range(d, 0, 3_600_000, "a restart grace in ms").map(Some)
+    in_range(d, 0, MAX_RESTART_GRACE_MS, "a restart grace in ms").map(Some)
 }
 
 fn etcd_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

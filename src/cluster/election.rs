@@ -445,8 +445,7 @@ impl Campaign {
             let previous_grace = self
                 .etcd
                 .get(&self.stem(".grace"))?
-                .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.trim().parse().ok())
-                .map(Duration::from_millis);
+                .map(|kv| parse_grace(&kv.value));
             let ceiling = match &tokens_kv {
                 Some(kv) => parse_ceiling(&kv.value)?,
                 None => 0,
@@ -667,6 +666,27 @@ fn mod_revision(kv: &Option<KeyValue>) -> i64 {
     kv.as_ref().map_or(0, |kv| kv.mod_revision)
 }
 
+/// The grace a previous leader left. No server leaves more than a
+/// configuration may set, so a value that is not a number up to that was
+/// damaged in etcd: the longest grace is waited out instead, which covers
+/// whatever the previous leader promised its clients.
+fn parse_grace(value: &[u8]) -> Duration {
+    let most = crate::config::MAX_RESTART_GRACE_MS;
+    let ms = std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .filter(|&ms| ms <= most)
+        .unwrap_or_else(|| {
+            warn!(
+                "the previous leader's grace in etcd is not a number of ms up to {most}: {}; \
+                 waiting out {most} ms",
+                escaped(&String::from_utf8_lossy(value.get(..64).unwrap_or(value)))
+            );
+            most
+        });
+    Duration::from_millis(ms)
+}
+
 fn parse_ceiling(value: &[u8]) -> Result<u64, EtcdError> {
     std::str::from_utf8(value)
         .ok()
@@ -678,4 +698,21 @@ fn parse_ceiling(value: &[u8]) -> Result<u64, EtcdError> {
                 escaped(&String::from_utf8_lossy(value.get(..64).unwrap_or(value)))
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_previous_leaders_grace_is_taken_up_to_the_longest_a_config_may_set() {
+        assert_eq!(parse_grace(b"4200"), Duration::from_millis(4200));
+        assert_eq!(parse_grace(b" 0\n"), Duration::ZERO);
+        let most = Duration::from_millis(crate::config::MAX_RESTART_GRACE_MS);
+        assert_eq!(parse_grace(b"3600000"), most);
+        // Damaged: waited out in full, never for ever, never skipped.
+        assert_eq!(parse_grace(b"99999999999999999"), most);
+        assert_eq!(parse_grace(b"-5"), most);
+        assert_eq!(parse_grace(b"soon"), most);
+    }
 }
