@@ -1,7 +1,8 @@
 //! The `metrics_listen` sockets and their scrape connections, in the one
 //! event loop: accept (from `allowed` peers, a few at a time), read one
 //! request, write one response, close. Bounded like any peer: the request's
-//! size, the number of scrapes open, and a deadline for each.
+//! size, the number of scrapes open (over all and per address), and a
+//! deadline for each.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -17,6 +18,9 @@ use crate::metrics::{self, MAX_REQUEST_BYTES, Request};
 
 /// Scrape connections open at once at most; more are closed at accept.
 const MAX_SCRAPES: usize = 16;
+/// Scrape connections open at once from one address at most, so that one
+/// peer holding connections open cannot keep every other scraper out.
+const MAX_SCRAPES_PER_IP: usize = 4;
 /// A scrape must be answered and read within this long of its accept.
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
 /// Metrics listeners at most (their tokens come before the scrapes').
@@ -25,6 +29,7 @@ const MAX_LISTENERS: usize = 64;
 /// One scrape connection.
 struct Scrape {
     stream: TcpStream,
+    peer: std::net::IpAddr,
     input: Vec<u8>,
     output: Vec<u8>,
     written: usize,
@@ -130,7 +135,15 @@ impl MetricsEndpoint {
                     return;
                 }
             };
-            if !allowed.permits(peer.ip()) || self.scrapes.len() >= MAX_SCRAPES {
+            let from_peer = self
+                .scrapes
+                .iter()
+                .filter(|(_, scrape)| scrape.peer == peer.ip())
+                .count();
+            if !allowed.permits(peer.ip())
+                || self.scrapes.len() >= MAX_SCRAPES
+                || from_peer >= MAX_SCRAPES_PER_IP
+            {
                 // Dropped: closed at once.
                 continue;
             }
@@ -142,6 +155,7 @@ impl MetricsEndpoint {
             {
                 entry.insert(Scrape {
                     stream,
+                    peer: peer.ip(),
                     input: Vec::new(),
                     output: Vec::new(),
                     written: 0,

@@ -14,7 +14,12 @@ use serde_json::json;
 /// A scrape's samples by `name{labels}`, after checking the response and
 /// that every sample's family was declared with HELP and TYPE.
 fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    scrape_from("127.0.0.1", addr)
+}
+
+/// [`scrape`] from the loopback address `from`.
+fn scrape_from(from: &str, addr: SocketAddr) -> HashMap<String, f64> {
+    let mut stream = connect_from(from, addr);
     stream.set_read_timeout(Some(common::PATIENCE)).unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -161,6 +166,7 @@ fn the_counters_move_with_real_traffic() {
 fn scrapes_are_bounded_and_anything_but_get_metrics_is_refused() {
     let server = TestServer::with(|c| {
         c.metrics_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        c.allowed = pklock::allow_list::AllowList::parse(&["127.0.0.0/8"]).unwrap();
     });
     let metrics = server.metrics_addrs[0];
     let mut wrong = TcpStream::connect(metrics).unwrap();
@@ -168,19 +174,44 @@ fn scrapes_are_bounded_and_anything_but_get_metrics_is_refused() {
     let mut answer = String::new();
     wrong.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
-    // Sixteen scrapes that never send their request take every slot; the
-    // next is closed at once, and lock clients never notice.
-    let idle: Vec<TcpStream> = (0..16)
-        .map(|_| TcpStream::connect(metrics).unwrap())
-        .collect();
+    // Closed, not merely left unanswered (a scrape's deadline is 5 s).
+    let closed_at_once = |from: &str| {
+        let mut extra = connect_from(from, metrics);
+        extra
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match extra.read(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    // Scrapes that never send their request: one address gets four slots,
+    // and its fifth is closed at once; another address is still answered.
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| connect_from("127.0.0.2", metrics)).collect();
     std::thread::sleep(Duration::from_millis(100));
-    let mut extra = TcpStream::connect(metrics).unwrap();
-    extra.set_read_timeout(Some(common::PATIENCE)).unwrap();
-    let mut byte = [0u8; 1];
-    assert_eq!(extra.read(&mut byte).unwrap_or(0), 0, "closed at once");
+    assert!(closed_at_once("127.0.0.2"), "a fifth from one address");
+    assert!(scrape_from("127.0.0.3", metrics).contains_key("pklock_up"));
+    // Sixteen take every slot; the next is closed at once, and lock clients
+    // never notice.
+    for from in ["127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        idle.extend((0..4).map(|_| connect_from(from, metrics)));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(closed_at_once("127.0.0.6"), "a seventeenth");
     let mut client = Peer::connect(server.addr);
     assert_eq!(client.lock("x", 1)["status"], "ok");
     drop(idle);
+}
+
+/// A connection to `to` from the loopback address `from`.
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
 }
 
 /// The names the dashboard and the alerts use, each a family the server
