@@ -1200,3 +1200,85 @@ fn with_etcd_auth_on_the_servers_log_in_and_a_wrong_password_leads_nothing() {
     let line = leader.wait_for_log("resign");
     assert!(line.contains("resigned the leadership in etcd"), "{line}");
 }
+
+/// A TCP proxy on loopback that passes on at once what goes to `to`, and
+/// holds what comes back `delay` before passing it on: an etcd whose every
+/// answer is late.
+fn slow_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a proxy port");
+    let addr = listener.local_addr().expect("the proxy's address");
+    // Each chunk is passed on `delay` after it came: a line with a latency,
+    // not a queue of sleeps.
+    let pass = move |mut from: TcpStream, mut into: TcpStream, delay: Duration| {
+        let (chunks, arrived) = mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                if chunks.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (at, chunk) in arrived {
+                std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
+                if into.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = into.shutdown(std::net::Shutdown::Write);
+        });
+    };
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(to) else {
+                continue;
+            };
+            let (Ok(client_reader), Ok(server_reader)) = (client.try_clone(), server.try_clone())
+            else {
+                continue;
+            };
+            pass(client_reader, server, Duration::ZERO);
+            pass(server_reader, client, delay);
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_server_takes_the_leadership_and_keeps_it_while_etcd_answers_late() {
+    let _turn = turn();
+    let Some(etcd) = etcd_or_skip("slow-etcd", &[]) else {
+        return;
+    };
+    let endpoint: SocketAddr = etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd's address");
+    // Each etcd call takes over 250 ms: taking the leadership makes several
+    // in a row, more than a 2 s lease lasts without a renewal.
+    let proxy = slow_proxy(endpoint, Duration::from_millis(250));
+    let mut cluster = Cluster::new("slow-etcd");
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    cluster.add(addr, &format!("http://{proxy}"), "", None);
+    cluster.members[0].process().wait_for_log("leading now");
+    let mut holder = Peer::connect(addr);
+    let token = holder.take("x", 1);
+    // Held through several leases: the leader never stepped down.
+    std::thread::sleep(LEASE_TTL * 3);
+    let asked =
+        holder.try_send(json!({"command": "lock", "id": 2, "parameters": {"lockName": "x"}}));
+    let again = asked.then(|| holder.try_recv()).flatten();
+    let Some(again) = again else {
+        let log: Vec<String> = cluster.members[0].process().log.try_iter().collect();
+        panic!(
+            "the leader closed the holder's connection: it stepped down. Its log:\n{}",
+            log.join("\n")
+        );
+    };
+    assert_eq!(again["result"]["token"], token, "{again}");
+    assert_eq!(role(addr).map(|(role, _)| role).as_deref(), Some("leader"));
+}

@@ -485,6 +485,13 @@ impl Campaign {
                     lease: 0,
                 },
             ];
+            // The calls above may have taken much of the lease (an etcd
+            // that answers late): renewed now, the term starts with all of it.
+            if !self.renew(me) {
+                return Err(EtcdError(
+                    "the lease ran out while taking the leadership".to_string(),
+                ));
+            }
             if !self.etcd.txn(&compare, &ops)?.0 {
                 continue;
             }
