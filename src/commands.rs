@@ -1319,15 +1319,17 @@ impl Core {
                 Effect::Deadlock { client, tag, cycle } => {
                     // What the asker may not see with `status` stays unnamed
                     // (the step is there, its lock and client are not),
-                    // except its own wait.
+                    // except its own wait: the first step, made by it or by
+                    // the run it belongs to (`within`, the same principal).
                     let grants = self
                         .peers
                         .get(&client)
                         .map_or_else(|| Arc::new(Grants::default()), |peer| peer.grants.clone());
                     let cycle = cycle
                         .into_iter()
-                        .map(|(conn, lock)| {
-                            let visible = conn == client || grants.allows(Right::Status, &lock);
+                        .enumerate()
+                        .map(|(i, (conn, lock))| {
+                            let visible = i == 0 || grants.allows(Right::Status, &lock);
                             CycleStep {
                                 conn: conn.0,
                                 client: self

@@ -37,6 +37,10 @@ const TLS_WIRE_PER_READ: usize = 64 * 1024;
 /// whatever it carries, so a peer sending one byte per record must not get
 /// twenty times the work of one sending full records.
 const TLS_FRAMING_COST: usize = 16;
+/// Bytes taken off the socket but not yet opened are not framing: rustls
+/// reads ahead into the next record, so up to one whole record (16 KiB of
+/// text, 256 bytes of expansion) is left uncharged until it is read.
+const TLS_READ_AHEAD: usize = 16 * 1024 + 256;
 
 /// A TLS session over a connection's socket.
 #[derive(Debug)]
@@ -49,9 +53,9 @@ struct Tls {
     /// The last read of the socket returned less than it asked for: the
     /// socket was empty then.
     socket_drained: bool,
-    /// Bytes taken off the socket since [`Connection::read_cost`] last
-    /// counted them.
-    wire_taken: usize,
+    /// Bytes taken off the socket that no plain text read has matched yet
+    /// (at most [`TLS_READ_AHEAD`] once [`Connection::read_cost`] counted).
+    unmatched: usize,
 }
 
 /// What a TLS read says when it took its share of the socket without a byte
@@ -186,7 +190,7 @@ impl Connection {
             first_checked: false,
             told_done: false,
             socket_drained: false,
-            wire_taken: 0,
+            unmatched: 0,
         }));
         Ok(())
     }
@@ -267,20 +271,27 @@ impl Connection {
 
     /// What a read that gave `plain` bytes cost, to count against a read
     /// budget: the bytes themselves, and on TLS the framing taken off the
-    /// socket for them (weighed by [`TLS_FRAMING_COST`]).
+    /// socket for them (weighed by [`TLS_FRAMING_COST`]): what was taken
+    /// and matched by no plain text, beyond one record read ahead.
     pub fn read_cost(&mut self, plain: usize) -> usize {
         let Some(tls) = self.tls.as_mut() else {
             return plain;
         };
-        let framing = std::mem::take(&mut tls.wire_taken).saturating_sub(plain);
+        let unmatched = tls.unmatched.saturating_sub(plain);
+        let framing = unmatched.saturating_sub(TLS_READ_AHEAD);
+        tls.unmatched = unmatched - framing;
         plain.saturating_add(framing.saturating_mul(TLS_FRAMING_COST))
     }
 
-    /// Reads the socket's bytes and drops them, TLS or not: for a closing
-    /// connection, whose input is no longer looked at, so nothing is
-    /// decrypted. `Ok(0)` is the peer's close.
+    /// Reads the socket's bytes and drops them: for a closing connection,
+    /// whose input is no longer looked at, so nothing is decrypted, except
+    /// while a TLS handshake is under way (its end lets the last replies
+    /// out). `Ok(0)` is the peer's close.
     pub fn discard(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        recv(&self.stream, buf)
+        match self.tls.as_mut() {
+            Some(tls) if tls.session.is_handshaking() => tls.read(&self.stream, buf),
+            _ => recv(&self.stream, buf),
+        }
     }
 
     /// Writes as much pending output as the socket takes, until done or
@@ -494,7 +505,7 @@ impl Tls {
                 return Ok(0);
             }
             taken_here += read;
-            self.wire_taken = self.wire_taken.saturating_add(read);
+            self.unmatched = self.unmatched.saturating_add(read);
             if let Err(e) = self.session.process_new_packets() {
                 // The alert saying why goes out if the socket takes it at
                 // once: the peer learns what was wrong, not just a reset.

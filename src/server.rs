@@ -1625,6 +1625,11 @@ impl Server {
                     conn.unread = false;
                     return;
                 }
+                Err(e) if connection::is_read_again_later(&e) => {
+                    conn.unread = true;
+                    self.backlog.push(key);
+                    return;
+                }
                 Err(_) => {
                     self.to_reap.push(key);
                     return;
@@ -1825,7 +1830,8 @@ impl Server {
             let Some(conn) = self.conns.get(key) else {
                 continue;
             };
-            if conn.paused {
+            // A closing connection's input is only dropped, paused or not.
+            if conn.paused && conn.state == State::Open {
                 continue;
             }
             let unread = conn.unread;
