@@ -557,4 +557,31 @@ fn a_deadlock_answer_hides_the_locks_and_clients_the_asker_may_not_see() {
     assert_eq!(told["status"], "deadlock", "{told}");
     assert_eq!(told["cycle"][1]["lockName"], "a/3", "{told}");
     assert_eq!(told["cycle"][1]["client"], "alice-1", "{told}");
+    drop((alice, bob1, bob2, bob3));
+    waiters(0);
+
+    // A nested run of alice's (hello `within` its parent's grant) closing a
+    // cycle through its parent: the first step, the parent's, is its own.
+    let mut parent = named("alice-run", "a-token");
+    let mut bob1 = named("bob-payroll-1", "b-token");
+    let mut bob2 = named("bob-payroll-2", "b-token");
+    let parent_token = parent.take("a/5", 1);
+    assert_eq!(bob1.lock("a/6", 1)["status"], "ok");
+    assert_eq!(bob2.lock("b/secret-merger", 1)["status"], "ok");
+    bob1.send(json!({"command": "lock", "id": 2, "parameters": {"lockName": "b/secret-merger"}}));
+    bob2.send(json!({"command": "lock", "id": 2, "parameters": {"lockName": "a/5"}}));
+    waiters(2);
+    let mut nested = Peer::connect(server.addr);
+    let hello = nested.rpc(
+        "hello",
+        json!(0),
+        json!({"client": "alice-nested", "auth": "a-token",
+               "within": {"lockName": "a/5", "token": parent_token}}),
+    );
+    assert_eq!(hello["status"], "ok", "{hello}");
+    let told = nested.lock("a/6", 1);
+    assert_eq!(told["status"], "deadlock", "{told}");
+    assert_eq!(told["cycle"][0]["lockName"], "a/6", "{told}");
+    assert_eq!(told["cycle"][0]["client"], "alice-run", "{told}");
+    assert!(!told.to_string().contains("secret-merger"), "{told}");
 }
