@@ -380,9 +380,7 @@ impl Core {
     }
 
     fn grants_of(&self, client: ClientId) -> Arc<Grants> {
-        self.peers
-            .get(&client)
-            .map_or_else(|| Arc::new(Grants::default()), |peer| peer.grants.clone())
+        grants_in(&self.peers, client)
     }
 
     /// Forgets a closed connection: its locks are released and its waits
@@ -1321,10 +1319,8 @@ impl Core {
                     // (the step is there, its lock and client are not),
                     // except its own wait: the first step, made by it or by
                     // the run it belongs to (`within`, the same principal).
-                    let grants = self
-                        .peers
-                        .get(&client)
-                        .map_or_else(|| Arc::new(Grants::default()), |peer| peer.grants.clone());
+                    // Not grants_of: the effects being drained borrow self.
+                    let grants = grants_in(&self.peers, client);
                     let cycle = cycle
                         .into_iter()
                         .enumerate()
@@ -1376,6 +1372,13 @@ impl Core {
             );
         }
     }
+}
+
+/// What `client` may do (nothing, if it is gone).
+fn grants_in(peers: &FxHashMap<ClientId, Peer>, client: ClientId) -> Arc<Grants> {
+    peers
+        .get(&client)
+        .map_or_else(|| Arc::new(Grants::default()), |peer| peer.grants.clone())
 }
 
 fn refusal_outcome(reason: Refusal) -> Outcome {

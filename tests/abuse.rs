@@ -780,29 +780,17 @@ fn floods_of_pipelined_requests_do_not_hold_everyone_else_up() {
 
 #[test]
 fn a_flood_of_tls_handshakes_neither_stalls_the_server_nor_holds_memory() {
-    use common::pki::Ca;
     use rustls::ClientConnection;
     use rustls::pki_types::ServerName;
 
     const FLOOD: usize = 2000;
     let dir = temp_dir("tls-flood");
-    let ca = Ca::new(&dir, "flood");
-    let pair = ca.server("server");
-    let mut server = server_with(
-        &dir,
-        &format!(
-            "max_connections = 5000\n[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            pair.cert_file.display(),
-            pair.key_file.display()
-        ),
-    );
-    let tls_addr = server.wait_for_address("listening for TLS on ");
+    let (server, tls_addr, config) = tls_server(&dir, "max_connections = 5000\n");
     let rss_before = rss_bytes(&server);
     let bystander = Bystander::start(server.addr);
     std::thread::sleep(Duration::from_millis(200));
     // Every connection sends a ClientHello, and never anything after: the
     // server does a key exchange and a signature for each.
-    let config = common::tls_peer::client_config(&ca.cert_file, None);
     let hellos: Vec<Vec<u8>> = (0..FLOOD)
         .map(|_| {
             let mut session =
@@ -855,15 +843,18 @@ fn one_byte_records(peer: &mut common::tls_peer::TlsPeer, plain: &[u8]) -> Vec<u
     wire
 }
 
-/// A TLS server for the attacks below, with its plain and TLS addresses,
-/// and a client configuration that trusts it.
-fn tls_server(dir: &std::path::Path) -> (ServerProcess, SocketAddr, Arc<rustls::ClientConfig>) {
-    let ca = common::pki::Ca::new(dir, "records");
+/// A server with a TLS listener beside its plain one (and `settings`), its
+/// TLS address, and a client configuration that trusts it.
+fn tls_server(
+    dir: &std::path::Path,
+    settings: &str,
+) -> (ServerProcess, SocketAddr, Arc<rustls::ClientConfig>) {
+    let ca = common::pki::Ca::new(dir, "tls");
     let pair = ca.server("server");
     let mut server = server_with(
         dir,
         &format!(
-            "[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            "{settings}[tls]\nlisten = [\"127.0.0.1:0\"]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             pair.cert_file.display(),
             pair.key_file.display()
         ),
@@ -878,7 +869,7 @@ fn tls_peers_sending_a_byte_per_record_do_not_hold_everyone_else_up() {
     const PEERS: usize = 64;
     const PINGS: usize = 3;
     let dir = temp_dir("tls-tiny-records");
-    let (server, tls_addr, config) = tls_server(&dir);
+    let (server, tls_addr, config) = tls_server(&dir, "");
     // Each peer pipelines three pings of 60 KiB, one byte per record: some
     // 185,000 records (4.2 MiB) each, twelve million in all for the server
     // to open. Made before the bystander starts, on every CPU.
@@ -930,7 +921,7 @@ fn tls_peers_sending_a_byte_per_record_do_not_hold_everyone_else_up() {
 #[test]
 fn a_closing_tls_peer_that_streams_records_does_not_hold_everyone_else_up() {
     let dir = temp_dir("tls-closing-stream");
-    let (server, tls_addr, config) = tls_server(&dir);
+    let (server, tls_addr, config) = tls_server(&dir, "");
     let mut peer = common::tls_peer::TlsPeer::connect(tls_addr, config).unwrap();
     // A frame over max_message_bytes: the server answers messageTooLarge and
     // starts closing; after it, 6 MiB of plain text at a byte per record
