@@ -36,7 +36,7 @@ const TLS_WIRE_PER_READ: usize = 64 * 1024;
 /// read budget, in bytes of plain text: a record costs about as much to open
 /// whatever it carries, so a peer sending one byte per record must not get
 /// twenty times the work of one sending full records.
-const TLS_FRAMING_COST: usize = 16;
+const TLS_FRAMING_COST: usize = 32;
 /// Bytes taken off the socket but not yet opened are not framing: rustls
 /// reads ahead into the next record, so up to one whole record (16 KiB of
 /// text, 256 bytes of expansion) is left uncharged until it is read.
