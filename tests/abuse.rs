@@ -21,6 +21,11 @@ use common::{PATIENCE, Peer, ServerProcess, TestServer, eventually, stats, temp_
 use pklock::frame;
 use serde_json::{Value, json};
 
+/// The attacks take turns: two at once on a 2-core machine, each bystander
+/// would measure the other attack's load as much as its own (a ping of
+/// 150 ms beside another attack, 2 ms alone).
+static ATTACKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Lock/unlock round trips of a well-behaved client, in microseconds, sorted.
 fn cycle_latencies(peer: &mut Peer, cycles: usize) -> Vec<u128> {
     let mut latencies: Vec<u128> = (0..cycles)
@@ -41,6 +46,7 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
 
 #[test]
 fn slowloris_connections_do_not_slow_anyone_else_down() {
+    let _turn = common::take_turn(&ATTACKS);
     let server = TestServer::start();
     let mut probe = server.peer();
     let before = cycle_latencies(&mut probe, 200);
@@ -114,6 +120,7 @@ fn raise_own_fd_limit(wanted: u64) -> bool {
 
 #[test]
 fn ten_thousand_connections_each_holding_a_lock() {
+    let _turn = common::take_turn(&ATTACKS);
     const HOLDERS: usize = 10_000;
     // The server is another process, with its own limit; this one needs a
     // descriptor per client connection.
@@ -346,6 +353,7 @@ fn hold_all(addr: SocketAddr, names: &[String]) -> Peer {
 
 #[test]
 fn ten_thousand_waits_with_huge_ids_are_refused_and_take_no_memory() {
+    let _turn = common::take_turn(&ATTACKS);
     const WAITS: usize = 10_000;
     const ID_BYTES: usize = 60_000;
     // The server's start, its buffers and the holder's ten thousand locks
@@ -390,6 +398,7 @@ fn ten_thousand_waits_with_huge_ids_are_refused_and_take_no_memory() {
 
 #[test]
 fn peers_filling_the_lock_table_get_too_many_at_max_lock_entries() {
+    let _turn = common::take_turn(&ATTACKS);
     const LIMIT: usize = 3_000;
     const CONNECTIONS: usize = 20;
     const PER_CONNECTION: usize = 2_500;
@@ -546,6 +555,7 @@ fn wanted_names() -> Vec<String> {
 
 #[test]
 fn hundreds_of_clients_waiting_on_the_same_locks_all_close_at_once() {
+    let _turn = common::take_turn(&ATTACKS);
     let dir = temp_dir("mass-departure");
     let server = server_with(
         &dir,
@@ -580,6 +590,7 @@ fn hundreds_of_clients_waiting_on_the_same_locks_all_close_at_once() {
 
 #[test]
 fn hundreds_of_clients_waiting_on_the_same_locks_all_time_out_at_once() {
+    let _turn = common::take_turn(&ATTACKS);
     let dir = temp_dir("mass-expiry");
     let server = server_with(
         &dir,
@@ -650,6 +661,7 @@ fn hundreds_of_clients_waiting_on_the_same_locks_all_time_out_at_once() {
 
 #[test]
 fn status_floods_from_peers_that_never_read_neither_bloat_nor_stall_the_server() {
+    let _turn = common::take_turn(&ATTACKS);
     const ATTACKERS: usize = 1000;
     if !raise_own_fd_limit(ATTACKERS as u64 + 512) {
         common::skip("status flood", "cannot raise the open-file limit");
@@ -699,6 +711,7 @@ fn status_floods_from_peers_that_never_read_neither_bloat_nor_stall_the_server()
 
 #[test]
 fn memory_taken_by_many_locks_is_handed_back_once_they_are_released() {
+    let _turn = common::take_turn(&ATTACKS);
     let dir = temp_dir("memory-back");
     let server = server_with(&dir, "");
     let rss_before = rss_bytes(&server);
@@ -743,6 +756,7 @@ fn memory_taken_by_many_locks_is_handed_back_once_they_are_released() {
 
 #[test]
 fn floods_of_pipelined_requests_do_not_hold_everyone_else_up() {
+    let _turn = common::take_turn(&ATTACKS);
     let dir = temp_dir("flood");
     let server = server_with(&dir, "");
     let bystander = Bystander::start(server.addr);
@@ -780,6 +794,7 @@ fn floods_of_pipelined_requests_do_not_hold_everyone_else_up() {
 
 #[test]
 fn a_flood_of_tls_handshakes_neither_stalls_the_server_nor_holds_memory() {
+    let _turn = common::take_turn(&ATTACKS);
     use rustls::ClientConnection;
     use rustls::pki_types::ServerName;
 
@@ -866,6 +881,7 @@ fn tls_server(
 
 #[test]
 fn tls_peers_sending_a_byte_per_record_do_not_hold_everyone_else_up() {
+    let _turn = common::take_turn(&ATTACKS);
     const PEERS: usize = 64;
     const PINGS: usize = 3;
     let dir = temp_dir("tls-tiny-records");
@@ -920,6 +936,7 @@ fn tls_peers_sending_a_byte_per_record_do_not_hold_everyone_else_up() {
 
 #[test]
 fn a_closing_tls_peer_that_streams_records_does_not_hold_everyone_else_up() {
+    let _turn = common::take_turn(&ATTACKS);
     let dir = temp_dir("tls-closing-stream");
     let (server, tls_addr, config) = tls_server(&dir, "");
     let mut peer = common::tls_peer::TlsPeer::connect(tls_addr, config).unwrap();

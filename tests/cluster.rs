@@ -49,12 +49,6 @@ const SLACK: Duration = Duration::from_secs(3);
 /// times: they take turns.
 static TURNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    TURNS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -485,7 +479,7 @@ impl Drop for Contended {
 
 #[test]
 fn two_and_three_servers_elect_one_leader_that_the_standbys_name() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("one-leader", &[]) else {
         return;
     };
@@ -535,7 +529,7 @@ fn two_and_three_servers_elect_one_leader_that_the_standbys_name() {
 
 #[test]
 fn ten_leader_crashes_in_a_row_stop_no_holder_and_never_grant_a_lock_twice() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("crashes", &[]) else {
         return;
     };
@@ -615,7 +609,7 @@ fn ten_leader_crashes_in_a_row_stop_no_holder_and_never_grant_a_lock_twice() {
 
 #[test]
 fn a_planned_switchover_stops_no_holder_and_grants_fresh_names_at_once() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("switchover", &[]) else {
         return;
     };
@@ -708,7 +702,7 @@ fn a_planned_switchover_stops_no_holder_and_grants_fresh_names_at_once() {
 
 #[test]
 fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(netns) = netns_or_skip("cut-off leader") else {
         return;
     };
@@ -889,7 +883,7 @@ fn served_again(cluster: &Cluster, name: &str, since: Instant) -> Duration {
 
 #[test]
 fn with_etcd_down_the_leader_stops_serving_and_serving_resumes_when_it_returns() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(mut etcd) = etcd_or_skip("etcd-down", &[]) else {
         return;
     };
@@ -954,7 +948,7 @@ fn ceiling_in(etcd: &mut pklock::cluster::etcd::Etcd) -> u64 {
 #[test]
 fn tokens_go_on_above_the_ceiling_in_etcd_even_with_the_clock_behind_and_stay_under_2_53() {
     use pklock::cluster::etcd::{Etcd as EtcdClient, Op};
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("ceiling", &[]) else {
         return;
     };
@@ -1020,7 +1014,7 @@ fn revision_of(etcd: &mut pklock::cluster::etcd::Etcd) -> i64 {
 #[test]
 fn at_the_end_of_the_token_space_the_leader_stops_reserving_instead_of_writing_in_a_loop() {
     use pklock::cluster::etcd::{Etcd as EtcdClient, Op};
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("token-end", &[]) else {
         return;
     };
@@ -1048,7 +1042,7 @@ fn at_the_end_of_the_token_space_the_leader_stops_reserving_instead_of_writing_i
 
 #[test]
 fn a_new_leader_waits_out_the_longer_grace_of_the_leader_before_it() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("longer-grace", &[]) else {
         return;
     };
@@ -1082,7 +1076,7 @@ fn a_new_leader_waits_out_the_longer_grace_of_the_leader_before_it() {
 
 #[test]
 fn a_list_too_long_to_leave_in_etcd_is_not_left_and_the_next_leader_still_leads() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("long-list", &[]) else {
         return;
     };
@@ -1110,7 +1104,7 @@ fn a_list_too_long_to_leave_in_etcd_is_not_left_and_the_next_leader_still_leads(
 
 #[test]
 fn with_etcd_auth_on_the_servers_log_in_and_a_wrong_password_leads_nothing() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("etcd-auth", &[]) else {
         return;
     };
@@ -1249,7 +1243,7 @@ fn slow_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
 
 #[test]
 fn a_server_takes_the_leadership_and_keeps_it_while_etcd_answers_late() {
-    let _turn = turn();
+    let _turn = common::take_turn(&TURNS);
     let Some(etcd) = etcd_or_skip("slow-etcd", &[]) else {
         return;
     };

@@ -142,12 +142,6 @@ const HOLDERS: usize = 100;
 /// machine rather than the reclaim.
 static FLEETS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn fleet_turn() -> std::sync::MutexGuard<'static, ()> {
-    FLEETS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// 100 `pklock run` holders of distinct locks, one of a contended lock
 /// with a `pklock run` waiter behind it, and a library client holding a
 /// shared lock; returns what `status` shows once everyone is in place.
@@ -226,7 +220,7 @@ fn check_everything_came_back(
 
 #[test]
 fn a_planned_restart_loses_no_lock_and_grants_fresh_names_at_once() {
-    let _turn = fleet_turn();
+    let _turn = common::take_turn(&FLEETS);
     let dir: TempDir = temp_dir("restart-planned");
     let state = dir.join("tokens");
     let port = free_port();
@@ -269,7 +263,7 @@ fn a_planned_restart_loses_no_lock_and_grants_fresh_names_at_once() {
 
 #[test]
 fn a_crash_restart_loses_no_lock_and_grants_fresh_names_after_the_grace() {
-    let _turn = fleet_turn();
+    let _turn = common::take_turn(&FLEETS);
     let dir: TempDir = temp_dir("restart-crash");
     let state = dir.join("tokens");
     let port = free_port();

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -253,6 +253,13 @@ pub fn stop_pklock_runs<'a>(runs: impl Iterator<Item = &'a mut Child>) {
         let _ = wait_exit(child, PATIENCE);
         let _ = child.kill();
     }
+}
+
+/// Waits for the tests sharing `turns` to finish, so that a test measuring
+/// times on a 2-core machine measures its own load, not another test's.
+/// A test that panicked still hands its turn on.
+pub fn take_turn(turns: &'static Mutex<()>) -> MutexGuard<'static, ()> {
+    turns.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Polls `check` until it holds or PATIENCE runs out.
