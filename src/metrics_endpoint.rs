@@ -47,7 +47,7 @@ pub struct MetricsEndpoint {
 
 impl MetricsEndpoint {
     /// Binds `addrs`, registering them from token `first_token` on; the
-    /// scrapes take the tokens after [`MAX_LISTENERS`] more.
+    /// scrapes take the tokens after `MAX_LISTENERS` more.
     pub fn bind(
         addrs: &[SocketAddr],
         registry: &Registry,

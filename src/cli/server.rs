@@ -72,7 +72,7 @@ pub fn command(program: &str) -> clap::Command {
         .bin_name(program)
 }
 
-/// Parses `args` (the first one standing for the program, as argv[0]) and
+/// Parses `args` (the first one standing for the program, as `argv[0]`) and
 /// runs the server, or checks a configuration. Exits 0, 1 when the server
 /// cannot start or stops on an error (said on stderr after `program: `), or
 /// clap's 2 for bad arguments.

@@ -74,7 +74,7 @@ const NOPERM: u8 = 77;
 /// Bad arguments: the code clap exits with for the others.
 const USAGE: u8 = 2;
 
-/// Parses `args` (the first one standing for the program, as argv[0]) and
+/// Parses `args` (the first one standing for the program, as `argv[0]`) and
 /// runs the client: exits 0 (also when not granted in time), or with the
 /// codes above after a message on stderr, or clap's 2 for bad arguments.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
