@@ -19,7 +19,7 @@ use crate::lock_table::{
     ClientId, Departure, Effect, LockRequest, LockTable, LockView, Mode, MultiLockRequest, Permits,
     Reclaim, Refusal, Unlocked,
 };
-use crate::metrics::{self, LockSeries, Snapshot};
+use crate::metrics::{self, Snapshot};
 use crate::proof::ProofKey;
 use crate::protocol::{
     self, ANONYMOUS, ClosedHolder, ClusterRole, CycleStep, ErrorCode, HelloResult, HolderStatus,
@@ -1104,53 +1104,28 @@ impl Core {
         self.settings.status_budget_bytes - budget.left
     }
 
+    /// Takes `walk` over up to `max_locks` more locks, from where it
+    /// stopped; marks it done once it has visited the last.
+    pub fn metrics_step(&self, walk: &mut metrics::Walk, now: Instant, max_locks: usize) {
+        let after = walk.last.take();
+        let mut locks = self.table.iter_after(after.as_deref());
+        let mut last = None;
+        for view in locks.by_ref().take(max_locks) {
+            let oldest = view.holders().map(|h| h.since).min();
+            let (holders, waiters) = (view.holders().count(), view.waiters().count());
+            walk.visit(view.name(), oldest, holders, waiters, now);
+            last = Some(view.name());
+        }
+        let last = last.map(str::to_string);
+        walk.done = locks.next().is_none();
+        drop(locks);
+        walk.last = last.or(after);
+    }
+
     /// What a metrics scrape shows from the core: the table's totals and
-    /// state, the longest hold and deepest queue over every lock, and a
-    /// series for each lock under `lock_prefixes` (at most
-    /// [`metrics::MAX_LOCK_SERIES`]). Walks the whole table: the server
-    /// builds it at most once a second.
-    pub fn metrics(&self, now: Instant, lock_prefixes: &[String]) -> Snapshot {
-        let mut longest_hold = Duration::ZERO;
-        let mut deepest_queue = 0;
-        for view in self.table.iter_from("") {
-            if let Some(oldest) = view.holders().map(|h| h.since).min() {
-                longest_hold = longest_hold.max(now.saturating_duration_since(oldest));
-            }
-            deepest_queue = deepest_queue.max(view.waiters().count());
-        }
-        let mut prefixes: Vec<&str> = lock_prefixes.iter().map(String::as_str).collect();
-        prefixes.sort_unstable();
-        prefixes.dedup();
-        let mut kept: Vec<&str> = Vec::new();
-        for prefix in prefixes {
-            if !kept.last().is_some_and(|last| prefix.starts_with(last)) {
-                kept.push(prefix);
-            }
-        }
-        let mut lock_series = Vec::new();
-        let mut lock_series_dropped = 0;
-        for prefix in kept {
-            for view in self
-                .table
-                .iter_from(prefix)
-                .take_while(|view| view.name().starts_with(prefix))
-            {
-                if lock_series.len() == metrics::MAX_LOCK_SERIES {
-                    lock_series_dropped += 1;
-                    continue;
-                }
-                let oldest = view.holders().map(|h| h.since).min();
-                lock_series.push(LockSeries {
-                    name: view.name().to_string(),
-                    holders: view.holders().count(),
-                    waiters: view.waiters().count(),
-                    held_seconds: oldest.map_or(0.0, |since| {
-                        now.saturating_duration_since(since).as_secs_f64()
-                    }),
-                });
-            }
-        }
-        Snapshot {
+    /// state now, and what `walk` gathered over the locks.
+    pub fn metrics(&self, walk: metrics::Walk, now: Instant) -> Snapshot {
+        let mut snapshot = Snapshot {
             totals: self.table.totals(),
             connections: self.peers.len(),
             locks: self.table.lock_count(),
@@ -1167,13 +1142,11 @@ impl Core {
                     ..
                 })
             ),
-            longest_hold: longest_hold.as_secs_f64(),
-            deepest_queue,
-            lock_series,
-            lock_series_dropped,
             uptime: now.saturating_duration_since(self.started).as_secs_f64(),
             ..Snapshot::default()
-        }
+        };
+        walk.fill(&mut snapshot);
+        snapshot
     }
 
     fn command_stats(

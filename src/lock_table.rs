@@ -1778,9 +1778,25 @@ impl<T> LockTable<T> {
 
     /// Locks in name order, starting at the first name `>= from`.
     pub fn iter_from<'a>(&'a self, from: &'a str) -> impl Iterator<Item = LockView<'a, T>> + 'a {
+        self.iter_starting(Bound::Included(from))
+    }
+
+    /// Locks in name order, after the name `after` (from the first
+    /// without it).
+    pub fn iter_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = LockView<'a, T>> + 'a {
+        self.iter_starting(after.map_or(Bound::Unbounded, Bound::Excluded))
+    }
+
+    fn iter_starting<'a>(
+        &'a self,
+        start: Bound<&'a str>,
+    ) -> impl Iterator<Item = LockView<'a, T>> + 'a {
         let departed = &self.clients.departed;
         self.queues
-            .range::<str, _>((Bound::Included(from), Bound::Unbounded))
+            .range::<str, _>((start, Bound::Unbounded))
             .map(move |(name, queue)| LockView {
                 name,
                 queue,
@@ -2733,6 +2749,12 @@ mod tests {
             .map(|v| v.name().to_string())
             .collect();
         assert_eq!(names, ["a/1", "a/2", "b", "c"]);
+        let after: Vec<_> = f
+            .table
+            .iter_after(Some("a/2"))
+            .map(|v| v.name().to_string())
+            .collect();
+        assert_eq!(after, ["b", "c"]);
     }
 
     #[test]

@@ -36,6 +36,8 @@ struct Scrape {
     deadline: Instant,
     /// Its request is whole: what comes after is not read.
     answered: bool,
+    /// Its request waits for the metrics text, which a walk is gathering.
+    waiting: bool,
 }
 
 /// The metrics listeners and their connections.
@@ -161,6 +163,7 @@ impl MetricsEndpoint {
                     written: 0,
                     deadline: now + SCRAPE_DEADLINE,
                     answered: false,
+                    waiting: false,
                 });
             }
         }
@@ -172,6 +175,9 @@ impl MetricsEndpoint {
         let Some(scrape) = self.scrapes.get_mut(key) else {
             return Ok(None);
         };
+        if scrape.waiting {
+            return Ok(None);
+        }
         if scrape.answered {
             return self.write(key, registry).map(|()| None);
         }
@@ -194,6 +200,30 @@ impl MetricsEndpoint {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Keeps a whole request for the metrics text until
+    /// [`MetricsEndpoint::answer_waiting`].
+    pub fn wait(&mut self, key: usize) {
+        if let Some(scrape) = self.scrapes.get_mut(key) {
+            scrape.waiting = true;
+        }
+    }
+
+    /// Answers every scrape kept by [`MetricsEndpoint::wait`] with `body`.
+    pub fn answer_waiting(&mut self, body: &str, registry: &Registry) {
+        let waiting: Vec<usize> = self
+            .scrapes
+            .iter()
+            .filter(|(_, scrape)| scrape.waiting)
+            .map(|(key, _)| key)
+            .collect();
+        for key in waiting {
+            if let Some(scrape) = self.scrapes.get_mut(key) {
+                scrape.waiting = false;
+            }
+            self.answer(key, &Request::Metrics, body, registry);
         }
     }
 

@@ -51,6 +51,10 @@ const FIRST_METRICS_TOKEN: usize = usize::MAX / 2;
 /// scrape walks the whole lock table, so a peer scraping in a loop costs
 /// one walk a second.
 const METRICS_FRESH_FOR: Duration = Duration::from_secs(1);
+/// Locks a metrics walk visits per loop turn: about 1 ms of a release
+/// build's turn (a walk of a million locks in one turn held everyone up
+/// for 0.7 s in a debug build).
+const METRICS_WALK_PER_TURN: usize = 10_000;
 
 /// Bytes read from one connection per loop turn before others get a go.
 const READ_BUDGET: usize = 256 * 1024;
@@ -272,8 +276,10 @@ pub struct Server {
     metrics: Option<MetricsEndpoint>,
     /// What the loop counts for the metrics besides the lock table.
     counters: Counters,
-    /// The last metrics text, and when it was made.
+    /// The last metrics text, and when its walk began.
     metrics_text: Option<(Instant, String)>,
+    /// The walk gathering the next metrics text, while scrapes wait for it.
+    metrics_walk: Option<metrics::Walk>,
     conns: Slab<Connection>,
     keys: FxHashMap<ClientId, usize>,
     core: Core,
@@ -397,6 +403,7 @@ impl Server {
             metrics,
             counters: Counters::default(),
             metrics_text: None,
+            metrics_walk: None,
             conns: Slab::new(),
             keys: FxHashMap::default(),
             core,
@@ -620,6 +627,7 @@ impl Server {
             self.reserve_tokens_ahead();
             self.close_stalled(now);
             self.close_silent(now);
+            self.advance_metrics_walk(now);
             if let Some(endpoint) = self.metrics.as_mut() {
                 endpoint.close_overdue(now, self.poll.registry());
             }
@@ -887,6 +895,9 @@ impl Server {
                 info!("listening for TLS on {addr}");
             }
         }
+        for addr in self.metrics_addrs() {
+            info!("serving metrics on {addr}");
+        }
         // The first summary line lists the configured addresses; the bound ones are above.
         for line in self.config.summary().iter().skip(1) {
             info!("{line}");
@@ -914,6 +925,7 @@ impl Server {
         let status_waiters_ready = !self.status_queue.is_empty() && self.status_room_free();
         if !self.backlog.is_empty()
             || !self.to_reap.is_empty()
+            || self.metrics_walk.is_some()
             || !self.to_flush.is_empty()
             || status_waiters_ready
         {
@@ -1509,7 +1521,7 @@ impl Server {
     }
 
     /// Serves the metrics endpoint: scrapes whose request is whole get the
-    /// metrics of at most a second ago.
+    /// metrics of at most a second ago, or wait for a walk to gather them.
     fn on_metrics_event(&mut self, token: Token, now: Instant) {
         let Some(endpoint) = self.metrics.as_mut() else {
             return;
@@ -1521,18 +1533,42 @@ impl Server {
                 .as_ref()
                 .is_some_and(|(made, _)| now.saturating_duration_since(*made) < METRICS_FRESH_FOR);
             if request == metrics::Request::Metrics && !fresh {
-                let mut snapshot = self.core.metrics(now, &self.config.metrics_lock_prefixes);
-                snapshot.counters = self.counters.clone();
-                self.metrics_text = Some((now, metrics::render(&snapshot)));
+                endpoint.wait(key);
+                if self.metrics_walk.is_none() {
+                    self.metrics_walk =
+                        Some(metrics::Walk::new(&self.config.metrics_lock_prefixes, now));
+                }
+                continue;
             }
             let body = self
                 .metrics_text
                 .as_ref()
                 .map_or("", |(_, text)| text.as_str());
-            if let Some(endpoint) = self.metrics.as_mut() {
-                endpoint.answer(key, &request, body, self.poll.registry());
-            }
+            endpoint.answer(key, &request, body, self.poll.registry());
         }
+    }
+
+    /// Takes the metrics walk a slice further; once it has visited every
+    /// lock, makes the text and answers the scrapes waiting for it.
+    fn advance_metrics_walk(&mut self, now: Instant) {
+        let Some(walk) = self.metrics_walk.as_mut() else {
+            return;
+        };
+        self.core.metrics_step(walk, now, METRICS_WALK_PER_TURN);
+        if !walk.done {
+            return;
+        }
+        let Some(walk) = self.metrics_walk.take() else {
+            return;
+        };
+        let started = walk.started;
+        let mut snapshot = self.core.metrics(walk, now);
+        snapshot.counters = self.counters.clone();
+        let text = metrics::render(&snapshot);
+        if let Some(endpoint) = self.metrics.as_mut() {
+            endpoint.answer_waiting(&text, self.poll.registry());
+        }
+        self.metrics_text = Some((started, text));
     }
 
     /// Answers plain text on a TLS port in plain text, so that a client

@@ -955,3 +955,93 @@ fn a_closing_tls_peer_that_streams_records_does_not_hold_everyone_else_up() {
     );
     assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
 }
+
+/// `count` locks named `{prefix}{i}`, taken over `connections` connections
+/// that keep them; the replies are only counted (parsing a million of them
+/// would take the test longer than the server).
+fn hold_many(addr: SocketAddr, prefix: &str, count: usize, connections: usize) -> Vec<Peer> {
+    let per_connection = count.div_ceil(connections);
+    let fillers: Vec<JoinHandle<Peer>> = (0..connections)
+        .map(|c| {
+            let prefix = prefix.to_string();
+            std::thread::spawn(move || {
+                let mut peer = Peer::connect(addr);
+                let names: Vec<String> = (c * per_connection..(c + 1) * per_connection)
+                    .map(|i| format!("{prefix}{i}"))
+                    .collect();
+                let frames = lock_frames(&names, None);
+                let mut writer = peer.stream.try_clone().unwrap();
+                let write = std::thread::spawn(move || writer.write_all(&frames).unwrap());
+                for _ in 0..names.len() {
+                    let reply = peer.recv_body();
+                    assert!(
+                        reply.windows(4).any(|w| w == br#""ok""#),
+                        "{}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
+                write.join().unwrap();
+                peer
+            })
+        })
+        .collect();
+    fillers.into_iter().map(|f| f.join().unwrap()).collect()
+}
+
+#[test]
+fn metrics_scrapes_of_a_big_lock_table_do_not_hold_everyone_else_up() {
+    let _turn = common::take_turn(&ATTACKS);
+    const LOCKS: usize = 1_000_000;
+    const CONNECTIONS: usize = 4;
+    let dir = temp_dir("metrics-walk");
+    let mut server = server_with(
+        &dir,
+        &format!(
+            "max_lock_entries = {}\nmax_locks_per_connection = {}\n\
+             metrics_listen = [\"127.0.0.1:0\"]\nmetrics_lock_prefixes = [\"m/\"]\n",
+            LOCKS + 1000,
+            LOCKS
+        ),
+    );
+    let metrics_addr = server.wait_for_address("serving metrics on ");
+    let filled = Instant::now();
+    let _holders = hold_many(server.addr, "m/", LOCKS, CONNECTIONS);
+    println!("{LOCKS} locks taken in {:?}", filled.elapsed());
+    let bystander = Bystander::start(server.addr);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A scraper in a loop: every second, a scrape finds the text stale
+    // and the lock table is walked again.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut scrapes = 0;
+    let mut last_body = String::new();
+    while Instant::now() < deadline {
+        let mut stream = TcpStream::connect(metrics_addr).unwrap();
+        stream.set_read_timeout(Some(common::PATIENCE)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        last_body.clear();
+        stream.read_to_string(&mut last_body).unwrap();
+        assert!(last_body.starts_with("HTTP/1.1 200 OK"), "{last_body}");
+        scrapes += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stall = bystander.finish();
+    println!(
+        "metrics walk: {LOCKS} locks, {scrapes} scrapes in 4 s; bystander's longest ping {stall:?}"
+    );
+    assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
+    // The walk saw the whole table: every lock but the bystander's under
+    // the prefix, 1000 of them as series, the rest counted as dropped.
+    let sample = |name: &str| -> f64 {
+        last_body
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the scrape"))
+    };
+    assert_eq!(sample("pklock_locks_held"), (LOCKS + 1) as f64);
+    assert_eq!(sample("pklock_lock_series_dropped"), (LOCKS - 1000) as f64);
+    assert!(sample("pklock_longest_hold_seconds") >= 4.0);
+}
