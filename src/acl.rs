@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::prefixes::Prefixes;
 use crate::protocol::ANONYMOUS;
 
 /// What a rule allows on its prefixes.
@@ -145,49 +146,13 @@ impl Grants {
 
     /// Whether `right` is given on any prefix at all.
     pub fn has(&self, right: Right) -> bool {
-        !self.prefixes(right).0.is_empty()
+        !self.prefixes(right).as_slice().is_empty()
     }
 
     /// The prefixes `right` is given on, in name order, none inside another:
     /// the name ranges it covers, each once.
     pub fn scopes(&self, right: Right) -> &[String] {
-        &self.prefixes(right).0
-    }
-}
-
-/// Sorted prefixes, none of which starts with another (it would add
-/// nothing): the lock names they cover are disjoint ranges in name order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Prefixes(Vec<String>);
-
-impl From<Vec<String>> for Prefixes {
-    fn from(mut all: Vec<String>) -> Prefixes {
-        all.sort();
-        all.dedup();
-        let mut kept: Vec<String> = Vec::with_capacity(all.len());
-        for prefix in all {
-            // Sorted, so a shorter prefix covering this one came just before.
-            if kept
-                .last()
-                .is_some_and(|last| prefix.starts_with(last.as_str()))
-            {
-                continue;
-            }
-            kept.push(prefix);
-        }
-        Prefixes(kept)
-    }
-}
-
-impl Prefixes {
-    fn covers(&self, name: &str) -> bool {
-        // The one candidate is the last prefix sorting at or before `name`.
-        let at = self.0.partition_point(|prefix| prefix.as_str() <= name);
-        at > 0
-            && self
-                .0
-                .get(at - 1)
-                .is_some_and(|prefix| name.starts_with(prefix.as_str()))
+        self.prefixes(right).as_slice()
     }
 }
 

@@ -1104,22 +1104,30 @@ impl Core {
         self.settings.status_budget_bytes - budget.left
     }
 
+    /// A metrics walk over the lock table, with series for the locks under
+    /// `prefixes`. It visits at most the locks there now plus as many as
+    /// the table can hold: more would be a peer adding locks ahead of it.
+    pub fn metrics_walk(&self, prefixes: &[String], now: Instant) -> metrics::Walk {
+        let visits = self.table.lock_count() + self.table.max_entries();
+        metrics::Walk::new(prefixes, now, visits)
+    }
+
     /// Takes `walk` over up to `max_locks` more locks, from where it
-    /// stopped; marks it done once it has visited the last.
+    /// stopped.
     pub fn metrics_step(&self, walk: &mut metrics::Walk, now: Instant, max_locks: usize) {
-        let after = walk.last.take();
+        let after = walk.take_cursor();
         let mut locks = self.table.iter_after(after.as_deref());
         let mut last = None;
-        for view in locks.by_ref().take(max_locks) {
+        for view in locks.by_ref().take(max_locks.min(walk.visits_left())) {
             let oldest = view.holders().map(|h| h.since).min();
             let (holders, waiters) = (view.holders().count(), view.waiters().count());
             walk.visit(view.name(), oldest, holders, waiters, now);
             last = Some(view.name());
         }
         let last = last.map(str::to_string);
-        walk.done = locks.next().is_none();
+        let more = locks.next().is_some();
         drop(locks);
-        walk.last = last.or(after);
+        walk.end_slice(last.or(after), more);
     }
 
     /// What a metrics scrape shows from the core: the table's totals and
@@ -1493,6 +1501,69 @@ mod tests {
 
     fn with_tokens(core: &mut Core, allow_plaintext_auth: bool) {
         with_tokens_of(core, &["deploy", "ops"], allow_plaintext_auth);
+    }
+
+    fn unlock(id: u64, name: &str) -> Value {
+        json!({"command": "unlock", "id": id, "parameters": {"lockName": name}})
+    }
+
+    /// The series names a finished walk gathered, and the dropped count.
+    fn walked(core: &Core, walk: metrics::Walk) -> (Vec<String>, usize) {
+        let snapshot = core.metrics(walk, Instant::now());
+        let names = snapshot.lock_series.into_iter().map(|s| s.name).collect();
+        (names, snapshot.lock_series_dropped)
+    }
+
+    #[test]
+    fn a_metrics_walk_in_slices_sees_each_lock_there_throughout_once() {
+        let mut core = core();
+        let holder = core.connect("127.0.0.1:5000".parse().unwrap());
+        for (id, name) in ["j/1", "j/2", "j/3", "j/5", "j/6"].iter().enumerate() {
+            ask(&mut core, holder, lock(id as u64, name));
+        }
+        let mut walk = core.metrics_walk(&["j/".to_string()], Instant::now());
+        core.metrics_step(&mut walk, Instant::now(), 2);
+        assert!(!walk.is_done());
+        // The lock the slice stopped at goes, one is added behind the walk
+        // and one ahead of it.
+        ask(&mut core, holder, unlock(10, "j/2"));
+        ask(&mut core, holder, lock(11, "j/0"));
+        ask(&mut core, holder, lock(12, "j/4"));
+        core.metrics_step(&mut walk, Instant::now(), 2);
+        assert!(!walk.is_done());
+        core.metrics_step(&mut walk, Instant::now(), 2);
+        assert!(walk.is_done(), "the last slice saw the last lock");
+        let (names, dropped) = walked(&core, walk);
+        assert_eq!(names, ["j/1", "j/2", "j/3", "j/4", "j/5", "j/6"]);
+        assert_eq!(dropped, 0);
+    }
+
+    #[test]
+    fn a_metrics_walk_ends_however_fast_locks_are_added_ahead_of_it() {
+        let mut core = core();
+        let holder = core.connect("127.0.0.1:5000".parse().unwrap());
+        ask(&mut core, holder, lock(0, "a"));
+        let mut walk = core.metrics_walk(&[String::new()], Instant::now());
+        let mut slices = 0;
+        let mut next = 1;
+        while !walk.is_done() {
+            // Three new names ahead of the walk for every two it visits,
+            // the oldest released to stay under the table's limits.
+            for _ in 0..3 {
+                ask(&mut core, holder, lock(next, &format!("b/{next:06}")));
+                if next > 50 {
+                    ask(&mut core, holder, unlock(0, &format!("b/{:06}", next - 50)));
+                }
+                next += 1;
+            }
+            core.metrics_step(&mut walk, Instant::now(), 2);
+            slices += 1;
+            assert!(slices < 10_000, "the walk never ended");
+        }
+        // The table holds at most 1,000 entries: the walk stopped after the
+        // one lock there at its start and 1,000 more.
+        let (names, dropped) = walked(&core, walk);
+        assert_eq!(names.len() + dropped, 1 + 1000);
     }
 
     #[test]

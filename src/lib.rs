@@ -43,6 +43,7 @@ pub mod lock_table;
 pub mod log_level;
 pub mod metrics;
 pub mod metrics_endpoint;
+pub mod prefixes;
 pub mod proof;
 pub mod protocol;
 pub mod rate_limit;

@@ -1781,8 +1781,8 @@ impl<T> LockTable<T> {
         self.iter_starting(Bound::Included(from))
     }
 
-    /// Locks in name order, after the name `after` (from the first
-    /// without it).
+    /// Locks in name order, after the name `after` (`None`: from the
+    /// first lock).
     pub fn iter_after<'a>(
         &'a self,
         after: Option<&'a str>,

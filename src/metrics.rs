@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::histogram::Durations;
 use crate::lock_table::Totals;
+use crate::prefixes::Prefixes;
 
 /// The largest scrape request taken: a GET with its headers.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -96,14 +97,14 @@ pub struct LockSeries {
 /// 0.7 s), so a lock's figures are those of the turn that visited it.
 #[derive(Debug)]
 pub struct Walk {
-    /// When the walk began: its text is as old as that.
-    pub started: Instant,
-    /// `metrics_lock_prefixes`, sorted, without those under another.
-    prefixes: Vec<String>,
+    started: Instant,
+    prefixes: Prefixes,
     /// The last lock visited: the next slice starts after it.
-    pub last: Option<String>,
-    /// Whether every lock has been visited.
-    pub done: bool,
+    last: Option<String>,
+    /// Visits left: a peer adding locks ahead of the walk faster than it
+    /// goes must not keep it from ending.
+    visits_left: usize,
+    done: bool,
     longest_hold: Duration,
     deepest_queue: usize,
     lock_series: Vec<LockSeries>,
@@ -111,30 +112,48 @@ pub struct Walk {
 }
 
 impl Walk {
-    /// A walk from the first lock, with series for locks under `prefixes`.
-    pub fn new(prefixes: &[String], now: Instant) -> Walk {
-        let mut sorted: Vec<&String> = prefixes.iter().collect();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let mut kept: Vec<String> = Vec::new();
-        for prefix in sorted {
-            if !kept
-                .last()
-                .is_some_and(|last| prefix.starts_with(last.as_str()))
-            {
-                kept.push(prefix.clone());
-            }
-        }
+    /// A walk from the first lock, of at most `visits` locks, with series
+    /// for locks under `prefixes`.
+    pub fn new(prefixes: &[String], now: Instant, visits: usize) -> Walk {
         Walk {
             started: now,
-            prefixes: kept,
+            prefixes: Prefixes::from(prefixes.to_vec()),
             last: None,
+            visits_left: visits,
             done: false,
             longest_hold: Duration::ZERO,
             deepest_queue: 0,
             lock_series: Vec::new(),
             lock_series_dropped: 0,
         }
+    }
+
+    /// When the walk began: its text is as old as that.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Whether the walk has ended.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Locks the walk may still visit.
+    pub fn visits_left(&self) -> usize {
+        self.visits_left
+    }
+
+    /// Where the next slice starts: after this name (`None`: at the first
+    /// lock). Give it back to [`Walk::end_slice`].
+    pub fn take_cursor(&mut self) -> Option<String> {
+        self.last.take()
+    }
+
+    /// Ends a slice that stopped after the lock `last`, with `more` locks
+    /// after it.
+    pub fn end_slice(&mut self, last: Option<String>, more: bool) {
+        self.last = last;
+        self.done = !more || self.visits_left == 0;
     }
 
     /// Counts one lock: its oldest holder's grant time, and how many hold
@@ -147,17 +166,11 @@ impl Walk {
         waiters: usize,
         now: Instant,
     ) {
+        self.visits_left = self.visits_left.saturating_sub(1);
         let held = oldest.map(|since| now.saturating_duration_since(since));
         self.longest_hold = self.longest_hold.max(held.unwrap_or_default());
         self.deepest_queue = self.deepest_queue.max(waiters);
-        // The prefixes do not nest, so only the last one sorting at or
-        // before the name can start it.
-        let before = self.prefixes.partition_point(|p| p.as_str() <= name);
-        let under = before
-            .checked_sub(1)
-            .and_then(|i| self.prefixes.get(i))
-            .is_some_and(|prefix| name.starts_with(prefix.as_str()));
-        if !under {
+        if !self.prefixes.covers(name) {
             return;
         }
         if self.lock_series.len() == MAX_LOCK_SERIES {
@@ -552,7 +565,7 @@ mod tests {
         let start = Instant::now();
         let now = start + Duration::from_secs(10);
         let prefixes = ["jobs/", "jobs/nightly/", "x", "jobs/"].map(String::from);
-        let mut walk = Walk::new(&prefixes, start);
+        let mut walk = Walk::new(&prefixes, start, usize::MAX);
         let locks = [
             ("a", Some(start), 1, 7),
             ("jobs/1", Some(start + Duration::from_secs(4)), 1, 0),

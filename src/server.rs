@@ -1535,8 +1535,8 @@ impl Server {
             if request == metrics::Request::Metrics && !fresh {
                 endpoint.wait(key);
                 if self.metrics_walk.is_none() {
-                    self.metrics_walk =
-                        Some(metrics::Walk::new(&self.config.metrics_lock_prefixes, now));
+                    let prefixes = &self.config.metrics_lock_prefixes;
+                    self.metrics_walk = Some(self.core.metrics_walk(prefixes, now));
                 }
                 continue;
             }
@@ -1548,27 +1548,23 @@ impl Server {
         }
     }
 
-    /// Takes the metrics walk a slice further; once it has visited every
-    /// lock, makes the text and answers the scrapes waiting for it.
+    /// Takes the metrics walk a slice further; once it has ended, makes
+    /// the text and answers the scrapes waiting for it.
     fn advance_metrics_walk(&mut self, now: Instant) {
         let Some(walk) = self.metrics_walk.as_mut() else {
             return;
         };
         self.core.metrics_step(walk, now, METRICS_WALK_PER_TURN);
-        if !walk.done {
-            return;
+        if let Some(walk) = self.metrics_walk.take_if(|walk| walk.is_done()) {
+            let started = walk.started();
+            let mut snapshot = self.core.metrics(walk, now);
+            snapshot.counters = self.counters.clone();
+            let text = metrics::render(&snapshot);
+            if let Some(endpoint) = self.metrics.as_mut() {
+                endpoint.answer_waiting(&text, self.poll.registry());
+            }
+            self.metrics_text = Some((started, text));
         }
-        let Some(walk) = self.metrics_walk.take() else {
-            return;
-        };
-        let started = walk.started;
-        let mut snapshot = self.core.metrics(walk, now);
-        snapshot.counters = self.counters.clone();
-        let text = metrics::render(&snapshot);
-        if let Some(endpoint) = self.metrics.as_mut() {
-            endpoint.answer_waiting(&text, self.poll.registry());
-        }
-        self.metrics_text = Some((started, text));
     }
 
     /// Answers plain text on a TLS port in plain text, so that a client

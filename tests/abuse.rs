@@ -341,14 +341,37 @@ fn lock_frames(names: &[String], timeout_ms: Option<u64>) -> Vec<u8> {
 
 /// A connection that takes every lock in `names` and keeps them.
 fn hold_all(addr: SocketAddr, names: &[String]) -> Peer {
-    let mut holder = Peer::connect(addr);
-    holder.send_raw(&lock_frames(names, None));
-    for i in 0..names.len() {
-        let reply = holder.recv();
-        assert_eq!(reply["id"], i, "{reply}");
-        assert_eq!(reply["result"]["status"], "ok", "{reply}");
-    }
-    holder
+    let mut holders = hold_many(addr, names, 1);
+    holders.pop().expect("one holder")
+}
+
+/// The locks in `names`, taken over `connections` connections that keep
+/// them. The replies are only searched for "ok": parsing a million of them
+/// would take the test longer than the server.
+fn hold_many(addr: SocketAddr, names: &[String], connections: usize) -> Vec<Peer> {
+    let fillers: Vec<JoinHandle<Peer>> = names
+        .chunks(names.len().div_ceil(connections).max(1))
+        .map(|names| {
+            let frames = lock_frames(names, None);
+            let count = names.len();
+            std::thread::spawn(move || {
+                let mut peer = Peer::connect(addr);
+                let mut writer = peer.stream.try_clone().unwrap();
+                let write = std::thread::spawn(move || writer.write_all(&frames).unwrap());
+                for _ in 0..count {
+                    let reply = peer.recv_body();
+                    assert!(
+                        reply.windows(4).any(|w| w == br#""ok""#),
+                        "{}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
+                write.join().unwrap();
+                peer
+            })
+        })
+        .collect();
+    fillers.into_iter().map(|f| f.join().unwrap()).collect()
 }
 
 #[test]
@@ -956,38 +979,6 @@ fn a_closing_tls_peer_that_streams_records_does_not_hold_everyone_else_up() {
     assert!(stall < STALL_BOUND, "the bystander stalled for {stall:?}");
 }
 
-/// `count` locks named `{prefix}{i}`, taken over `connections` connections
-/// that keep them; the replies are only counted (parsing a million of them
-/// would take the test longer than the server).
-fn hold_many(addr: SocketAddr, prefix: &str, count: usize, connections: usize) -> Vec<Peer> {
-    let per_connection = count.div_ceil(connections);
-    let fillers: Vec<JoinHandle<Peer>> = (0..connections)
-        .map(|c| {
-            let prefix = prefix.to_string();
-            std::thread::spawn(move || {
-                let mut peer = Peer::connect(addr);
-                let names: Vec<String> = (c * per_connection..(c + 1) * per_connection)
-                    .map(|i| format!("{prefix}{i}"))
-                    .collect();
-                let frames = lock_frames(&names, None);
-                let mut writer = peer.stream.try_clone().unwrap();
-                let write = std::thread::spawn(move || writer.write_all(&frames).unwrap());
-                for _ in 0..names.len() {
-                    let reply = peer.recv_body();
-                    assert!(
-                        reply.windows(4).any(|w| w == br#""ok""#),
-                        "{}",
-                        String::from_utf8_lossy(&reply)
-                    );
-                }
-                write.join().unwrap();
-                peer
-            })
-        })
-        .collect();
-    fillers.into_iter().map(|f| f.join().unwrap()).collect()
-}
-
 #[test]
 fn metrics_scrapes_of_a_big_lock_table_do_not_hold_everyone_else_up() {
     let _turn = common::take_turn(&ATTACKS);
@@ -1005,7 +996,8 @@ fn metrics_scrapes_of_a_big_lock_table_do_not_hold_everyone_else_up() {
     );
     let metrics_addr = server.wait_for_address("serving metrics on ");
     let filled = Instant::now();
-    let _holders = hold_many(server.addr, "m/", LOCKS, CONNECTIONS);
+    let names: Vec<String> = (0..LOCKS).map(|i| format!("m/{i}")).collect();
+    let _holders = hold_many(server.addr, &names, CONNECTIONS);
     println!("{LOCKS} locks taken in {:?}", filled.elapsed());
     let bystander = Bystander::start(server.addr);
     std::thread::sleep(Duration::from_millis(200));
