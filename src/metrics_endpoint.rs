@@ -212,7 +212,9 @@ impl MetricsEndpoint {
     }
 
     /// Answers every scrape kept by [`MetricsEndpoint::wait`] with `body`.
-    pub fn answer_waiting(&mut self, body: &str, registry: &Registry) {
+    /// Each then has a whole deadline to read it: the wait was the
+    /// server's, not the peer's.
+    pub fn answer_waiting(&mut self, body: &str, registry: &Registry, now: Instant) {
         let waiting: Vec<usize> = self
             .scrapes
             .iter()
@@ -222,6 +224,7 @@ impl MetricsEndpoint {
         for key in waiting {
             if let Some(scrape) = self.scrapes.get_mut(key) {
                 scrape.waiting = false;
+                scrape.deadline = now + SCRAPE_DEADLINE;
             }
             self.answer(key, &Request::Metrics, body, registry);
         }
@@ -267,12 +270,13 @@ impl MetricsEndpoint {
         }
     }
 
-    /// Closes the scrapes past their deadline.
+    /// Closes the scrapes past their deadline, but those waiting for the
+    /// metrics text: a walk always ends, and then answers them.
     pub fn close_overdue(&mut self, now: Instant, registry: &Registry) {
         let overdue: Vec<usize> = self
             .scrapes
             .iter()
-            .filter(|(_, scrape)| scrape.deadline <= now)
+            .filter(|(_, scrape)| !scrape.waiting && scrape.deadline <= now)
             .map(|(key, _)| key)
             .collect();
         for key in overdue {
@@ -282,6 +286,58 @@ impl MetricsEndpoint {
 
     /// The next scrape deadline, for the poll's timeout.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.scrapes.iter().map(|(_, scrape)| scrape.deadline).min()
+        self.scrapes
+            .iter()
+            .filter(|(_, scrape)| !scrape.waiting)
+            .map(|(_, scrape)| scrape.deadline)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::Poll;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_scrape_waiting_for_the_text_is_answered_however_long_the_walk_took() {
+        let poll = Poll::new().unwrap();
+        let registry = poll.registry();
+        let localhost = ["127.0.0.1:0".parse().unwrap()];
+        let mut endpoint = MetricsEndpoint::bind(&localhost, registry, 100).unwrap();
+        let addr = endpoint.local_addrs().next().unwrap();
+        let allowed = AllowList::parse(&["127.0.0.1"]).unwrap();
+        let mut scraper = std::net::TcpStream::connect(addr).unwrap();
+        scraper
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .unwrap();
+        scraper
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let accepted = Instant::now();
+        endpoint.on_event(Token(100), registry, &allowed, accepted);
+        let scrape_token = Token(100 + MAX_LISTENERS);
+        let mut whole = Vec::new();
+        for _ in 0..500 {
+            whole = endpoint.on_event(scrape_token, registry, &allowed, accepted);
+            if !whole.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let [(key, Request::Metrics)] = whole.as_slice() else {
+            panic!("not one whole scrape: {whole:?}");
+        };
+        endpoint.wait(*key);
+
+        // The walk takes twice the scrape's deadline.
+        let later = accepted + 2 * SCRAPE_DEADLINE;
+        endpoint.close_overdue(later, registry);
+        endpoint.answer_waiting("pklock_up 1\n", registry, later);
+        let mut response = String::new();
+        scraper.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.ends_with("\r\n\r\npklock_up 1\n"), "{response}");
     }
 }

@@ -1561,7 +1561,7 @@ impl Server {
             snapshot.counters = self.counters.clone();
             let text = metrics::render(&snapshot);
             if let Some(endpoint) = self.metrics.as_mut() {
-                endpoint.answer_waiting(&text, self.poll.registry());
+                endpoint.answer_waiting(&text, self.poll.registry(), now);
             }
             self.metrics_text = Some((started, text));
         }
