@@ -271,8 +271,9 @@ impl Connection {
 
     /// What a read that gave `plain` bytes cost, to count against a read
     /// budget: the bytes themselves, and on TLS the framing taken off the
-    /// socket for them (each byte weighing `TLS_FRAMING_COST` plain ones): what was taken
-    /// and matched by no plain text, beyond one record read ahead.
+    /// socket for them (each byte weighing `TLS_FRAMING_COST` plain ones):
+    /// what was taken and matched by no plain text, beyond one record read
+    /// ahead.
     pub fn read_cost(&mut self, plain: usize) -> usize {
         let Some(tls) = self.tls.as_mut() else {
             return plain;
